@@ -1,0 +1,29 @@
+"""Shared pytest set-up: markers, a clean Dynamo and counter state for every test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchpcg
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    torch._dynamo.reset()
+    torchpcg.reset_stats()
+    yield
+    torch._dynamo.reset()

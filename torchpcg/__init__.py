@@ -1,0 +1,36 @@
+"""torchpcg: piecewise CUDA graphs for any PyTorch inference model.
+
+    import torch, torchpcg
+    compiled = torch.compile(model, backend="piecewise")
+
+Importing torchpcg registers the ``"piecewise"`` Dynamo backend (it is also found through the
+``torch_dynamo_backends`` entry point without importing torchpcg).
+"""
+from __future__ import annotations
+
+from .backend import piecewise_backend, register as _register_backend
+from .capture import capture
+from .config import PiecewiseConfig
+from .errors import CaptureError, ConfigError, PaddingError, RecompileError, SplitError, TorchPCGError
+from .split import register_splitting_op
+from .stats import expect, reset_stats, stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PiecewiseConfig",
+    "piecewise_backend",
+    "capture",
+    "register_splitting_op",
+    "stats",
+    "reset_stats",
+    "expect",
+    "TorchPCGError",
+    "ConfigError",
+    "SplitError",
+    "CaptureError",
+    "RecompileError",
+    "PaddingError",
+]
+
+_register_backend()

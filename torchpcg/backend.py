@@ -1,0 +1,200 @@
+"""The Dynamo backend ``"piecewise"``: split, compile pieces, build the runtime.
+
+In: the FX GraphModule and example inputs Dynamo hands a backend, plus ``options=``.
+Out: a ``Runtime`` that Dynamo calls instead of the graph.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+
+from .compilers import compile_piece
+from .config import PiecewiseConfig
+from .errors import SplitError
+from .layout import expr_of
+from .runtime import PieceRunner, Runtime, resolve_graph_mode
+from .split import SplitGraph, split_graph, split_reason, user_split_ops
+from .stats import COUNTERS
+
+__all__ = ["piecewise_backend", "register", "collect_runtimes", "find_token_symbol"]
+
+log = logging.getLogger(__name__)
+BACKEND_NAME = "piecewise"
+
+_collectors = threading.local()
+
+
+def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                      mode: str | None = None, options: Mapping[str, Any] | None = None) -> Runtime:
+    """``torch.compile(model, backend="piecewise", options={...})`` lands here once per Dynamo graph.
+
+    Example::
+
+        compiled = torch.compile(model, backend="piecewise", options={"capture_sizes": (1, 2, 4, 8)})
+
+    Note: inference only; outputs never require grad. Knobs: see ``PiecewiseConfig``.
+    """
+    if mode is not None:
+        log.warning("torch.compile(mode=%r) is ignored by the piecewise backend; use options=", mode)
+    start = time.perf_counter()
+    config = PiecewiseConfig.resolve(dict(options or {}))
+    COUNTERS.add("dynamo_graphs")
+    symbol = find_token_symbol(gm)
+    split = split_graph(gm, split_reasons(gm, config, symbol))
+    _check_split(split, config)
+    runtime = Runtime(split, config, symbol, token_locator(gm, symbol),
+                      resolve_graph_mode(config, graph_device(gm)))
+    for piece in split.compute_pieces:
+        fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
+        # Runner first: it reads the piece's output structure, which Inductor may rewrite.
+        runner = PieceRunner(piece, piece.gm, fake_args, symbol, runtime)
+        runner.compiled = compile_piece(piece.gm, fake_args, config.compiler, piece.name)
+        _note_graphless(runner, config, gm)
+        runtime.install(runner)
+    COUNTERS.add("pieces", len(split.compute_pieces))
+    COUNTERS.add("split_ops", len(split.split_pieces))
+    log.info("piecewise: %d pieces, %d split ops, graphs=%s, buckets=%s, compiled with %s in %.2fs",
+             len(split.compute_pieces), len(split.split_pieces), runtime.graph_mode,
+             _short(runtime.buckets), config.compiler, time.perf_counter() - start)
+    if config.debug_dir:
+        from .debug import dump_split
+
+        dump_split(runtime, gm, config.debug_dir)
+    for collector in getattr(_collectors, "stack", ()):
+        collector.append(runtime)
+    return runtime
+
+
+def split_reasons(gm: torch.fx.GraphModule, config: PiecewiseConfig,
+                  symbol: sympy.Symbol | None) -> dict[torch.fx.Node, str]:
+    """Node -> why it runs eagerly: attention, collective, user op, or not padding-safe."""
+    user_ops = user_split_ops() | set(config.split_ops)
+    reasons = {}
+    for node in gm.graph.nodes:
+        why = split_reason(node, user_ops, config.split_collectives)
+        if why:
+            reasons[node] = why
+    if symbol is not None:
+        for node, why in _padding_reasons(gm, symbol).items():
+            reasons.setdefault(node, why)
+    return reasons
+
+
+def _padding_reasons(gm: torch.fx.GraphModule, symbol: sympy.Symbol) -> Mapping[torch.fx.Node, str]:
+    try:
+        from .padding import classify
+    except ImportError:  # padding analysis not available: only the op tables apply
+        return {}
+    return classify(gm, symbol)
+
+
+def _check_split(split: SplitGraph, config: PiecewiseConfig) -> None:
+    if split.split_pieces:
+        return
+    message = "no split point found (no attention, collective or registered split op in the graph)"
+    if config.enforce:
+        raise SplitError(message + "; register your attention op with torchpcg.register_splitting_op (TORCHPCG_ENFORCE=1)")
+    log.info("%s: the whole graph is one piece", message)
+
+
+def _note_graphless(runner: PieceRunner, config: PiecewiseConfig, gm: torch.fx.GraphModule) -> None:
+    if not runner.graphless_reason:
+        return
+    sources = symbol_sources(gm)
+    detail = f"{runner.piece.name} {runner.graphless_reason} (sources: {sources})"
+    if config.enforce:
+        raise SplitError(detail + "; it cannot be replayed from a token-count bucket (TORCHPCG_ENFORCE=1)")
+    log.warning("%s: it runs without graphs", detail)
+    COUNTERS.add("graphless_pieces")
+    COUNTERS.add("fallbacks")
+
+
+def find_token_symbol(gm: torch.fx.GraphModule) -> sympy.Symbol | None:
+    """The token-count symbol: the bare symbol that sizes the most tensor-input dims."""
+    votes: collections.Counter[sympy.Symbol] = collections.Counter()
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            for size in value.size():
+                expr = expr_of(size)
+                if isinstance(expr, sympy.Symbol):
+                    votes[expr] += 1
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def token_locator(gm: torch.fx.GraphModule, symbol: sympy.Symbol | None) -> tuple[int, int | None] | None:
+    """(input index, dim) whose size is T; dim None when the input is the SymInt T itself."""
+    if symbol is None:
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.size()):
+                if expr_of(size) == symbol:
+                    return index, dim
+    for index, node in enumerate(placeholders):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt) and expr_of(value) == symbol:
+            return index, None
+    return None
+
+
+def symbol_sources(gm: torch.fx.GraphModule) -> str:
+    """'s0: L_x_ dim 0, s1: L_kv_ dim 1' — which input introduced each dynamic symbol."""
+    seen: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.size()):
+                expr = expr_of(size)
+                if isinstance(expr, sympy.Symbol):
+                    seen.setdefault(str(expr), f"{node.target} dim {dim}")
+    return ", ".join(f"{k}: {v}" for k, v in seen.items()) or "none"
+
+
+def graph_device(gm: torch.fx.GraphModule) -> torch.device | None:
+    """The device of the graph's tensors (CUDA wins if any input is on CUDA)."""
+    devices = [n.meta["example_value"].device for n in gm.graph.nodes
+               if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)]
+    cuda = [d for d in devices if d.type == "cuda"]
+    return cuda[0] if cuda else (devices[0] if devices else None)
+
+
+@contextlib.contextmanager
+def collect_runtimes() -> Iterator[list[Runtime]]:
+    """Collect every ``Runtime`` the backend builds inside the block (for explain and capture)."""
+    stack = getattr(_collectors, "stack", None)
+    if stack is None:
+        stack = _collectors.stack = []
+    found: list[Runtime] = []
+    stack.append(found)
+    try:
+        yield found
+    finally:
+        stack.remove(found)
+
+
+def register() -> None:
+    """Register ``"piecewise"`` with Dynamo unless the entry point is about to do it."""
+    from torch._dynamo.backends import registry
+
+    if BACKEND_NAME in registry._COMPILER_FNS:
+        return
+    if registry._BACKENDS.get(BACKEND_NAME) is not None:
+        return  # discovered through the torch_dynamo_backends entry point; lookup will load us
+    registry.register_backend(piecewise_backend, name=BACKEND_NAME)
+
+
+def _short(sizes: Sequence[int]) -> str:
+    sizes = list(sizes)
+    return str(sizes) if len(sizes) <= 8 else f"[{sizes[0]}, {sizes[1]}, ..., {sizes[-1]}] ({len(sizes)} sizes)"

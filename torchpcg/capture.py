@@ -1,0 +1,73 @@
+"""Explicit warm-up: capture every bucket of a compiled model before serving, largest first.
+
+In: a model compiled with the piecewise backend and ``make_inputs(num_tokens) -> args``.
+Out: graphs captured for each bucket (lazy capture would otherwise do it on first use).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .backend import collect_runtimes
+from .config import PiecewiseConfig
+
+__all__ = ["capture"]
+
+log = logging.getLogger(__name__)
+
+
+def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[Any]],
+            sizes: Iterable[int] | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Call ``compiled(*make_inputs(B))`` for every bucket B, largest first; return a summary.
+
+    Largest first so smaller buckets reuse the memory pool of larger ones. ``sizes`` defaults to
+    the buckets of the compiled model (``compiled.config`` for ``torchpcg.compile`` models, else
+    the buckets the first call's runtime reports, else ``PiecewiseConfig.from_env()``).
+
+    Example::
+
+        compiled = torch.compile(model, backend="piecewise")
+        torchpcg.capture(compiled, lambda n: (ids[:n], pos[:n], cache))
+
+    Note: ``make_inputs`` must give inputs whose side effects are harmless (a scratch KV cache).
+    Returns ``{"sizes": [...], "seconds": float}``.
+    """
+    start = time.perf_counter()
+    order = sorted(set(sizes), reverse=True) if sizes is not None else None
+    if order is None:
+        config = getattr(compiled, "config", None)
+        order = sorted((config if isinstance(config, PiecewiseConfig) else PiecewiseConfig.from_env()).buckets,
+                       reverse=True)
+    done: list[int] = []
+    bar = _progress(len(order), progress)
+    with collect_runtimes() as runtimes:
+        for size in order:
+            compiled(*make_inputs(size))
+            done.append(size)
+            bar(size)
+            if sizes is None and runtimes and len(done) == 1:
+                order = [size] + sorted((b for b in runtimes[-1].buckets if b < size), reverse=True)
+                bar = _progress(len(order), progress, done=1)
+    seconds = time.perf_counter() - start
+    log.info("captured %d buckets in %.2fs", len(done), seconds)
+    return {"sizes": done, "seconds": seconds}
+
+
+def _progress(total: int, enabled: bool, done: int = 0) -> Callable[[int], None]:
+    """A tqdm-style bar on stderr when tqdm is installed and asked for; else a no-op."""
+    if not enabled:
+        return lambda size: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return lambda size: log.debug("captured bucket %d", size)
+    bar = tqdm(total=total, initial=done, desc="torchpcg capture", unit="bucket", leave=False)
+
+    def step(size: int) -> None:
+        bar.set_postfix(tokens=size)
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+    return step

@@ -1,0 +1,274 @@
+"""Every torchpcg knob in one validated dataclass.
+
+In: ``options=`` dicts, ``TORCHPCG_*`` environment variables, keyword arguments. Out: a frozen
+``PiecewiseConfig``. Precedence: ``options=`` / keywords > environment > defaults. Environment
+variables are read here and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["PiecewiseConfig", "default_capture_sizes", "CUDAGRAPH_MODES", "COMPILERS"]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "TORCHPCG_"
+CUDAGRAPH_MODES = ("auto", "cuda", "emulate", "off")
+COMPILERS = ("inductor", "eager")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def default_capture_sizes(max_capture_size: int) -> tuple[int, ...]:
+    """The default bucket schedule: 1, 2, 4, 8, every 8 to 256, every 32 to the max.
+
+    Example::
+
+        >>> default_capture_sizes(40)
+        (1, 2, 4, 8, 16, 24, 32, 40)
+
+    Small steps where decode lives (each padded token costs a full layer of work there), coarser
+    steps for prefill-sized calls where the launch overhead graphs remove is already amortised.
+    """
+    sizes = [1, 2, 4] + list(range(8, 257, 8)) + list(range(288, max(max_capture_size, 288) + 1, 32))
+    capped = [s for s in sizes if s <= max_capture_size]
+    if max_capture_size not in capped:
+        capped.append(max_capture_size)  # the max itself is always a bucket
+    return tuple(capped)
+
+
+@dataclasses.dataclass(frozen=True)
+class PiecewiseConfig:
+    """Every knob of the piecewise backend.
+
+    Each field is also an ``options=`` key, a ``torchpcg.compile(**knobs)`` keyword and a
+    ``TORCHPCG_<FIELD>`` environment variable.
+
+    Example::
+
+        >>> cfg = PiecewiseConfig.resolve({"capture_sizes": "1,2,4", "cudagraph": "emulate"})
+        >>> cfg.buckets
+        (1, 2, 4)
+
+    Note: building a config validates it; it never reads the environment unless you call
+    ``from_env()`` or ``resolve()``.
+    """
+
+    capture_sizes: tuple[int, ...] | None = None
+    """Token buckets to capture; ``None`` = ``default_capture_sizes(max_capture_size)``.
+    Sorted, deduplicated, sizes above ``max_capture_size`` dropped."""
+
+    max_capture_size: int = 512
+    """Largest bucket. Calls with more tokens run the compiled pieces without graphs."""
+
+    split_ops: tuple[str, ...] = ()
+    """Extra split ops as ``"ns::op"`` or ``"ns::op.overload"``, added to the built-in set."""
+
+    split_collectives: bool = True
+    """Cut at functional collectives (they run eagerly) or keep them inside graphs."""
+
+    compiler: str = "inductor"
+    """Piece compiler: ``inductor`` (one dynamic-shape compile per piece) or ``eager``."""
+
+    cudagraph: str = "auto"
+    """``auto`` (real graphs on CUDA, none on CPU), ``cuda``, ``emulate`` (CPU stand-in with
+    the same static-buffer semantics) or ``off``."""
+
+    copy_outputs: bool = True
+    """Clone final outputs so the next call cannot overwrite them."""
+
+    enforce: bool = False
+    """Raise instead of falling back (no split point, capture failure, recompile after warmup)."""
+
+    debug_dir: str | None = None
+    """Dump split plan, piece code and decompiled bytecode here."""
+
+    verify: bool = False
+    """On the first use of each bucket, run every piece padded and exact and compare real rows."""
+
+    def __post_init__(self) -> None:
+        _check_positive("max_capture_size", self.max_capture_size)
+        if self.compiler not in COMPILERS:
+            raise ConfigError(f"compiler={self.compiler!r}: expected one of {', '.join(COMPILERS)}")
+        if self.cudagraph not in CUDAGRAPH_MODES:
+            raise ConfigError(f"cudagraph={self.cudagraph!r}: expected one of {', '.join(CUDAGRAPH_MODES)}")
+        if self.capture_sizes is not None:
+            for size in self.capture_sizes:
+                _check_positive("capture_sizes", size)
+            kept = tuple(sorted({s for s in self.capture_sizes if s <= self.max_capture_size}))
+            if not kept:
+                raise ConfigError(
+                    f"capture_sizes={list(self.capture_sizes)}: every size is above "
+                    f"max_capture_size={self.max_capture_size}; raise TORCHPCG_MAX_CAPTURE_SIZE or pick smaller sizes"
+                )
+            if len(kept) < len(set(self.capture_sizes)):
+                log.warning("capture_sizes above max_capture_size=%d dropped: %s", self.max_capture_size,
+                            sorted(s for s in set(self.capture_sizes) if s > self.max_capture_size))
+            object.__setattr__(self, "capture_sizes", kept)
+        for op in self.split_ops:
+            if not isinstance(op, str) or "::" not in op:
+                raise ConfigError(f"split_ops entry {op!r}: expected 'namespace::op' or 'namespace::op.overload'")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The bucket sizes in force, ascending."""
+        if self.capture_sizes is not None:
+            return self.capture_sizes
+        return default_capture_sizes(self.max_capture_size)
+
+    @property
+    def largest_bucket(self) -> int:
+        return self.buckets[-1]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PiecewiseConfig:
+        """Defaults overridden by every ``TORCHPCG_<FIELD>`` variable that is set."""
+        return cls(**_env_overrides(os.environ if environ is None else environ))
+
+    @classmethod
+    def resolve(cls, options: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> PiecewiseConfig:
+        """Merge ``options`` (highest), the environment, then defaults; validate everything."""
+        merged = _env_overrides(os.environ if environ is None else environ)
+        merged.update(parse_options(options or {}))
+        return cls(**merged)
+
+    def replace(self, **changes: Any) -> PiecewiseConfig:
+        """A copy with some knobs changed (values parsed like ``options=``)."""
+        return dataclasses.replace(self, **parse_options(changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+
+
+def _parse_int(source: str, raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ConfigError(f"{source}={raw!r}: expected a positive integer, e.g. 512")
+    try:
+        value = int(raw.strip()) if isinstance(raw, str) else int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}={raw!r}: expected a positive integer, e.g. 512") from None
+    if value <= 0 or (not isinstance(raw, str) and value != raw):
+        raise ConfigError(f"{source}={raw!r}: expected a positive integer, e.g. 512")
+    return value
+
+
+def _parse_sizes(source: str, raw: Any) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    items: Iterable[Any] = raw.split(",") if isinstance(raw, str) else raw
+    try:
+        sizes = tuple(_parse_int(source, item) for item in items)
+    except (ConfigError, TypeError):
+        raise ConfigError(f"{source}={raw!r}: expected comma-separated positive ints, e.g. '1,2,4,8'") from None
+    if not sizes:
+        raise ConfigError(f"{source}={raw!r}: expected at least one size, e.g. '1,2,4,8'")
+    return sizes
+
+
+def _parse_bool(source: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ConfigError(f"{source}={raw!r}: expected 1 or 0 (also true/false, yes/no, on/off)")
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def parse(source: str, raw: Any) -> str:
+        value = raw.strip().lower() if isinstance(raw, str) else raw
+        if value not in choices:
+            raise ConfigError(f"{source}={raw!r}: expected one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _parse_ops(source: str, raw: Any) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    ops = []
+    for item in items:
+        name = _op_name(item)
+        if name is None:
+            raise ConfigError(f"{source}={raw!r}: entry {item!r} is not 'namespace::op', e.g. 'mylib::attention'")
+        if name:
+            ops.append(name)
+    return tuple(ops)
+
+
+def _op_name(item: Any) -> str | None:
+    """'ns::op' for a string, an OpOverload or an OpOverloadPacket; '' for blanks; None if unusable."""
+    if isinstance(item, str):
+        item = item.strip()
+        return item if (not item or "::" in item) else None
+    name = getattr(item, "name", None)  # OpOverload.name() -> 'ns::op.overload'
+    if callable(name):
+        return name()
+    qualified = getattr(item, "_qualified_op_name", None)  # OpOverloadPacket
+    return qualified if isinstance(qualified, str) else None
+
+
+def _parse_path(source: str, raw: Any) -> str | None:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if not isinstance(raw, (str, os.PathLike)):
+        raise ConfigError(f"{source}={raw!r}: expected a directory path")
+    return os.fspath(raw)
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "capture_sizes": _parse_sizes,
+    "max_capture_size": _parse_int,
+    "split_ops": _parse_ops,
+    "split_collectives": _parse_bool,
+    "compiler": _parse_choice(COMPILERS),
+    "cudagraph": _parse_choice(CUDAGRAPH_MODES),
+    "copy_outputs": _parse_bool,
+    "enforce": _parse_bool,
+    "debug_dir": _parse_path,
+    "verify": _parse_bool,
+}
+assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    for name, parse in _PARSERS.items():
+        var = ENV_PREFIX + name.upper()
+        if var in environ:
+            out[name] = parse(var, environ[var])
+    return out
+
+
+def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``options=`` keys and values; unknown keys raise with the list of known ones."""
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"options={options!r}: expected a dict of torchpcg knobs")
+    out = {}
+    for key, raw in options.items():
+        if key not in _PARSERS:
+            raise ConfigError(f"unknown torchpcg option {key!r}; known options: {', '.join(sorted(_PARSERS))}")
+        out[key] = _parse_sizes(key, raw) if key == "capture_sizes" else _PARSERS[key](key, raw)
+    return out
+
+
+def split_op_name(op: Any) -> str:
+    """Normalise an op given as string / OpOverload / OpOverloadPacket to 'ns::op[.overload]'."""
+    name = _op_name(op)
+    if not name:
+        raise ConfigError(f"split op {op!r}: expected an OpOverload, an OpOverloadPacket or 'namespace::op'")
+    return name

@@ -1,0 +1,209 @@
+"""Split a Dynamo FX graph at split ops.
+
+In: the GraphModule Dynamo gives a backend, plus extra per-node reasons (padding analysis).
+Out: a ``SplitGraph``: the top-level split module and one ``SplitPiece`` per compute piece or
+split piece, in execution order. No CUDA here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.split_module import split_module
+
+from .config import split_op_name
+
+__all__ = ["SplitPiece", "SplitGraph", "split_graph", "split_reason", "register_splitting_op", "user_split_ops"]
+
+# Attention: data-dependent over tokens (reads other rows, often a KV cache). Names are 'ns::op'.
+ATTENTION_OPS = frozenset({
+    "aten::scaled_dot_product_attention",
+    "aten::_scaled_dot_product_attention_math",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_fused_attention_overrideable",
+    "aten::_flash_attention_forward",
+    "aten::_efficient_attention_forward",
+})
+# The torch-level callables Dynamo records for SDPA (before lowering to aten).
+ATTENTION_FUNCTIONS = frozenset({
+    torch.nn.functional.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+})
+COLLECTIVE_OPS = frozenset({
+    "_c10d_functional::all_reduce",
+    "_c10d_functional::all_reduce_",
+    "_c10d_functional::all_gather_into_tensor",
+    "_c10d_functional::all_gather_into_tensor_out",
+    "_c10d_functional::reduce_scatter_tensor",
+    "_c10d_functional::all_to_all_single",
+    "_c10d_functional::broadcast",
+    "_c10d_functional::wait_tensor",
+    "c10d_functional::all_reduce",
+    "c10d_functional::all_gather_into_tensor",
+    "c10d_functional::reduce_scatter_tensor",
+    "c10d_functional::all_to_all_single",
+    "c10d_functional::wait_tensor",
+})
+
+_USER_OPS_LOCK = threading.Lock()
+_USER_OPS: set[str] = set()
+
+
+def register_splitting_op(op: Any) -> str:
+    """Add ``op`` to the ops every piecewise graph is cut at; returns its ``'ns::op'`` name.
+
+    ``op`` may be an ``OpOverload`` (``torch.ops.mylib.attn.default``), an ``OpOverloadPacket``
+    (``torch.ops.mylib.attn``), a ``torch.library.custom_op`` handle or the string ``"mylib::attn"``.
+    A packet name matches all its overloads.
+
+    Example::
+
+        >>> torchpcg.register_splitting_op("mylib::paged_attention")
+        'mylib::paged_attention'
+
+    Note: affects graphs compiled afterwards, not ones already compiled.
+    """
+    custom = getattr(op, "_opoverload", None)  # torch.library.custom_op handle
+    name = split_op_name(custom if custom is not None else op)
+    with _USER_OPS_LOCK:
+        _USER_OPS.add(name)
+    return name
+
+
+def user_split_ops() -> frozenset[str]:
+    """The ops added with ``register_splitting_op`` so far."""
+    with _USER_OPS_LOCK:
+        return frozenset(_USER_OPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPiece:
+    """One submodule of the split graph: a compute piece (captured) or a split piece (eager)."""
+
+    name: str  # attribute name in the split module, e.g. "submod_3"
+    index: int  # position in execution order
+    is_split_op: bool
+    reasons: tuple[str, ...]  # why each node of a split piece was cut (empty for compute pieces)
+    node_names: tuple[str, ...]  # original Dynamo node names in this piece
+    gm: torch.fx.GraphModule
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitGraph:
+    """The split module plus its pieces in execution order."""
+
+    split_gm: torch.fx.GraphModule
+    pieces: tuple[SplitPiece, ...]
+
+    @property
+    def compute_pieces(self) -> tuple[SplitPiece, ...]:
+        return tuple(p for p in self.pieces if not p.is_split_op)
+
+    @property
+    def split_pieces(self) -> tuple[SplitPiece, ...]:
+        return tuple(p for p in self.pieces if p.is_split_op)
+
+
+def _op_names(target: Any) -> tuple[str, ...]:
+    """Names under which a call target may be listed: 'ns::op.overload' and 'ns::op'."""
+    if isinstance(target, torch._ops.OpOverload):
+        packet = target._schema.name
+        return (f"{packet}.{target._overloadname}", packet)
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return (target._qualified_op_name,)
+    return ()
+
+
+def split_reason(node: torch.fx.Node, user_ops: Iterable[str], split_collectives: bool) -> str | None:
+    """Why ``node`` must run eagerly between graphs (attention / collective / user op), or None."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    names = _op_names(target)
+    if target in ATTENTION_FUNCTIONS or any(n in ATTENTION_OPS for n in names):
+        return f"attention ({_pretty(target)})"
+    user = set(user_ops)
+    if any(n in user for n in names):
+        return f"user split op ({names[0]})"
+    if split_collectives and (any(n in COLLECTIVE_OPS for n in names) or _is_collective_function(target)):
+        return f"collective ({_pretty(target)})"
+    return None
+
+
+def _is_collective_function(target: Any) -> bool:
+    module = getattr(target, "__module__", "") or ""
+    return module.startswith("torch.distributed._functional_collectives")
+
+
+def _pretty(target: Any) -> str:
+    names = _op_names(target)
+    if names:
+        return names[0]
+    return getattr(target, "__name__", str(target))
+
+
+def _is_tensor_node(node: torch.fx.Node) -> bool:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def _partition_ids(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str]) -> tuple[dict[torch.fx.Node, int], set[int]]:
+    """Give each node a partition id in graph order; runs of split nodes share one id.
+
+    Non-tensor nodes (SymInt arithmetic, ``getitem`` of a split op's tuple) join whatever
+    partition is open, so they never create tiny pieces of their own.
+    """
+    ids: dict[torch.fx.Node, int] = {}
+    split_ids: set[int] = set()
+    split_nodes: set[torch.fx.Node] = set()
+    current, in_split = 0, False
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        from_split = node.target is operator.getitem and node.args[0] in split_nodes
+        if node in reasons or from_split:
+            if not in_split:
+                current, in_split = current + 1, True
+                split_ids.add(current)
+            split_nodes.add(node)
+        elif in_split and _is_tensor_node(node):
+            current, in_split = current + 1, False
+        ids[node] = current
+    return ids, split_ids
+
+
+def split_graph(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str]) -> SplitGraph:
+    """Cut ``gm`` before and after every node in ``reasons`` (node -> why it is cut).
+
+    ``keep_original_order=True`` because reordering could move an in-place op (a KV-cache write)
+    past a reader of the same buffer.
+    """
+    ids, split_ids = _partition_ids(gm, reasons)
+    names_by_id: dict[int, list[str]] = {}
+    reasons_by_id: dict[int, list[str]] = {}
+    for node, pid in ids.items():
+        names_by_id.setdefault(pid, []).append(node.name)
+        if node in reasons and reasons[node] not in reasons_by_id.setdefault(pid, []):
+            reasons_by_id[pid].append(reasons[node])
+    split_gm = split_module(gm, None, lambda node: ids[node], keep_original_order=True)
+    pieces = []
+    for node in split_gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        pid = int(node.target.rsplit("_", 1)[1])
+        pieces.append(SplitPiece(
+            name=node.target, index=len(pieces), is_split_op=pid in split_ids,
+            reasons=tuple(reasons_by_id.get(pid, ())), node_names=tuple(names_by_id.get(pid, ())),
+            gm=getattr(split_gm, node.target),
+        ))
+    return SplitGraph(split_gm=split_gm, pieces=tuple(pieces))
