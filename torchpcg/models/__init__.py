@@ -1,0 +1,12 @@
+"""Reference models for tests, bench and the demo: a flat-token Llama-style decoder
+and its KV-cache attention op (`torchpcg_models::kv_attention`).
+
+Importing this package registers the op and does nothing else; it never imports
+torchpcg's top level, so torchpcg may import it without a cycle.
+"""
+from __future__ import annotations
+
+from torchpcg.models.attention import KV_ATTENTION_OP, kv_attention
+from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
+
+__all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config"]

@@ -1,0 +1,120 @@
+"""KV-cache attention as one custom op, the split op of the reference decoder.
+
+In: the new tokens' q [T, Hq, D], k and v [T, Hkv, D] of ONE sequence, the
+whole KV cache [num_layers, 2, max_seq_len, Hkv, D] and the tokens' absolute
+positions [T]. Out: attention output [T, Hq, D]; k and v are written into the
+cache as a side effect. Dynamo sees `torchpcg_models::kv_attention` as one
+opaque op, so the piecewise backend can cut the graph there and run it
+eagerly on the real rows; the body may therefore be data-dependent.
+
+Example:
+    >>> cache = torch.zeros(1, 2, 16, 2, 8)
+    >>> q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    >>> out = kv_attention(q, k, v, cache, 0, torch.arange(3))  # [3, 4, 8]
+
+Note: one sequence per call (no batching of several sequences, no paging);
+q, k, v and the cache share one dtype (no casting); positions past
+`max_seq_len` are an index error, not handled. The op syncs with the device
+once per call to read the attended length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["kv_attention", "KV_ATTENTION_OP"]
+
+
+# Explicit schema: inference would type `layer` as SymInt; it is a plain layer index.
+_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, int layer, Tensor positions) -> Tensor"
+)
+
+
+@torch.library.custom_op("torchpcg_models::kv_attention", mutates_args=("kv_cache",), schema=_SCHEMA)
+def kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Write k, v at `positions`, then attend causally over cache[layer, :, :pos+1]."""
+    _write_cache(k, v, kv_cache, layer, positions)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    # Data-dependent host sync: fine, this op runs eagerly. A lone token reads its
+    # position without a reduction kernel (the decode hot path).
+    last = positions[0] if q.shape[0] == 1 else positions.max()
+    num_keys = int(last) + 1
+    keys = kv_cache[layer, 0, :num_keys]  # [S, Hkv, D]
+    values = kv_cache[layer, 1, :num_keys]  # [S, Hkv, D]
+    out = _causal_attention(q, keys, values, positions).transpose(0, 1)  # [T, Hq, D]
+    return _like_q(out, q)
+
+
+@kv_attention.register_fake
+def _kv_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _write_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int, positions: torch.Tensor
+) -> None:
+    """kv_cache[layer, 0/1, positions] = k/v; index_copy_ along the sequence dim."""
+    kv_cache[layer, 0].index_copy_(0, positions, k)  # index_copy_ checks dtypes match
+    kv_cache[layer, 1].index_copy_(0, positions, v)
+
+
+def _causal_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """q [T, Hq, D] over keys/values [S, Hkv, D] -> [Hq, T, D]; token t sees keys 0..positions[t]."""
+    num_groups = q.shape[1] // keys.shape[1]
+    if num_groups > 1:
+        keys, values = _repeat_kv(keys, num_groups), _repeat_kv(values, num_groups)  # [S, Hq, D]
+    mask = None
+    if q.shape[0] > 1:
+        # A lone token sees all S = position + 1 keys: no mask, so SDPA may pick flash attention.
+        key_index = torch.arange(keys.shape[0], device=q.device)
+        mask = (key_index[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S], True = may attend
+    # SDPA computes the softmax in float32 for bf16/fp16 inputs on every backend
+    # (fused kernels accumulate in fp32; the math path upcasts).
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # [1, Hq, T, D]
+        keys.transpose(0, 1)[None],  # [1, Hq, S, D]
+        values.transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=1.0 / math.sqrt(q.shape[-1]),
+    )
+    return out[0]  # [Hq, T, D]
+
+
+def _repeat_kv(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """GQA: [S, Hkv, D] -> [S, Hkv * groups, D]; query head h reads kv head h // groups.
+
+    expand + reshape is one copy kernel (repeat_interleave is an index gather, slower on CPU);
+    SDPA's enable_gqa is avoided because not every CUDA kernel supports it with a mask.
+    """
+    seq_len, num_kv_heads, head_dim = x.shape
+    return x[:, :, None].expand(seq_len, num_kv_heads, num_groups, head_dim).reshape(seq_len, -1, head_dim)
+
+
+def _like_q(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """out laid out like torch.empty_like(q), the fake impl, so compiled callers index it right."""
+    if q.is_contiguous():
+        return out.contiguous()  # no copy when SDPA already wrote [T, Hq, D] rows (fused kernels do)
+    return torch.empty_like(q).copy_(out)
+
+
+KV_ATTENTION_OP = torch.ops.torchpcg_models.kv_attention
