@@ -20,7 +20,7 @@ import torch.fx
 from .compilers import compile_piece
 from .config import PiecewiseConfig
 from .errors import SplitError
-from .layout import expr_of
+from .layout import expr_of, symbols_of
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .split import SplitGraph, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
@@ -49,6 +49,7 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     config = PiecewiseConfig.resolve(dict(options or {}))
     COUNTERS.add("dynamo_graphs")
     symbol = find_token_symbol(gm)
+    _check_symbols(gm, symbol, config)
     split = split_graph(gm, split_reasons(gm, config, symbol))
     _check_split(split, config)
     runtime = Runtime(split, config, symbol, token_locator(gm, symbol),
@@ -104,6 +105,19 @@ def _check_split(split: SplitGraph, config: PiecewiseConfig) -> None:
     if config.enforce:
         raise SplitError(message + "; register your attention op with torchpcg.register_splitting_op (TORCHPCG_ENFORCE=1)")
     log.info("%s: the whole graph is one piece", message)
+
+
+def _check_symbols(gm: torch.fx.GraphModule, symbol: sympy.Symbol | None, config: PiecewiseConfig) -> None:
+    """Under enforce, a dynamic size other than the token count is an error (it cannot be bucketed)."""
+    if not config.enforce:
+        return
+    others = {str(s) for n in gm.graph.nodes if n.op == "placeholder"
+              for s in symbols_of(n.meta.get("example_value"))} - {str(symbol)}
+    if others:
+        raise SplitError(
+            f"second dynamic symbol(s) {', '.join(sorted(others))} besides the token count {symbol} "
+            f"(sources: {symbol_sources(gm)}); mark only the token dim dynamic (torchpcg.compile does) "
+            f"or pass such sizes as static (TORCHPCG_ENFORCE=1)")
 
 
 def _note_graphless(runner: PieceRunner, config: PiecewiseConfig, gm: torch.fx.GraphModule) -> None:

@@ -124,7 +124,8 @@ class PieceRunner:
             return self._pack(flatten_outputs(self.compiled(*args)))
         self.captured[bucket] = _Captured(graph, token_views, captured_refs, copied)
         COUNTERS.add("captured")
-        COUNTERS.note_capture_size(bucket)
+        if self.symbol is not None:  # a static graph (no token symbol) has no bucket to report
+            COUNTERS.note_capture_size(bucket)
         log.debug("captured %s at bucket %d", self.piece.name, bucket)
         outputs = graph.release_capture_outputs()
         if isinstance(graph, CudaGraph):

@@ -31,6 +31,7 @@ ATTENTION_OPS = frozenset({
     "aten::_scaled_dot_product_fused_attention_overrideable",
     "aten::_flash_attention_forward",
     "aten::_efficient_attention_forward",
+    "torchpcg_models::kv_attention",  # the reference decoder's KV-cache attention (torchpcg.models)
 })
 # The torch-level callables Dynamo records for SDPA (before lowering to aten).
 ATTENTION_FUNCTIONS = frozenset({
@@ -133,9 +134,17 @@ def split_reason(node: torch.fx.Node, user_ops: Iterable[str], split_collectives
     user = set(user_ops)
     if any(n in user for n in names):
         return f"user split op ({names[0]})"
+    if _tagged_unsafe(target):
+        return f"user split op ({names[0]}, tagged cudagraph_unsafe)"
     if split_collectives and (any(n in COLLECTIVE_OPS for n in names) or _is_collective_function(target)):
         return f"collective ({_pretty(target)})"
     return None
+
+
+def _tagged_unsafe(target: Any) -> bool:
+    """Custom ops tagged ``torch.Tag.cudagraph_unsafe`` (Inductor's own marker) are split ops too."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    return tag is not None and isinstance(target, torch._ops.OpOverload) and tag in target.tags
 
 
 def _is_collective_function(target: Any) -> bool:
@@ -170,7 +179,8 @@ def _partition_ids(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        from_split = node.target is operator.getitem and node.args[0] in split_nodes
+        from_split = (node.target is operator.getitem and node.args[0] in split_nodes
+                      and isinstance(node.args[0].meta.get("example_value"), (tuple, list)))
         if node in reasons or from_split:
             if not in_split:
                 current, in_split = current + 1, True

@@ -1,0 +1,198 @@
+"""The piecewise backend end to end on the reference decoder, emulated graphs (CPU)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import torchpcg
+from torchpcg.config import default_capture_sizes
+from tests.utils import compare, decoder_inputs, tiny_decoder
+
+MAX = 64
+BUCKETS = default_capture_sizes(MAX)  # 1, 2, 4, 8, 16, ..., 64
+TOKEN_COUNTS = sorted(set(BUCKETS) | {1, 2, 3, 7, 31, 64, 100, MAX, MAX + 1, 2 * MAX})
+
+
+def _compile(model, **options):
+    options = {"cudagraph": "emulate", "max_capture_size": MAX, **options}
+    return torch.compile(model, backend="piecewise", fullgraph=True, options=options)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_equals_eager_for_every_bucket_and_token_count(compiler):
+    model = tiny_decoder()
+    compiled = _compile(model, compiler=compiler)
+    for num_tokens in TOKEN_COUNTS:
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    stats = torchpcg.stats()
+    assert stats["eager_runs"] == sum(n > MAX for n in TOKEN_COUNTS)  # above the largest bucket: no graphs
+    # Plain torch.compile specializes T=1 into a static graph of its own (torchpcg.compile avoids that).
+    assert set(stats["capture_sizes"]) == set(BUCKETS) - {1}
+    assert stats["replays"] > 0
+
+
+def test_with_cache_context_and_graphs_off():
+    model = tiny_decoder()
+    compiled = _compile(model, cudagraph="off", compiler="eager")
+    for num_tokens in (2, 5, 64, 65):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5, start=10)
+    stats = torchpcg.stats()
+    assert stats["captured"] == 0 and stats["eager_runs"] == 4 and stats["graph_calls"] == 0
+
+
+def test_one_attention_split_per_layer():
+    model = tiny_decoder(num_layers=3)
+    compiled = _compile(model, compiler="eager")
+    with torchpcg.expect(dynamo_graphs=1, split_ops=3, pieces=4):
+        compiled(*decoder_inputs(model, 5))
+
+
+def test_padding_rows_never_leak_from_an_earlier_call():
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(8,))
+    compiled(*decoder_inputs(model, 8, seed=1))  # fills the bucket's 8 rows
+    compare(model, compiled, 3, atol=1e-5, rtol=1e-5)
+    runtime = _runtime_of(compiled, model, 3)
+    for runner in runtime.runners:
+        for index, view in runner.captured[8].token_views.items():
+            dim = runner.inputs[index].layout.token_dims[0]
+            assert torch.count_nonzero(view.narrow(dim, 3, 5)) == 0, f"{runner.piece.name} input {index}"
+
+
+def test_outputs_of_a_call_survive_the_next_call():
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(8,))
+    first = compiled(*decoder_inputs(model, 6, seed=1))
+    kept = first.clone()
+    compiled(*decoder_inputs(model, 6, seed=2))
+    assert torch.equal(first, kept)
+
+
+def test_without_copy_outputs_the_next_call_overwrites():
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(8,), copy_outputs=False)
+    compiled(*decoder_inputs(model, 6, seed=1))  # capture pass
+    first = compiled(*decoder_inputs(model, 6, seed=1))
+    kept = first.clone()
+    compiled(*decoder_inputs(model, 6, seed=2))
+    assert not torch.equal(first, kept)  # documented: outputs live in static buffers
+
+
+def test_explicit_capture_goes_largest_first():
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(2, 4, 8))
+    order = []
+    summary = torchpcg.capture(compiled, lambda n: order.append(n) or decoder_inputs(model, n), sizes=(2, 4, 8),
+                               progress=False)
+    assert order == [8, 4, 2] and summary["sizes"] == [8, 4, 2]
+    assert torchpcg.stats()["capture_sizes"] == [2, 4, 8]
+    with torchpcg.expect(captured=0, dynamo_graphs=0):
+        for num_tokens in (2, 3, 8):
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+
+
+class _Scaled(torch.nn.Module):
+    """A non-token input (``scale``, [H]) read inside a piece: its address may change per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) * scale
+        h = torch.nn.functional.scaled_dot_product_attention(h[None], h[None], h[None])[0]
+        return self.proj(h) * scale
+
+
+def test_non_token_input_that_moves_is_not_read_stale():
+    model = _Scaled().eval()
+    compiled = _compile(model, compiler="eager", capture_sizes=(4,))
+    for step in range(4):
+        x = torch.randn(3, 16)
+        torch._dynamo.mark_dynamic(x, 0)
+        scale = torch.full((16,), float(step + 1))  # a new tensor, new address, new values
+        torch.testing.assert_close(compiled(x, scale), model(x, scale))
+    assert torchpcg.stats()["recaptures"] >= 1
+
+
+def test_capture_failure_falls_back_and_enforce_raises(monkeypatch):
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(4, 8))
+    from torchpcg.runtime import Runtime
+
+    real = Runtime.make_graph
+
+    def failing(self, fn, static_args):
+        if self.state.bucket == 4:
+            raise torch.cuda.OutOfMemoryError("pretend the pool is full")
+        return real(self, fn, static_args)
+
+    monkeypatch.setattr(Runtime, "make_graph", failing)
+    compare(model, compiled, 3, atol=1e-5, rtol=1e-5)  # bucket 4 fails -> no graphs this call
+    compare(model, compiled, 3, atol=1e-5, rtol=1e-5)  # bucket 4 dropped -> served by bucket 8
+    stats = torchpcg.stats()
+    assert stats["capture_failures"] == 1 and stats["capture_sizes"] == [8]
+
+    torch._dynamo.reset()
+    strict = _compile(model, compiler="eager", capture_sizes=(4,), enforce=True)
+    with pytest.raises(torchpcg.CaptureError, match="bucket 4"):
+        strict(*decoder_inputs(model, 3))
+
+
+def test_two_threads_never_share_static_buffers():
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(4, 8))
+    compiled(*decoder_inputs(model, 8))
+    compiled(*decoder_inputs(model, 3))
+    errors: list[BaseException] = []
+
+    def worker(num_tokens: int) -> None:
+        try:
+            for _ in range(20):
+                compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+        except BaseException as exc:  # reported below; a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (3, 7)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+
+
+def test_second_dynamic_symbol_runs_without_graphs_or_raises_under_enforce():
+    class TwoLengths(torch.nn.Module):
+        def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None])[0]
+            return h * 2 + memory.mean()  # memory [L] has its own dynamic length
+
+    model = TwoLengths()
+    compiled = _compile(model, compiler="eager", capture_sizes=(4,))
+    for num_tokens, length in ((3, 5), (4, 9), (2, 17), (4, 3)):
+        x, memory = torch.randn(num_tokens, 8), torch.randn(length)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(memory, 0)
+        torch.testing.assert_close(compiled(x, memory), model(x, memory))
+    stats = torchpcg.stats()
+    assert stats["graph_calls"] > 0 and stats["dynamo_graphs"] == 1  # handled: the mean over L runs eagerly
+
+    torch._dynamo.reset()
+    strict = _compile(model, compiler="eager", capture_sizes=(4,), enforce=True)
+    x, memory = torch.randn(3, 8), torch.randn(5)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(memory, 0)
+    with pytest.raises(Exception, match="dynamic symbol.*L_memory_ dim 0"):
+        strict(x, memory)
+
+
+def _runtime_of(compiled, model, num_tokens):
+    from torchpcg.backend import collect_runtimes
+
+    torch._dynamo.reset()
+    with collect_runtimes() as runtimes:
+        compiled(*decoder_inputs(model, 8, seed=1))
+        compiled(*decoder_inputs(model, num_tokens))
+    return runtimes[-1]
