@@ -1,0 +1,615 @@
+"""Guard-stable compilation: ``torchpcg.compile`` and the recompile monitor.
+
+In: an ``nn.Module`` (or any callable) and how its inputs vary between calls. Out: a callable with
+the model's signature whose Dynamo guards do not change under serving traffic (grad mode, T=1
+first, optional kwargs that come and go), plus a monitor that counts, explains and, under
+``enforce``, forbids every recompile after the first call.
+
+Four things make Dynamo recompile a serving model, and each has its answer here:
+
+==============================  ===============================================================
+guard that flips                what this module does
+==============================  ===============================================================
+grad mode (GLOBAL_STATE)        forward always runs under ``torch.no_grad()`` / ``inference_mode``
+size 0/1 specialisation (T=1)   the token dim is marked *unbacked* from the very first call
+optional kwarg None <-> Tensor  ``stable_kwargs``: always a slice of a preallocated, zeroed buffer
+Python scalar / anything else   not fixable from outside: the monitor names it and the fix
+==============================  ===============================================================
+
+No CUDA here; nothing in this module captures graphs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Union
+
+import torch
+
+from .config import PiecewiseConfig
+from .errors import ConfigError, RecompileError, TorchPCGError
+from .stats import COUNTERS
+
+__all__ = ["compile", "StableBuffer", "StableModel", "RecompileMonitor", "watch_recompiles", "StableInputError"]
+
+log = logging.getLogger(__name__)
+
+DYNAMIC_DIM_MODES = ("unbacked", "backed", "off")
+TOKEN_SHAPE_ID = "torchpcg_tokens"  # one shared unbacked symbol for every token dim (torch >= 2.13)
+
+# Argument names that carry one row (or column, for [B, S] models) per token. Only these, the
+# primary input and declared stable kwargs are marked dynamic automatically: matching sizes alone
+# are no evidence at T=1, where every [1, ...] tensor "matches".
+_TOKEN_NAME = re.compile(
+    r"^(input_ids|positions|position_ids|token_type_ids|inputs_embeds|hidden_states|residual"
+    r"|attention_mask|cache_position|slot_mapping)$|_ids$|_embeds$|_positions$"
+)
+
+
+class StableInputError(TorchPCGError, ValueError):
+    """A call passed a value that does not fit the StableBuffer declared for it."""
+
+
+# ---- stable kwargs -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StableBuffer:
+    """Declares an optional tensor input that must always reach the model as a tensor.
+
+    ``shape`` has exactly one ``-1``: the token dim. torchpcg preallocates a buffer with room for
+    the largest token count seen, and every call passes its first ``T`` rows: zeroed when the
+    caller gives ``None`` (or leaves the kwarg out), the caller's tensor copied in otherwise.
+
+    Example::
+
+        torchpcg.compile(model, stable_kwargs={
+            "input_deepstack_embeds": torchpcg.StableBuffer(shape=(-1, 3 * hidden), dtype=torch.bfloat16)})
+
+    Note: the buffer is reused, so the model must not keep references to the input across calls.
+    """
+
+    shape: tuple[int, ...]
+    """Full shape with ``-1`` at the token dim, e.g. ``(-1, 3 * hidden)``."""
+
+    dtype: torch.dtype = torch.float32
+    """Dtype of the buffer; a caller's tensor must have exactly this dtype."""
+
+    device: torch.device | str | None = None
+    """Where to allocate; ``None`` = the model's device (its first parameter or buffer)."""
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.shape)
+        if shape.count(-1) != 1 or any(not isinstance(s, int) or (s <= 0 and s != -1) for s in shape):
+            raise ConfigError(f"StableBuffer(shape={self.shape!r}): expected positive ints and exactly one -1 "
+                              "marking the token dim, e.g. (-1, 3 * hidden)")
+        if not isinstance(self.dtype, torch.dtype):
+            raise ConfigError(f"StableBuffer(dtype={self.dtype!r}): expected a torch.dtype, e.g. torch.float32")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def token_dim(self) -> int:
+        return self.shape.index(-1)
+
+    def shape_for(self, num_tokens: int) -> tuple[int, ...]:
+        return tuple(num_tokens if s == -1 else s for s in self.shape)
+
+
+StableSpec = Union[StableBuffer, Mapping[str, "StableSpec"]]
+
+
+class _StableSlot:
+    """The buffer behind one StableBuffer: allocated on first use, grown when T exceeds it."""
+
+    def __init__(self, name: str, spec: StableBuffer, initial_tokens: int) -> None:
+        self.name = name
+        self.spec = spec
+        self.initial_tokens = initial_tokens
+        self.buffer: torch.Tensor | None = None  # [.., capacity at token dim, ..]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buffer is None else self.buffer.shape[self.spec.token_dim]
+
+    def fill(self, value: Any, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """The first ``num_tokens`` rows of the buffer, holding ``value`` or zeros."""
+        rows = self._rows(num_tokens, device)
+        if value is None:
+            rows.zero_()  # every pass: a text-only call never sees an earlier call's features
+            return rows
+        if not isinstance(value, torch.Tensor):
+            raise StableInputError(f"stable kwarg {self.name!r}: expected a Tensor or None, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(rows.shape) or value.dtype != self.spec.dtype:
+            raise StableInputError(
+                f"stable kwarg {self.name!r}: got shape {tuple(value.shape)} dtype {value.dtype}, expected shape "
+                f"{tuple(rows.shape)} dtype {self.spec.dtype} (StableBuffer shape={self.spec.shape}, "
+                f"T={num_tokens}); fix the input or the StableBuffer declaration")
+        rows.copy_(value)
+        return rows
+
+    def _rows(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        if num_tokens > self.capacity:
+            # Growing never recompiles: the slice passed below has the (dynamic) token dim.
+            size = max(num_tokens, self.initial_tokens)
+            target = torch.device(self.spec.device) if self.spec.device is not None else device
+            self.buffer = torch.zeros(self.spec.shape_for(size), dtype=self.spec.dtype, device=target)
+        assert self.buffer is not None
+        return self.buffer.narrow(self.spec.token_dim, 0, num_tokens)
+
+
+class _StableTree:
+    """A stable kwarg: one slot, or a dict of them (nested optional inputs)."""
+
+    def __init__(self, name: str, spec: StableSpec, initial_tokens: int) -> None:
+        self.name = name
+        if isinstance(spec, StableBuffer):
+            self.slot: _StableSlot | None = _StableSlot(name, spec, initial_tokens)
+            self.children: dict[str, _StableTree] = {}
+        elif isinstance(spec, Mapping) and spec:
+            self.slot = None
+            self.children = {str(k): _StableTree(f"{name}[{k!r}]", v, initial_tokens) for k, v in spec.items()}
+        else:
+            raise ConfigError(f"stable_kwargs[{name!r}]={spec!r}: expected a torchpcg.StableBuffer or a "
+                              "non-empty dict of them")
+
+    def fill(self, value: Any, num_tokens: int, device: torch.device) -> Any:
+        if self.slot is not None:
+            return self.slot.fill(value, num_tokens, device)
+        if value is not None and not isinstance(value, Mapping):
+            raise StableInputError(f"stable kwarg {self.name!r}: expected a dict of tensors or None, "
+                                   f"got {type(value).__name__}")
+        given = dict(value or {})
+        unknown = sorted(set(given) - set(self.children))
+        if unknown:
+            raise StableInputError(f"stable kwarg {self.name!r}: keys {unknown} are not declared; declared: "
+                                   f"{sorted(self.children)}")
+        return {key: child.fill(given.get(key), num_tokens, device) for key, child in self.children.items()}
+
+    def leaves(self, value: Any) -> Iterator[tuple[torch.Tensor, int]]:
+        """(tensor, token dim) of every leaf of a filled value."""
+        if self.slot is not None:
+            yield value, self.slot.spec.token_dim
+            return
+        for key, child in self.children.items():
+            yield from child.leaves(value[key])
+
+
+# ---- token dims ----------------------------------------------------------------------------------
+
+def _mark_token_dim(tensor: torch.Tensor, dim: int, mode: str) -> None:
+    if mode == "unbacked":
+        _mark_unbacked(tensor, dim)
+    elif mode == "backed":
+        torch._dynamo.mark_dynamic(tensor, dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _unbacked_marker() -> Callable[[torch.Tensor, int], None]:
+    """mark_unbacked with one shared symbol where torch supports ``shape_id`` (2.13), plain before."""
+    mark = getattr(torch._dynamo, "mark_unbacked", None) or torch._dynamo.decorators.mark_unbacked
+    if "shape_id" in inspect.signature(mark).parameters:
+        return functools.partial(mark, shape_id=TOKEN_SHAPE_ID)
+    # Without shape_id each tensor gets its own symbol; Dynamo unifies them where they broadcast.
+    return mark
+
+
+def _mark_unbacked(tensor: torch.Tensor, dim: int) -> None:
+    _unbacked_marker()(tensor, dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenLayout:
+    """Which argument carries the token count and which dims to mark dynamic: {name: dim}."""
+
+    primary: str
+    dims: dict[str, int]
+
+    def num_tokens(self, arguments: Mapping[str, Any]) -> int:
+        value = arguments.get(self.primary)
+        if not isinstance(value, torch.Tensor):
+            raise StableInputError(f"token input {self.primary!r} must be a Tensor on every call, got "
+                                   f"{type(value).__name__}")
+        return value.shape[self.dims[self.primary]]
+
+
+def _resolve_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int] | None,
+                    stable_names: set[str]) -> _TokenLayout:
+    """Find the token inputs on the first call; see ``compile`` for the rule."""
+    if token_inputs:
+        missing = sorted(set(token_inputs) - set(arguments))
+        if missing:
+            raise ConfigError(f"token_inputs names {missing} are not arguments of forward; arguments: "
+                              f"{sorted(arguments)}")
+        dims = {name: int(dim) for name, dim in token_inputs.items()}
+        primary = next(n for n in dims if isinstance(arguments[n], torch.Tensor))
+        return _TokenLayout(primary, dims)
+    tensors = [(n, v) for n, v in arguments.items() if isinstance(v, torch.Tensor) and n not in stable_names]
+    if not tensors:
+        raise ConfigError("torchpcg.compile found no tensor argument to take the token count from; "
+                          "pass token_inputs={'name': dim}")
+    primary, first = tensors[0]
+    # [B, S] integer ids -> tokens on dim 1; flat [T] ids or [T, ...] hidden states -> dim 0.
+    dim = 1 if first.dim() == 2 and not first.is_floating_point() else 0
+    if first.dim() <= dim:
+        raise ConfigError(f"first tensor argument {primary!r} has shape {tuple(first.shape)}: no token dim; "
+                          "pass token_inputs={'name': dim}")
+    num_tokens = first.shape[dim]
+    dims = {primary: dim}
+    for name, value in tensors[1:]:
+        if _TOKEN_NAME.search(name) and value.dim() > dim and value.shape[dim] == num_tokens:
+            dims[name] = dim
+    return _TokenLayout(primary, dims)
+
+
+# ---- recompile monitor ---------------------------------------------------------------------------
+
+def _unique_graphs() -> int:
+    """Dynamo's own count of graphs compiled in this process (every torch version we support)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _guard_failure_lengths() -> dict[Any, int]:
+    failures = getattr(torch._dynamo.guards, "guard_failures", {})
+    return {code: len(reasons) for code, reasons in list(failures.items())}
+
+
+def _new_guard_failures(before: Mapping[Any, int], code: Any) -> list[str]:
+    """Guard failure reasons Dynamo recorded since ``before``; those of ``code`` first if present."""
+    failures = getattr(torch._dynamo.guards, "guard_failures", {})
+    fresh = {c: list(r[before.get(c, 0):]) if len(r) >= before.get(c, 0) else list(r)
+             for c, r in list(failures.items())}
+    fresh = {c: r for c, r in fresh.items() if r}
+    if code in fresh:
+        return fresh[code]
+    return [reason for reasons in fresh.values() for reason in reasons]
+
+
+_STANCE_ERROR = "fail_on_recompile"
+
+
+def _reasons_from_stance_error(err: BaseException) -> list[str]:
+    """Parse '- 0/0: <reason>' lines from torch's fail_on_recompile message."""
+    text = str(err)
+    _, _, tail = text.partition("guard failure(s):")
+    reasons = []
+    for line in tail.splitlines():
+        line = line.strip()
+        if line.startswith("- ") and re.match(r"-\s+\d+/\d+:", line):
+            reasons.append(line[2:])
+    return reasons
+
+
+def _clean_reason(reason: str) -> str:
+    """'0/1: L['x'] is None   # code comment' -> "x is None"."""
+    first = reason.strip().splitlines()[0] if reason.strip() else reason
+    first = re.sub(r"^\[?\d+/\d+\]?:\s*", "", first)
+    first = first.split("  #")[0].strip()
+    return re.sub(r"L\['([^']+)'\]", r"\1", first)
+
+
+def _plain_name(expr: str) -> str:
+    """"kwargs['x']" or "x" -> "x"."""
+    inner = re.findall(r"\['([^']+)'\]", expr)
+    return inner[-1] if inner else expr.strip()
+
+
+def explain_guard_failure(reason: str, arguments: Mapping[str, Any] | None = None) -> str:
+    """Turn one Dynamo guard failure into plain words and a fix.
+
+    Example::
+
+        >>> explain_guard_failure("0/0: GLOBAL_STATE changed: grad_mode ")
+        'grad mode changed: call through torchpcg.compile or wrap in torch.no_grad()'
+
+    ``arguments`` (name -> value of the call that recompiled) lets scalar messages say the new value.
+    """
+    text = _clean_reason(reason)
+    arguments = arguments or {}
+    if text.startswith("GLOBAL_STATE changed"):
+        what = text.partition(":")[2].strip() or "unknown"
+        if "grad_mode" in what:
+            return "grad mode changed: call through torchpcg.compile or wrap in torch.no_grad()"
+        return (f"global torch state changed ({what}): keep it identical on every call "
+                "(autocast, deterministic algorithms, default dtype, ...)")
+    if m := re.fullmatch(r"(.+?) is None", text):
+        name = _plain_name(m.group(1))
+        return f"kwarg {name} was None and is now a Tensor: declare it in stable_kwargs"
+    if m := re.match(r"expected type of '(.+?)' to be a tensor type.*NoneType", text):
+        name = _plain_name(m.group(1))
+        return f"kwarg {name} was a Tensor and is now None: declare it in stable_kwargs"
+    if m := re.match(r"tensor '(.+?)' size mismatch at index (\d+)\. expected (\d+), actual (\d+)", text):
+        name, dim, expected, actual = _plain_name(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if expected in ("0", "1"):
+            return (f"size of dim {dim} of {name} specialized to {expected} (now {actual}): Dynamo treats sizes "
+                    f"0/1 as constants; pass it through torchpcg.compile (token_inputs={{'{name}': {dim}}}) or "
+                    f"torch._dynamo.decorators.mark_unbacked({name}, {dim}) before the first call")
+        return (f"size of dim {dim} of {name} changed from {expected} to {actual} and was compiled static: "
+                f"mark it dynamic before the first call (torchpcg.compile token_inputs={{'{name}': {dim}}})")
+    if m := re.match(r"tensor '(.+?)' dtype mismatch\. expected (\S+), actual (\S+)", text):
+        return (f"dtype of {_plain_name(m.group(1))} changed from {m.group(2)} to {m.group(3)}: "
+                "cast it to one dtype before calling")
+    if m := re.match(r"tensor '(.+?)' requires_grad mismatch", text):
+        return (f"requires_grad of {_plain_name(m.group(1))} changed: pass a tensor that does not require grad "
+                "(.detach()), or call through torchpcg.compile")
+    if m := re.match(r"tensor '(.+?)' (\w+) mismatch", text):
+        return (f"{m.group(2)} of tensor {_plain_name(m.group(1))} changed: keep it identical on every call")
+    if m := re.fullmatch(r"(.+?) == (.+)", text):
+        name = _plain_name(m.group(1))
+        new = arguments.get(name, "another value")
+        return f"Python scalar arg {name} changed from {m.group(2)} to {new}: pass it as a tensor"
+    return f"guard failed: {text}: keep this input the same kind on every call (see docs/zero-recompiles.md)"
+
+
+def _original_callable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function torch.compile wrapped: an OptimizedModule's forward, or the plain function."""
+    module = getattr(fn, "_orig_mod", None)
+    if module is not None:
+        return getattr(module, "forward", module)
+    return getattr(fn, "_torchdynamo_orig_callable", fn)
+
+
+def _call_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """name -> value of one call, for messages; {} when the signature cannot be read."""
+    try:
+        bound = inspect.signature(_original_callable(fn)).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    return dict(bound.arguments)
+
+
+def _original_code(fn: Callable[..., Any]) -> Any:
+    """The code object Dynamo keys this callable's guard failures by, or None."""
+    target = _original_callable(fn)
+    return getattr(getattr(target, "__func__", target), "__code__", None)
+
+
+class RecompileMonitor:
+    """Wraps a ``torch.compile``'d callable; every recompile after its first call is an event.
+
+    Each event is counted in ``torchpcg.stats()["recompiles"]``, appended to ``.recompiles``
+    and logged once per distinct message (WARNING) with the guard that failed and the fix. Under
+    ``enforce`` calls after the first run under ``torch.compiler.set_stance("fail_on_recompile")``
+    and a recompile raises ``RecompileError`` with the same text instead of compiling.
+
+    Example::
+
+        compiled = torchpcg.watch_recompiles(torch.compile(model, backend="eager"))
+        compiled(x)                       # warmup: compiles, not counted
+        with torch.enable_grad():
+            compiled(x)                   # WARNING ... grad mode changed: ...
+
+    Note: detection reads Dynamo's process-wide counters around each call; a recompile of another
+    function in another thread during the call would be attributed to this one.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, enforce: bool = False, name: str | None = None) -> None:
+        self.fn = fn
+        self.enforce = enforce
+        self.name = name or _describe(fn)
+        self.recompiles: list[str] = []
+        self.warmed_up = False
+        self._code = _original_code(fn)
+        self._failure_marks: dict[Any, int] = {}
+        self._logged: set[str] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.warmed_up:
+            out = self.fn(*args, **kwargs)  # the first compile of the frame is the warmup
+            self.warmed_up = True
+            self._failure_marks = _guard_failure_lengths()
+            return out
+        graphs_before = _unique_graphs()
+        if self.enforce:
+            out = self._call_enforced(args, kwargs)
+        else:
+            out = self.fn(*args, **kwargs)
+        if _unique_graphs() != graphs_before:
+            reasons = _new_guard_failures(self._failure_marks, self._code)
+            self._failure_marks = _guard_failure_lengths()
+            self._record(reasons, args, kwargs)
+        return out
+
+    def _call_enforced(self, args: tuple, kwargs: dict) -> Any:
+        try:
+            with torch.compiler.set_stance(_STANCE_ERROR):
+                return self.fn(*args, **kwargs)
+        except RuntimeError as err:
+            if _STANCE_ERROR not in str(err) or isinstance(err, TorchPCGError):
+                raise
+            message = self._record(_reasons_from_stance_error(err), args, kwargs)
+            raise RecompileError(f"{message} (enforce is on: TORCHPCG_ENFORCE=1 or enforce=True)") from err
+
+    def _record(self, reasons: list[str], args: tuple, kwargs: dict) -> str:
+        arguments = _call_arguments(self.fn, args, kwargs)
+        # One reason per cached version, newest first (Dynamo's order): the newest is what changed
+        # since the last compile; older ones repeat what the monitor already reported.
+        plain = [explain_guard_failure(r, arguments) for r in reasons[:1]]
+        if not plain:
+            plain = ["Dynamo compiled again but recorded no guard failure (new code path or cache eviction); "
+                     "run with TORCH_LOGS=recompiles to see why"]
+        message = f"{self.name} recompiled after warmup: " + "; ".join(plain)
+        self.recompiles.append(message)
+        COUNTERS.add("recompiles")
+        if message not in self._logged:
+            self._logged.add(message)
+            log.warning("%s", message)
+        return message
+
+
+def watch_recompiles(fn: Callable[..., Any], *, enforce: bool | None = None, name: str | None = None
+                     ) -> RecompileMonitor:
+    """Watch a ``torch.compile``'d callable for recompiles after its first call.
+
+    Example::
+
+        watched = torchpcg.watch_recompiles(torch.compile(f, backend="eager", fullgraph=True))
+        watched(torch.randn(1, 4)); watched(torch.randn(5, 4))
+        watched.recompiles   # ['f recompiled after warmup: size of dim 0 of x specialized to 1 ...']
+
+    ``enforce=None`` reads ``TORCHPCG_ENFORCE``. Note: it does not stabilise anything; use
+    ``torchpcg.compile`` for that.
+    """
+    if enforce is None:
+        enforce = PiecewiseConfig.from_env().enforce
+    return RecompileMonitor(fn, enforce=enforce, name=name)
+
+
+def _describe(fn: Any) -> str:
+    inner = getattr(fn, "_orig_mod", None) or getattr(fn, "_torchdynamo_orig_callable", None) or fn
+    return getattr(inner, "__qualname__", None) or type(inner).__name__
+
+
+# ---- torchpcg.compile ----------------------------------------------------------------------------
+
+class StableModel:
+    """What ``torchpcg.compile`` returns: call it like the model.
+
+    Attributes: ``model`` (the original), ``compiled`` (what ``torch.compile`` returned),
+    ``config``, ``monitor`` (its ``RecompileMonitor``), ``token_inputs`` ({name: dim}, known after
+    the first call). Other attributes are read from the model.
+    """
+
+    def __init__(self, model: Callable[..., Any], compiled: Callable[..., Any], config: PiecewiseConfig, *,
+                 stable_kwargs: Mapping[str, StableSpec], token_inputs: Mapping[str, int] | None,
+                 inference_mode: bool, dynamic_dim: str, initial_tokens: int) -> None:
+        self.model = model
+        self.compiled = compiled
+        self.config = config
+        self.dynamic_dim = dynamic_dim
+        self.monitor = RecompileMonitor(compiled, enforce=config.enforce, name=_describe(model))
+        self._signature = inspect.signature(getattr(model, "forward", model))
+        self.__signature__ = self._signature
+        self._stable = {name: _StableTree(name, spec, initial_tokens) for name, spec in stable_kwargs.items()}
+        self._check_names(token_inputs)
+        self._token_inputs = dict(token_inputs) if token_inputs else None
+        self._layout: _TokenLayout | None = None
+        self._grad_mode = torch.inference_mode if inference_mode else torch.no_grad
+        self._lock = threading.Lock()  # the stable buffers are shared by every call
+
+    @property
+    def token_inputs(self) -> dict[str, int] | None:
+        return None if self._layout is None else dict(self._layout.dims)
+
+    @property
+    def recompiles(self) -> list[str]:
+        return self.monitor.recompiles
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock, self._grad_mode():
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()  # same positional layout on every call, whatever the caller spelled
+            arguments = bound.arguments
+            if self._layout is None:
+                self._layout = _resolve_layout(arguments, self._token_inputs, set(self._stable))
+            num_tokens = self._layout.num_tokens(arguments)
+            self._mark_tokens(arguments, num_tokens)
+            return self.monitor(*bound.args, **bound.kwargs)
+
+    forward = __call__
+
+    def _mark_tokens(self, arguments: dict[str, Any], num_tokens: int) -> None:
+        for name, dim in self._layout.dims.items():  # type: ignore[union-attr]
+            value = arguments.get(name)
+            if isinstance(value, torch.Tensor):
+                _mark_token_dim(value, dim, self.dynamic_dim)
+        device = self._device(arguments)
+        for name, tree in self._stable.items():
+            arguments[name] = tree.fill(arguments.get(name), num_tokens, device)
+            for tensor, dim in tree.leaves(arguments[name]):
+                _mark_token_dim(tensor, dim, self.dynamic_dim)
+
+    def _device(self, arguments: Mapping[str, Any]) -> torch.device:
+        if isinstance(self.model, torch.nn.Module):
+            for tensor in self.model.parameters():
+                return tensor.device
+            for tensor in self.model.buffers():
+                return tensor.device
+        return arguments[self._layout.primary].device  # type: ignore[union-attr]
+
+    def _check_names(self, token_inputs: Mapping[str, int] | None) -> None:
+        params = self._signature.parameters
+        names = list(self._stable) + list(token_inputs or {})
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise ConfigError(f"{unknown} are not parameters of {_describe(self.model)}.forward"
+                              f"{self._signature}; stable_kwargs and token_inputs name forward's arguments")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("model",):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return f"StableModel({_describe(self.model)}, dynamic_dim={self.dynamic_dim!r}, stable_kwargs={list(self._stable)})"
+
+
+def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
+    model: Callable[..., Any],
+    config: PiecewiseConfig | None = None,
+    *,
+    backend: str | Callable[..., Any] = "piecewise",
+    stable_kwargs: Mapping[str, StableSpec] | None = None,
+    token_inputs: Mapping[str, int] | None = None,
+    inference_mode: bool = False,
+    dynamic_dim: str = "unbacked",
+    fullgraph: bool = True,
+    **knobs: Any,
+) -> StableModel:
+    """Compile ``model`` once so that serving traffic never recompiles it.
+
+    Example::
+
+        compiled = torchpcg.compile(model, cudagraph="emulate", stable_kwargs={
+            "input_deepstack_embeds": torchpcg.StableBuffer(shape=(-1, 3 * hidden))})
+        logits = compiled(input_ids, positions, kv_cache)                 # deepstack: zeros
+        logits = compiled(input_ids, positions, kv_cache, deepstack)      # copied in, same graph
+
+    What each call does: runs forward under ``torch.no_grad()`` (``torch.inference_mode()`` with
+    ``inference_mode=True``) whatever the caller's grad mode; marks the token dim of the token
+    inputs dynamic (``dynamic_dim="unbacked"``: one symbol from the very first call, T=1 included;
+    ``"backed"``: ``mark_dynamic``, a T=1 first call then costs one recompile; ``"off"``); passes
+    each ``stable_kwargs`` entry as the first T rows of a preallocated buffer, zeroed when the
+    caller gives None; and watches for recompiles (``RecompileMonitor``; raises under enforce).
+
+    Token inputs, unless ``token_inputs={"name": dim}`` names them: the first tensor argument
+    (dim 1 if it is 2-D integer ids ``[B, S]``, else dim 0) plus every tensor argument whose
+    *name* is token-like (``positions``, ``position_ids``, ``attention_mask``, ``hidden_states``,
+    ``residual``, ``*_ids``, ``*_embeds``, ...) and whose size at that dim equals T on the first call.
+    Sizes alone are not used: at T=1 every ``[1, ...]`` tensor would match, and a KV cache whose
+    length happens to equal T must stay static.
+
+    Knobs (``**knobs``, ``config``) are ``PiecewiseConfig`` fields, passed as ``options=`` to the
+    piecewise backend; other backends accept only ``enforce``.
+
+    Note: it cannot stabilise Python scalar arguments or model attributes that change between
+    calls; the monitor names them. ``dynamic_dim="unbacked"`` fails to compile models that branch
+    on the token count (``if T == 1``); use ``"backed"`` for those.
+    """
+    if dynamic_dim not in DYNAMIC_DIM_MODES:
+        raise ConfigError(f"dynamic_dim={dynamic_dim!r}: expected one of {', '.join(DYNAMIC_DIM_MODES)}")
+    resolved = _resolve_config(config, backend, knobs)
+    compile_kwargs: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph}
+    if backend == "piecewise":  # registered by `import torchpcg`
+        compile_kwargs["options"] = resolved.to_dict()
+    compiled = torch.compile(model, **compile_kwargs)
+    return StableModel(model, compiled, resolved, stable_kwargs=dict(stable_kwargs or {}),
+                       token_inputs=token_inputs, inference_mode=inference_mode, dynamic_dim=dynamic_dim,
+                       # Piecewise: room for the largest bucket up front; otherwise grow with traffic.
+                       initial_tokens=resolved.largest_bucket if backend == "piecewise" else 1)
+
+
+def _resolve_config(config: PiecewiseConfig | None, backend: Any, knobs: Mapping[str, Any]) -> PiecewiseConfig:
+    if config is not None and not isinstance(config, PiecewiseConfig):
+        raise ConfigError(f"config={config!r}: expected a torchpcg.PiecewiseConfig or None")
+    if backend != "piecewise":
+        backend_only = sorted(k for k in knobs if k != "enforce")
+        if backend_only:
+            raise ConfigError(f"knobs {backend_only} only apply to backend='piecewise'; backend={backend!r} "
+                              "takes no torchpcg options (only enforce=)")
+    base = config if config is not None else PiecewiseConfig.resolve()
+    return base.replace(**knobs) if knobs else base
