@@ -1,0 +1,113 @@
+"""Timing, memory and correctness measurements for one mode. No model or mode knowledge here.
+
+In: a zero-argument call (or runner + inputs). Out: latencies in ms, memory in MiB, error numbers.
+Method (see bench/README.md): synchronize, host clock around ONE call, synchronize; warmup calls
+first; median and p90 over the repeats. This is the latency a caller sees, host overhead included.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "Latency", "ErrorReport", "MemorySnapshot", "synchronize", "time_call", "time_sequence", "compare",
+    "memory_snapshot", "reset_peak", "peak_allocated_mb",
+]
+
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    repeats: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorReport:
+    """out vs reference logits: max |diff|, ||diff|| / ||ref|| (float64), and whether within tol."""
+
+    max_abs_diff: float
+    rel_err: float
+    ref_max_abs: float
+    ok: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySnapshot:
+    allocated_mb: float
+    reserved_mb: float
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(call: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Latency:
+    """Median / p90 of `repeats` synchronized single calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times_ms = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    return Latency(statistics.median(times_ms), _percentile(times_ms, 90), min(times_ms), repeats)
+
+
+def time_sequence(calls: list[Callable[[], object]], device: torch.device) -> float:
+    """Seconds for all calls back to back (one synchronize at each end)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for call in calls:
+        call()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _percentile(values: list[float], percent: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) without numpy."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * percent / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def compare(output: torch.Tensor, reference: torch.Tensor, tol: float) -> ErrorReport:
+    """Compare on the CPU in float64; NaN or Inf anywhere fails."""
+    out = output.detach().to("cpu", torch.float64)
+    ref = reference.detach().to("cpu", torch.float64)
+    if out.shape != ref.shape:
+        return ErrorReport(math.inf, math.inf, float(ref.abs().max()), False)
+    diff = out - ref
+    ref_norm = float(ref.norm())
+    rel = float(diff.norm()) / ref_norm if ref_norm > 0 else float(diff.norm())
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    finite = bool(torch.isfinite(out).all())
+    ok = finite and math.isfinite(rel) and rel <= tol
+    return ErrorReport(max_abs if finite else math.inf, rel if finite else math.inf, float(ref.abs().max()), ok)
+
+
+def memory_snapshot(device: torch.device) -> MemorySnapshot | None:
+    if device.type != "cuda":
+        return None
+    return MemorySnapshot(torch.cuda.memory_allocated(device) / MIB, torch.cuda.memory_reserved(device) / MIB)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_allocated_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None

@@ -1,0 +1,115 @@
+"""Smoke tests of the decoder bench (`python -m bench.decoder --quick`): it runs on CPU, writes its
+record (JSON schema, Markdown, PNG), prints the table, checks every mode against eager and fails
+loudly when a mode is wrong. The numbers themselves are not tested: benchmarks are scripts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # bench/ is a repo script package, not installed with torchpcg
+
+from bench import decoder  # noqa: E402
+from bench.modes import MODE_NAMES, MODES, Mode  # noqa: E402
+
+REQUIRED_KEYS = {"device", "torch", "commit", "config", "results", "mixed", "setup_s", "memory_mb"}
+ROW_KEYS = {"mode", "tokens", "median_ms", "p90_ms", "max_abs_diff", "rel_err", "correct"}
+CUDA_MODES = ("reduce-overhead", "eager-cudagraph", "inductor-cudagraph")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.decoder", "--quick", "--no-progress", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    return proc, out
+
+
+def _results(out: Path) -> dict:
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_quick_bench_exits_zero_and_prints_table(quick_run) -> None:
+    proc, _ = quick_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| T | " + " | ".join(MODE_NAMES) + " |" in proc.stdout
+    for num_tokens in decoder.QUICK_TOKENS:
+        assert f"\n| {num_tokens} | " in proc.stdout
+    assert "## Setup, memory, mixed traffic" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_bench_json_schema(quick_run) -> None:
+    _, out = quick_run
+    results = _results(out)
+    assert REQUIRED_KEYS <= set(results)
+    assert results["torch"] == torch.__version__ and results["device"].startswith("cpu")
+    assert results["config"]["tokens"] == list(decoder.QUICK_TOKENS)
+    for row in results["results"]:
+        assert ROW_KEYS <= set(row) and row["mode"] in MODE_NAMES
+        assert 0 < row["median_ms"] <= row["p90_ms"]
+    ran = {row["mode"] for row in results["results"]}
+    assert {"eager", "piecewise"} <= ran
+    for mode in ran:
+        assert {row["tokens"] for row in results["results"] if row["mode"] == mode} == set(decoder.QUICK_TOKENS)
+        assert results["setup_s"][mode] >= 0 and results["mixed"][mode] > 0 and mode in results["memory_mb"]
+    for mode in CUDA_MODES:  # skipped on CPU, with the reason on record
+        assert mode not in ran and "CUDA" in results["unavailable"][mode]
+    assert results["mixed_traffic"]["calls"] >= 200 and results["mixed_traffic"]["above_largest_bucket"] > 0
+    assert results["failed"] == {} and results["wrong"] == {}
+
+
+@pytest.mark.slow
+def test_quick_bench_piecewise_matches_eager(quick_run) -> None:
+    _, out = quick_run
+    results = _results(out)
+    rows = [row for row in results["results"] if row["mode"] == "piecewise"]
+    assert rows, results.get("unavailable", {}).get("piecewise") or results.get("failed")
+    for row in rows:
+        assert row["correct"] and row["rel_err"] <= results["config"]["tol_rel"], row
+    stats = results["info"]["piecewise"]["torchpcg_stats"]
+    assert stats["captured"] > 0 and stats["replays"] > 0 and stats["eager_runs"] > 0  # T=16 > bucket 8
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_markdown_and_png(quick_run) -> None:
+    _, out = quick_run
+    (json_path,) = out.glob("*.json")
+    assert json_path.with_suffix(".md").read_text().startswith("# Decoder bench")
+    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_fails_loudly_when_a_mode_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def build_off_by_one(ctx):
+        return lambda ids, positions: ctx.model(ids, positions, ctx.kv_cache) + 1.0
+
+    broken = tuple(Mode(m.name, m.summary, build_off_by_one) if m.name == "piecewise" else m for m in MODES)
+    monkeypatch.setattr(decoder, "MODES", broken)
+    status = decoder.main(["--quick", "--no-progress", "--modes", "eager,piecewise", "--out", str(tmp_path)])
+    assert status == 1
+    results = _results(tmp_path)
+    assert "piecewise" in results["wrong"] and "eager" not in results["wrong"]
+    assert not any(row["correct"] for row in results["results"] if row["mode"] == "piecewise")
+
+
+def test_mixed_traffic_is_seeded_and_goes_above_the_largest_bucket() -> None:
+    settings = decoder.resolve_settings(decoder.parse_args(["--quick", "--tokens", "1,4,64", "--max-seq-len", "256"]))
+    sizes = decoder.mixed_traffic_sizes(settings, largest_bucket=8)
+    assert sizes == decoder.mixed_traffic_sizes(settings, largest_bucket=8)
+    assert len(sizes) >= 200 and max(sizes) <= 64 and min(sizes) >= 1
+    assert any(size > 8 for size in sizes) and sum(size <= 8 for size in sizes) > len(sizes) // 2
+
+
+def test_context_too_long_for_the_cache_is_a_clear_error() -> None:
+    with pytest.raises(decoder.UsageError, match="max_seq_len"):
+        decoder.resolve_settings(decoder.parse_args(["--quick", "--context", "250", "--tokens", "16"]))
