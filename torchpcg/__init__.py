@@ -13,6 +13,7 @@ from .capture import capture
 from .config import PiecewiseConfig
 from .errors import CaptureError, ConfigError, PaddingError, RecompileError, SplitError, TorchPCGError
 from .split import register_splitting_op
+from .stable import StableBuffer, StableInputError, compile, watch_recompiles
 from .stats import expect, reset_stats, stats
 
 __version__ = "0.1.0"
@@ -20,6 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "PiecewiseConfig",
     "piecewise_backend",
+    "compile",
+    "StableBuffer",
+    "watch_recompiles",
     "capture",
     "register_splitting_op",
     "stats",
@@ -31,6 +35,7 @@ __all__ = [
     "CaptureError",
     "RecompileError",
     "PaddingError",
+    "StableInputError",
 ]
 
 _register_backend()

@@ -57,6 +57,9 @@ class CallState:
     bucket: int | None = None  # None: this call runs without graphs
     num_tokens: int = 0
     used_graphs: bool = False
+    # data_ptr of a real-rows view handed out by a piece -> that graph output at full bucket size.
+    # A later piece captured at the same bucket reads such an input in place instead of copying it.
+    graph_outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,7 @@ class _Captured:
 
     graph: CudaGraph | EmulatedGraph
     token_views: dict[int, torch.Tensor]  # input index -> [B, ...] static view
-    refs: tuple[tuple[int, int], ...]  # (input index, data_ptr) read by reference
+    refs: tuple[tuple[int, int], ...]  # (input index, data_ptr) read in place: by reference or chained
     copied: dict[int, torch.Tensor]  # input index -> own buffer (inputs that moved once)
 
 
@@ -109,12 +112,14 @@ class PieceRunner:
         captured.graph.replay()
         COUNTERS.add("replays")
         state.used_graphs = True
-        return self._real_outputs(captured.graph.outputs, state.num_tokens)
+        return self._real_outputs(captured.graph.outputs, state)
 
     def _capture(self, bucket: int, num_tokens: int, args: Sequence[Any]) -> Any:
         static_args, token_views, copied = self._static_args(bucket, args)
+        chained = [i for i, spec in enumerate(self.inputs) if spec.kind == _TOKEN and i not in token_views]
         captured_refs = tuple((i, args[i].data_ptr()) for i, spec in enumerate(self.inputs)
-                              if spec.kind == _REF and i not in self.copy_mode)
+                              if spec.kind == _REF and i not in self.copy_mode) + tuple(
+                              (i, args[i].data_ptr()) for i in chained)
         self._copy_in(token_views, copied, num_tokens, args)
         self.runtime.verify(self, static_args, args)
         try:
@@ -131,7 +136,7 @@ class PieceRunner:
         if isinstance(graph, CudaGraph):
             graph.replay()  # capture records work; this replay computes the outputs
         self.runtime.state.used_graphs = True
-        return self._real_outputs(outputs, num_tokens)
+        return self._real_outputs(outputs, self.runtime.state)
 
     # ---- buffers -------------------------------------------------------------------------------
 
@@ -141,6 +146,10 @@ class PieceRunner:
         copied: dict[int, torch.Tensor] = {}
         for i, (spec, arg) in enumerate(zip(self.inputs, args)):
             if spec.kind == _TOKEN:
+                chained = self._chained_input(i, spec.layout, bucket, arg)
+                if chained is not None:
+                    static.append(chained)
+                    continue
                 token_views[i] = self._bucket_view(i, spec.layout, bucket)
                 static.append(token_views[i])
             elif spec.kind == _REF and i in self.copy_mode:
@@ -151,6 +160,21 @@ class PieceRunner:
             else:
                 static.append(arg)
         return static, token_views, copied
+
+    def _chained_input(self, index: int, layout: Layout, bucket: int, arg: Any) -> torch.Tensor | None:
+        """The producing graph's [B, ...] output when ``arg`` is its real-rows view, else None.
+
+        Reading it in place saves a copy per input (the residual stream, rotary tables shared by
+        all layers). Safe because graphs replay in capture order, so the producer has written it
+        and nothing captured in between may reuse its memory (it was alive during the capture
+        pass). Integer inputs are always copied: their padding rows must be 0 to stay in range.
+        """
+        if index in self.copy_mode or not layout.dtype.is_floating_point:
+            return None
+        full = self.runtime.state.graph_outputs.get(arg.data_ptr())
+        if full is None or full.size() != layout.sizes_at(bucket) or full.stride() != layout.strides_at(bucket):
+            return None
+        return full
 
     def _bucket_view(self, index: int, layout: Layout, bucket: int) -> torch.Tensor:
         """[B, ...] view with the compiled code's strides over one buffer shared by all buckets."""
@@ -173,17 +197,18 @@ class PieceRunner:
         names = [_input_name(self.piece.gm, i) for i in moved]
         log.warning("%s: input(s) %s changed address since capture; they are copied into static buffers "
                     "from now on and this model's graphs are captured again", self.piece.name, ", ".join(names))
-        self.copy_mode.update(moved)
+        self.copy_mode.update(moved)  # _REF inputs get own buffers; chained token inputs get copied
         COUNTERS.add("recaptures")
         self.runtime.invalidate_after_call()
 
     # ---- outputs -------------------------------------------------------------------------------
 
-    def _real_outputs(self, outputs: Sequence[Any], num_tokens: int) -> Any:
-        real = []
+    def _real_outputs(self, outputs: Sequence[Any], state: CallState) -> Any:
+        num_tokens, real = state.num_tokens, []
         for spec, value in zip(self.outputs, outputs):
             if spec.kind == _TOKEN:
-                value = spec.layout.real_rows(value, num_tokens)
+                full, value = value, spec.layout.real_rows(value, num_tokens)
+                state.graph_outputs[value.data_ptr()] = full
             elif spec.kind == _SYMINT:
                 value = evaluate(spec.expr, self.symbol, num_tokens)
             real.append(value)
