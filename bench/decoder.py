@@ -445,6 +445,7 @@ def _run(settings: Settings) -> dict[str, Any]:
                            piecewise_options=settings.piecewise_options)
         workload = build_workload(model, ctx, settings, prefix)
         baseline = measure.memory_snapshot(settings.device)
+        commit, params = commit_of(settings), sum(p.numel() for p in model.parameters())
         outcomes: dict[str, ModeOutcome] = {}
         broken: str | None = None
         modes = run_order(settings.modes)
@@ -460,9 +461,11 @@ def _run(settings: Settings) -> dict[str, Any]:
                 broken = f"CUDA unusable after mode {mode.name}: {why}"
             else:
                 free_memory(settings.device)
+            # Write the record so far: a run killed by a time limit still leaves every finished mode.
+            report.write(report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit, params),
+                         settings.out_dir, quick=settings.quick)
         bar.close()
-    param_count = sum(p.numel() for p in model.parameters())
-    return report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit_of(settings), param_count)
+    return report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit, params)
 
 
 def commit_of(settings: Settings) -> str:

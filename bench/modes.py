@@ -195,7 +195,9 @@ class WholeModelGraphs:
     def capture_all(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         buckets = sorted(self.buckets, reverse=True)  # largest first: smaller ones reuse its pool
-        for bucket in tqdm(buckets, desc="whole-model capture", unit="graph", leave=False, file=sys.stderr):
+        bar = tqdm(buckets, desc="whole-model capture", unit="graph", leave=False, file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs: a line per 30 s, not per update
+        for bucket in bar:
             self._capture(bucket, pool)
 
     def _capture(self, bucket: int, pool: Any) -> None:

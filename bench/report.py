@@ -49,6 +49,7 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
                           "above_largest_bucket": sum(t > buckets[-1] for t in mixed_sizes)},
         "info": {n: outcomes[n].info for n in names if outcomes[n].info},
         "modes": {n: SUMMARIES[n] for n in names},
+        "complete": set(names) == set(settings.modes),  # False in the files written after each mode
         "method": method,
         "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
@@ -123,8 +124,8 @@ def write(results: dict[str, Any], out_dir: Path, quick: bool) -> list[Path]:
 
 def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
     cfg = results["config"]
-    names = [n for n in MODE_NAMES if n in cfg["modes"]]
-    lines = [f"# Decoder bench: {results['device']}", "",
+    names = [n for n in MODE_NAMES if n in results["modes"]]  # the modes done so far
+    lines = [f"# Decoder bench: {results['device']}" + ("" if results.get("complete", True) else " (partial)"), "",
              f"torch {results['torch']} (CUDA {results['cuda']}), commit `{results['commit']}`, {results['date']}.", "",
              _config_line(cfg), ""]
     if plot_name:

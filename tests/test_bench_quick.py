@@ -66,7 +66,7 @@ def test_quick_bench_json_schema(quick_run) -> None:
     for mode in CUDA_MODES:  # skipped on CPU, with the reason on record
         assert mode not in ran and "CUDA" in results["unavailable"][mode]
     assert results["mixed_traffic"]["calls"] >= 200 and results["mixed_traffic"]["above_largest_bucket"] > 0
-    assert results["failed"] == {} and results["wrong"] == {}
+    assert results["failed"] == {} and results["wrong"] == {} and results["complete"]
 
 
 @pytest.mark.slow
