@@ -338,7 +338,7 @@ def explain_guard_failure(reason: str, arguments: Mapping[str, Any] | None = Non
                 "(.detach()), or call through torchpcg.compile")
     if m := re.match(r"tensor '(.+?)' (\w+) mismatch", text):
         return (f"{m.group(2)} of tensor {_plain_name(m.group(1))} changed: keep it identical on every call")
-    if m := re.fullmatch(r"(.+?) == (.+)", text):
+    if m := re.fullmatch(r"([\w.\[\]']+) == (.+)", text):  # a name, not len(x) == 3
         name = _plain_name(m.group(1))
         new = arguments.get(name, "another value")
         return f"Python scalar arg {name} changed from {m.group(2)} to {new}: pass it as a tensor"
