@@ -1,0 +1,73 @@
+"""torchpcg.explain on the reference decoder: the plan is right and nothing is captured."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import torchpcg
+from torchpcg.explain import ExplainReport, explain, reason_category
+from tests.utils import decoder_inputs, tiny_decoder
+
+OPTIONS = {"compiler": "eager", "capture_sizes": "1,2,4,8,16"}
+
+
+def _args(model, num_tokens: int = 5):
+    return decoder_inputs(model, num_tokens, mark=False)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_explain_counts_attention_splits(num_layers):
+    model = tiny_decoder(num_layers=num_layers)
+    report = explain(model, *_args(model), options=OPTIONS)
+    assert isinstance(report, ExplainReport)
+    attention = [p for p in report.pieces if p.kind == "split" and "attention" in {reason_category(r) for r in p.reasons}]
+    assert len(attention) == num_layers
+    assert report.split_counts["attention"] == num_layers
+    assert report.split_counts["collective"] == report.split_counts["user"] == 0
+    assert all("torchpcg_models::kv_attention" in p.reasons[0] for p in attention)
+    assert [p.index for p in report.pieces] == list(range(len(report.pieces)))
+    assert report.pieces[-1].kind == "compute"  # norm + lm_head after the last attention
+    assert report.buckets == (1, 2, 4, 8, 16)
+    assert report.token_symbol is not None
+    assert report.graph_mode == "off"  # cudagraph=auto on CPU
+    assert report.static_buffer_bytes > 0
+
+
+def test_explain_captures_nothing_and_is_json():
+    model = tiny_decoder()
+    ids, positions, cache = _args(model)
+    report = explain(model, ids, positions, cache, options={**OPTIONS, "cudagraph": "emulate"})
+    stats = torchpcg.stats()
+    assert stats["captured"] == 0 and stats["replays"] == 0
+    assert report.graph_mode == "emulate"  # what a real run would use, though explain ran without graphs
+    data = json.loads(json.dumps(report.to_dict()))
+    graph = data["graphs"][0]
+    assert graph["num_split_ops"] == 2 and graph["split_counts"]["attention"] == 2
+    assert {p["kind"] for p in graph["pieces"]} == {"compute", "split"}
+    text = str(report)
+    assert "attention (torchpcg_models::kv_attention)" in text and "submod_" in text
+    assert not hasattr(ids, "_dynamo_unbacked_indices") and not hasattr(ids, "_dynamo_dynamic_indices")
+
+
+def test_explain_reads_options_of_a_compiled_model_and_leaves_its_cache_alone():
+    model = tiny_decoder()
+    compiled = torch.compile(model, backend="piecewise", fullgraph=True,
+                             options={"cudagraph": "emulate", "compiler": "eager", "capture_sizes": "1,2,4,8"})
+    ids, positions, cache = decoder_inputs(model, 3)
+    compiled(ids, positions, cache)
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(type(model).forward.__code__)
+    report = explain(compiled, *_args(model, 6))
+    assert report.buckets == (1, 2, 4, 8) and report.graph_mode == "emulate"
+    after = torch._dynamo.eval_frame._debug_get_cache_entry_list(type(model).forward.__code__)
+    assert len(after) == len(entries) == 1
+    with torchpcg.expect(dynamo_graphs=0, replays=3):  # the user's model: no recompile, graphs replayed
+        compiled(*decoder_inputs(model, 4))  # bucket 4, captured by the first call
+
+
+def test_reason_categories():
+    assert reason_category("attention (aten::scaled_dot_product_attention)") == "attention"
+    assert reason_category("collective (_c10d_functional::all_reduce)") == "collective"
+    assert reason_category("user split op (mylib::op)") == "user"
+    assert reason_category("padding-unsafe: slice along the token dim (getitem)") == "padding-unsafe"
