@@ -52,8 +52,8 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     _check_symbols(gm, symbol, config)
     split = split_graph(gm, split_reasons(gm, config, symbol))
     _check_split(split, config)
-    runtime = Runtime(split, config, symbol, token_locator(gm, symbol),
-                      resolve_graph_mode(config, graph_device(gm)))
+    device = graph_device(gm)
+    runtime = Runtime(split, config, symbol, token_locator(gm, symbol), resolve_graph_mode(config, device), device)
     for piece in split.compute_pieces:
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
         # Runner first: it reads the piece's output structure, which Inductor may rewrite.

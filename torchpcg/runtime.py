@@ -285,12 +285,14 @@ class Runtime:
     """What ``torch.compile`` calls: one Dynamo graph, split, compiled, captured per bucket."""
 
     def __init__(self, split: SplitGraph, config: PiecewiseConfig, symbol: sympy.Symbol | None,
-                 token_locator: tuple[int, int | None] | None, graph_mode: str) -> None:
+                 token_locator: tuple[int, int | None] | None, graph_mode: str,
+                 device: torch.device | None = None) -> None:
         self.split = split
         self.config = config
         self.symbol = symbol
         self.token_locator = token_locator  # (arg index, dim) of T; dim None: the arg is T itself
         self.graph_mode = graph_mode
+        self.device = device  # where graphs are captured; a piece may see only CPU scalars
         self.state = CallState()
         self.runners: list[PieceRunner] = []
         self.buckets: list[int] = list(config.buckets) if symbol is not None else [STATIC_GRAPH_BUCKET]
@@ -352,9 +354,8 @@ class Runtime:
     def make_graph(self, fn: Callable[..., Any], static_args: list[Any]) -> CudaGraph | EmulatedGraph:
         if self.graph_mode == "emulate":
             return EmulatedGraph(fn, static_args)
-        device = next(a.device for a in static_args if isinstance(a, torch.Tensor) and a.device.type == "cuda")
         if self._pool is None:
-            self._pool = GraphPool(device)
+            self._pool = GraphPool(self.device)
         fn(*static_args)  # warm-up outside the graph: lazy inits, autotuning, cuBLAS workspaces
         return CudaGraph(fn, static_args, self._pool)
 
