@@ -197,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes["piecewise"] = compiled
     print_table(time_modes(model, modes, setup), setup)
     if setup.device == "cpu":
-        print("  CPU: graphs are emulated and pieces run eagerly, so piecewise is not faster here; "
-              "run on a GPU for real numbers (bench/ for the full comparison).")
+        print("  CPU: graphs are emulated and pieces run eagerly, so these timings say nothing about the "
+              "GPU speed-up; run on a GPU for real numbers (bench/ for the full comparison).")
     stats = torchpcg.stats()
     print(f"\ntorchpcg.stats(): captured {stats['captured']} graphs, {stats['replays']} replays, "
           f"{stats['eager_runs']} calls without graphs, {stats['recompiles']} recompiles")
@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 if __name__ == "__main__":
