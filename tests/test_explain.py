@@ -71,3 +71,16 @@ def test_reason_categories():
     assert reason_category("collective (_c10d_functional::all_reduce)") == "collective"
     assert reason_category("user split op (mylib::op)") == "user"
     assert reason_category("padding-unsafe: slice along the token dim (getitem)") == "padding-unsafe"
+
+
+def test_explain_hugging_face_llama_falls_back_to_backed_dims():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 9))
+    report = explain(model, input_ids=ids, use_cache=False, options={"compiler": "eager", "max_capture_size": 32})
+    assert report.split_counts["attention"] == 2  # one sdpa per layer
+    assert report.token_symbol is not None and report.buckets[-1] == 32

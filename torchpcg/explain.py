@@ -254,7 +254,8 @@ def would_use_graph_mode(config: PiecewiseConfig, device: torch.device | None) -
 # ---- explain --------------------------------------------------------------------------------------
 
 def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Mapping[str, int] | None = None,
-            options: Mapping[str, Any] | None = None, **kwargs: Any) -> ExplainReport:
+            options: Mapping[str, Any] | None = None, dynamic_dim: str | None = None,
+            **kwargs: Any) -> ExplainReport:
     """Split ``model`` as the piecewise backend would and report the plan; captures no graph.
 
     Example::
@@ -272,7 +273,10 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     ``no_grad``. Token dims are marked dynamic as ``torchpcg.compile`` marks them: the first
     tensor argument (dim 1 for 2-D integer ids, else dim 0) plus token-named arguments
     (``positions``, ``*_ids``, ``*_embeds``, ...) of the same length; ``token_inputs={"name": dim}``
-    names them instead.
+    names them instead. ``dynamic_dim``: ``"unbacked"`` or ``"backed"`` (``mark_dynamic``);
+    default: the ``torchpcg.compile`` model's own, else unbacked and, if the model cannot be
+    traced that way (code that branches on the token count, e.g. Hugging Face mask helpers),
+    backed. With backed dims pass at least 2 tokens (Dynamo specialises a size of 1).
 
     Note: the model really runs once, so in-place effects happen (pass a scratch KV cache). The
     compile is counted in ``torchpcg.stats()`` (``dynamo_graphs``, ``pieces``, ``split_ops``,
@@ -280,29 +284,42 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     model: it compiles a copy of ``forward``'s code object, so your model neither recompiles nor
     loses compiled code (``torch._dynamo.reset()`` would). Forward hooks of the module are not run.
     """
-    from .backend import collect_runtimes
-    from .stable import _mark_token_dim, _resolve_layout
-
-    module, found_options, found_tokens, dynamic_dim = _unwrap(model_or_compiled)
+    module, found_options, found_tokens, found_dim = _unwrap(model_or_compiled)
     user_config = PiecewiseConfig.resolve({**found_options, **dict(options or {})})
     trace_config = user_config.replace(cudagraph="off", debug_dir=None, verify=False, enforce=False)
-    fresh, signature_owner = _fresh_callable(module)
-    compiled = torch.compile(fresh, backend="piecewise", fullgraph=True, options=trace_config.to_dict())
-
-    bound = inspect.signature(signature_owner).bind(*args, **kwargs)
-    arguments = dict(bound.arguments)
-    layout = _resolve_layout(arguments, token_inputs or found_tokens, set())
-    for name, dim in layout.dims.items():
-        value = arguments.get(name)
-        if isinstance(value, torch.Tensor):
-            arguments[name] = value.detach()  # a new tensor object: the caller's own tensor stays unmarked
-            _mark_token_dim(arguments[name], dim, dynamic_dim)
-    bound.arguments.update(arguments)
-    with collect_runtimes() as runtimes, torch.no_grad():
-        compiled(*bound.args, **bound.kwargs)
+    attempts = [dynamic_dim or found_dim] if (dynamic_dim or found_dim) else ["unbacked", "backed"]
+    for attempt, mode in enumerate(attempts):
+        try:
+            runtimes = _trace_once(module, trace_config, args, kwargs, token_inputs or found_tokens, mode)
+            break
+        except Exception as exc:  # noqa: BLE001 - Dynamo raises many types; we retry once, then re-raise
+            if attempt + 1 == len(attempts):
+                raise
+            log.info("explain: tracing with %s token dims failed (%s: %s); retrying with %s",
+                     mode, type(exc).__name__, str(exc).splitlines()[0][:200], attempts[attempt + 1])
     plans = [plan_of(r, would_use_graph_mode(user_config, _device_of(r))) for r in runtimes]
     log.info("explain %s: %d Dynamo graph(s)", _describe(module), len(plans))
     return ExplainReport(_describe(module), tuple(plans), user_config.to_dict())
+
+
+def _trace_once(module: Any, config: PiecewiseConfig, args: tuple, kwargs: dict,
+                token_inputs: Mapping[str, int] | None, dynamic_dim: str) -> list[Any]:
+    """Compile a fresh copy of ``module``'s forward, call it once, return the runtimes built."""
+    from .backend import collect_runtimes
+    from .stable import _mark_token_dim, _resolve_layout
+
+    fresh, signature_owner = _fresh_callable(module)
+    compiled = torch.compile(fresh, backend="piecewise", fullgraph=True, options=config.to_dict())
+    bound = inspect.signature(signature_owner).bind(*args, **kwargs)
+    layout = _resolve_layout(dict(bound.arguments), token_inputs, set())
+    for name, dim in layout.dims.items():
+        value = bound.arguments.get(name)
+        if isinstance(value, torch.Tensor):
+            bound.arguments[name] = value = value.detach()  # a new tensor object: the caller's stays unmarked
+            _mark_token_dim(value, dim, dynamic_dim)
+    with collect_runtimes() as runtimes, torch.no_grad():
+        compiled(*bound.args, **bound.kwargs)
+    return runtimes
 
 
 def _device_of(runtime: Any) -> torch.device | None:
@@ -315,16 +332,16 @@ def _device_of(runtime: Any) -> torch.device | None:
 
 
 def _unwrap(model: Any) -> tuple[Any, dict[str, Any], dict[str, int] | None, str]:
-    """(the plain module or function, piecewise options found, token_inputs, dynamic_dim)."""
+    """(the plain module or function, piecewise options found, token_inputs, dynamic_dim or '')."""
     options: dict[str, Any] = {}
     token_inputs = None
-    dynamic_dim = "unbacked"
+    dynamic_dim = ""
     from .stable import StableModel
 
     if isinstance(model, StableModel):
         options = model.config.to_dict()
         token_inputs = model.token_inputs
-        dynamic_dim = model.dynamic_dim if model.dynamic_dim != "off" else "unbacked"
+        dynamic_dim = model.dynamic_dim if model.dynamic_dim != "off" else ""
         model = model.model
     if hasattr(model, "_torchdynamo_orig_callable"):  # OptimizedModule or a torch.compile-d function
         options = options or _compile_options(model)
