@@ -269,7 +269,7 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     ``model_or_compiled`` may be the module, ``torch.compile(module, backend="piecewise",
     options=...)`` or ``torchpcg.compile(module, ...)``; the compiled model's options (and
     ``options=``, which win) give the buckets and split ops. The model is compiled afresh with
-    ``fullgraph=True`` and ``cudagraph="off"`` and run once on ``*args, **kwargs`` under
+    ``fullgraph=True``, ``cudagraph="off"`` and eager pieces, and run once on ``*args, **kwargs`` under
     ``no_grad``. Token dims are marked dynamic as ``torchpcg.compile`` marks them: the first
     tensor argument (dim 1 for 2-D integer ids, else dim 0) plus token-named arguments
     (``positions``, ``*_ids``, ``*_embeds``, ...) of the same length; ``token_inputs={"name": dim}``
@@ -286,7 +286,8 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     """
     module, found_options, found_tokens, found_dim = _unwrap(model_or_compiled)
     user_config = PiecewiseConfig.resolve({**found_options, **dict(options or {})})
-    trace_config = user_config.replace(cudagraph="off", debug_dir=None, verify=False, enforce=False)
+    # The plan does not depend on the piece compiler; eager pieces make explain seconds, not minutes.
+    trace_config = user_config.replace(cudagraph="off", compiler="eager", debug_dir=None, verify=False, enforce=False)
     attempts = [dynamic_dim or found_dim] if (dynamic_dim or found_dim) else ["unbacked", "backed"]
     for attempt, mode in enumerate(attempts):
         try:
