@@ -41,7 +41,9 @@ QUICK_CAPTURE_SIZES = (1, 2, 4, 8)  # 16 is above the largest bucket: the fallba
 QUICK_SKIPPED = {"inductor": "skipped by --quick: a cold CPU Inductor compile takes 5-30 s on 2 cores; "
                             "pass --modes to run it"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}  # ||out-ref|| / ||ref||
+# ||out-ref|| / ||ref||. bf16: the Inductor-vs-eager level; on the 16-layer reference decoder plain
+# torch.compile (no graphs at all) measured rel_err 0.019-0.023 on an H100 (2026-11-23), so 2e-2 failed it.
+DEFAULT_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 METHOD = (
     "latency: per call, torch.cuda.synchronize(); perf_counter; call; synchronize; perf_counter "
     "(host overhead included), after `warmup` untimed calls; median and p90 (linear) of `repeats`. "
@@ -105,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per (mode, T) (default 30; quick 3)")
     p.add_argument("--mixed-calls", type=int, default=200, help="calls in the mixed-traffic run (>= 200 counts)")
     p.add_argument("--seed", type=int, default=0, help="weights, inputs and mixed-traffic sizes")
-    p.add_argument("--tol", type=float, default=None, help="max rel_err vs eager (default 2e-2 bf16, 1e-4 fp32)")
+    p.add_argument("--tol", type=float, default=None, help="max rel_err vs eager (default 3e-2 bf16, 1e-4 fp32)")
     p.add_argument("--commit", default=None, help="commit to record when git is unavailable")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars on stderr")
     args = p.parse_args(argv)

@@ -116,3 +116,18 @@ def test_hf_models_on_real_graphs(name):
             got = compiled(input_ids=ids, use_cache=False).logits
             torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2, msg=lambda m: f"S={length}: {m}")
     assert torchpcg.stats()["replays"] > 0
+
+
+def test_torchpcg_compile_falls_back_to_backed_dims_for_hf_mask_code():
+    """HF mask helpers cannot be traced with an unbacked length; torchpcg.compile retries backed."""
+    model = _model("llama")
+    compiled = torchpcg.compile(model, cudagraph="emulate", compiler="eager", max_capture_size=MAX)
+    with torch.no_grad():
+        for length in (5, 2, 9, 31, MAX + 4, 3, 7, 5):  # 7 and 5 replay bucket 8
+            ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+            expected = model(input_ids=ids, use_cache=False).logits
+            got = compiled(input_ids=ids, use_cache=False).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"S={length}: {m}")
+    assert compiled.dynamic_dim == "backed"
+    stats = torchpcg.stats()
+    assert stats["recompiles"] == 0 and stats["dynamo_graphs"] == 1 and stats["replays"] > 0

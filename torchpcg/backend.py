@@ -5,7 +5,6 @@ Out: a ``Runtime`` that Dynamo calls instead of the graph.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import threading
@@ -21,11 +20,12 @@ from .compilers import compile_piece
 from .config import PiecewiseConfig
 from .errors import SplitError
 from .layout import expr_of, symbols_of
+from .padding import classify, token_symbol
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .split import SplitGraph, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
 
-__all__ = ["piecewise_backend", "register", "collect_runtimes", "find_token_symbol"]
+__all__ = ["piecewise_backend", "register", "collect_runtimes"]
 
 log = logging.getLogger(__name__)
 BACKEND_NAME = "piecewise"
@@ -48,12 +48,17 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     start = time.perf_counter()
     config = PiecewiseConfig.resolve(dict(options or {}))
     COUNTERS.add("dynamo_graphs")
-    symbol = find_token_symbol(gm)
+    symbol = token_symbol(gm)
     _check_symbols(gm, symbol, config)
     split = split_graph(gm, split_reasons(gm, config, symbol))
     _check_split(split, config)
     device = graph_device(gm)
-    runtime = Runtime(split, config, symbol, token_locator(gm, symbol), resolve_graph_mode(config, device), device)
+    locator = token_locator(gm, symbol)
+    if symbol is not None and locator is None:
+        log.warning("token symbol %s sizes no input dim on its own (sources: %s): calls run without graphs",
+                    symbol, symbol_sources(gm))
+        COUNTERS.add("fallbacks")
+    runtime = Runtime(split, config, symbol, locator, resolve_graph_mode(config, device), device)
     for piece in split.compute_pieces:
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
         # Runner first: it reads the piece's output structure, which Inductor may rewrite.
@@ -91,10 +96,6 @@ def split_reasons(gm: torch.fx.GraphModule, config: PiecewiseConfig,
 
 
 def _padding_reasons(gm: torch.fx.GraphModule, symbol: sympy.Symbol) -> Mapping[torch.fx.Node, str]:
-    try:
-        from .padding import classify
-    except ImportError:  # padding analysis not available: only the op tables apply
-        return {}
     return classify(gm, symbol)
 
 
@@ -130,19 +131,6 @@ def _note_graphless(runner: PieceRunner, config: PiecewiseConfig, gm: torch.fx.G
     log.warning("%s: it runs without graphs", detail)
     COUNTERS.add("graphless_pieces")
     COUNTERS.add("fallbacks")
-
-
-def find_token_symbol(gm: torch.fx.GraphModule) -> sympy.Symbol | None:
-    """The token-count symbol: the bare symbol that sizes the most tensor-input dims."""
-    votes: collections.Counter[sympy.Symbol] = collections.Counter()
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value") if node.op == "placeholder" else None
-        if isinstance(value, torch.Tensor):
-            for size in value.size():
-                expr = expr_of(size)
-                if isinstance(expr, sympy.Symbol):
-                    votes[expr] += 1
-    return votes.most_common(1)[0][0] if votes else None
 
 
 def token_locator(gm: torch.fx.GraphModule, symbol: sympy.Symbol | None) -> tuple[int, int | None] | None:

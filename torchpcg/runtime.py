@@ -336,6 +336,8 @@ class Runtime:
         """Smallest bucket >= num_tokens, or None (no graphs: too large, or graphs off)."""
         if self.graph_mode == "off" or not self.runners:
             return None
+        if self.symbol is not None and self.token_locator is None:
+            return None  # T is no input's whole dim here: nothing to bucket by (logged at compile)
         if self.symbol is None:
             return self.buckets[0] if self.buckets else None
         at = bisect.bisect_left(self.buckets, num_tokens)

@@ -40,7 +40,7 @@ __all__ = ["compile", "StableBuffer", "StableModel", "RecompileMonitor", "watch_
 
 log = logging.getLogger(__name__)
 
-DYNAMIC_DIM_MODES = ("unbacked", "backed", "off")
+DYNAMIC_DIM_MODES = ("auto", "unbacked", "backed", "off")
 TOKEN_SHAPE_ID = "torchpcg_tokens"  # one shared unbacked symbol for every token dim (torch >= 2.13)
 
 # Argument names that carry one row (or column, for [B, S] models) per token. Only these, the
@@ -476,9 +476,11 @@ class StableModel:
 
     def __init__(self, model: Callable[..., Any], compiled: Callable[..., Any], config: PiecewiseConfig, *,
                  stable_kwargs: Mapping[str, StableSpec], token_inputs: Mapping[str, int] | None,
-                 inference_mode: bool, dynamic_dim: str, initial_tokens: int) -> None:
+                 inference_mode: bool, dynamic_dim: str, initial_tokens: int,
+                 recompile: Callable[[], Callable[..., Any]] | None = None) -> None:
         self.model = model
         self.compiled = compiled
+        self._recompile = recompile  # a fresh torch.compile of model, for the auto -> backed retry
         self.config = config
         self.dynamic_dim = dynamic_dim
         self.monitor = RecompileMonitor(compiled, enforce=config.enforce, name=_describe(model))
@@ -504,11 +506,25 @@ class StableModel:
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()  # same positional layout on every call, whatever the caller spelled
             arguments = bound.arguments
-            if self._layout is None:
+            first = self._layout is None
+            if first:
                 self._layout = _resolve_layout(arguments, self._token_inputs, set(self._stable))
             num_tokens = self._layout.num_tokens(arguments)
             self._mark_tokens(arguments, num_tokens)
-            return self.monitor(*bound.args, **bound.kwargs)
+            try:
+                return self.monitor(*bound.args, **bound.kwargs)
+            except Exception as exc:  # noqa: BLE001 - Dynamo raises many types; only one is retried
+                if not (first and self.dynamic_dim == "auto" and self._recompile and _is_data_dependent(exc)):
+                    raise
+                log.warning("%s cannot be traced with an unbacked token dim (%s); compiling with a backed "
+                            "one instead (mark_dynamic: a first call at T=1 then costs one recompile). "
+                            "Pass dynamic_dim='backed' to skip this attempt.",
+                            _describe(self.model), str(exc).splitlines()[0][:160])
+                self.dynamic_dim = "backed"
+                self.compiled = self._recompile()
+                self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=_describe(self.model))
+                self._mark_tokens(arguments, num_tokens)
+                return self.monitor(*bound.args, **bound.kwargs)
 
     forward = __call__
 
@@ -516,12 +532,14 @@ class StableModel:
         for name, dim in self._layout.dims.items():  # type: ignore[union-attr]
             value = arguments.get(name)
             if isinstance(value, torch.Tensor):
-                _mark_token_dim(value, dim, self.dynamic_dim)
+                # Mark a new tensor object (same storage): the caller's tensor keeps no Dynamo marks.
+                arguments[name] = value = value.detach()
+                _mark_token_dim(value, dim, "unbacked" if self.dynamic_dim == "auto" else self.dynamic_dim)
         device = self._device(arguments)
         for name, tree in self._stable.items():
             arguments[name] = tree.fill(arguments.get(name), num_tokens, device)
             for tensor, dim in tree.leaves(arguments[name]):
-                _mark_token_dim(tensor, dim, self.dynamic_dim)
+                _mark_token_dim(tensor, dim, "unbacked" if self.dynamic_dim == "auto" else self.dynamic_dim)
 
     def _device(self, arguments: Mapping[str, Any]) -> torch.device:
         if isinstance(self.model, torch.nn.Module):
@@ -548,6 +566,12 @@ class StableModel:
         return f"StableModel({_describe(self.model)}, dynamic_dim={self.dynamic_dim!r}, stable_kwargs={list(self._stable)})"
 
 
+def _is_data_dependent(exc: BaseException) -> bool:
+    """Dynamo could not trace an unbacked size (a guard on a data-dependent expression)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "data-dependent" in text or "DataDependent" in text or "unbacked" in text.lower()
+
+
 def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
     model: Callable[..., Any],
     config: PiecewiseConfig | None = None,
@@ -556,7 +580,7 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
     stable_kwargs: Mapping[str, StableSpec] | None = None,
     token_inputs: Mapping[str, int] | None = None,
     inference_mode: bool = False,
-    dynamic_dim: str = "unbacked",
+    dynamic_dim: str = "auto",
     fullgraph: bool = True,
     **knobs: Any,
 ) -> StableModel:
@@ -571,7 +595,9 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
 
     What each call does: runs forward under ``torch.no_grad()`` (``torch.inference_mode()`` with
     ``inference_mode=True``) whatever the caller's grad mode; marks the token dim of the token
-    inputs dynamic (``dynamic_dim="unbacked"``: one symbol from the very first call, T=1 included;
+    inputs dynamic (``dynamic_dim="auto"``, the default: unbacked, and if the model cannot be traced
+    with an unbacked size (e.g. Hugging Face mask helpers), one logged retry as backed;
+    ``"unbacked"``: one symbol from the very first call, T=1 included;
     ``"backed"``: ``mark_dynamic``, a T=1 first call then costs one recompile; ``"off"``); passes
     each ``stable_kwargs`` entry as the first T rows of a preallocated buffer, zeroed when the
     caller gives None; and watches for recompiles (``RecompileMonitor``; raises under enforce).
@@ -598,6 +624,7 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
         compile_kwargs["options"] = resolved.to_dict()
     compiled = torch.compile(model, **compile_kwargs)
     return StableModel(model, compiled, resolved, stable_kwargs=dict(stable_kwargs or {}),
+                       recompile=lambda: torch.compile(model, **compile_kwargs),
                        token_inputs=token_inputs, inference_mode=inference_mode, dynamic_dim=dynamic_dim,
                        # Piecewise: room for the largest bucket up front; otherwise grow with traffic.
                        initial_tokens=resolved.largest_bucket if backend == "piecewise" else 1)
