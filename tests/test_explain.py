@@ -84,3 +84,11 @@ def test_explain_hugging_face_llama_falls_back_to_backed_dims():
     report = explain(model, input_ids=ids, use_cache=False, options={"compiler": "eager", "max_capture_size": 32})
     assert report.split_counts["attention"] == 2  # one sdpa per layer
     assert report.token_symbol is not None and report.buckets[-1] == 32
+
+
+def test_explain_a_torchpcg_compile_model_before_its_first_call():
+    model = tiny_decoder()
+    compiled = torchpcg.compile(model, cudagraph="emulate", compiler="eager", capture_sizes=(1, 2, 4))
+    report = explain(compiled, *_args(model, 3))
+    assert report.token_symbol is not None and report.buckets == (1, 2, 4)
+    assert report.split_counts["attention"] == 2

@@ -274,9 +274,9 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     tensor argument (dim 1 for 2-D integer ids, else dim 0) plus token-named arguments
     (``positions``, ``*_ids``, ``*_embeds``, ...) of the same length; ``token_inputs={"name": dim}``
     names them instead. ``dynamic_dim``: ``"unbacked"`` or ``"backed"`` (``mark_dynamic``);
-    default: the ``torchpcg.compile`` model's own, else unbacked and, if the model cannot be
-    traced that way (code that branches on the token count, e.g. Hugging Face mask helpers),
-    backed. With backed dims pass at least 2 tokens (Dynamo specialises a size of 1).
+    default (or ``"auto"``): the ``torchpcg.compile`` model's own if it is one of those two, else
+    unbacked and, if the model cannot be traced that way (code that branches on the token count,
+    e.g. Hugging Face mask helpers), backed. With backed dims pass at least 2 tokens (Dynamo specialises a size of 1).
 
     Note: the model really runs once, so in-place effects happen (pass a scratch KV cache). The
     compile is counted in ``torchpcg.stats()`` (``dynamo_graphs``, ``pieces``, ``split_ops``,
@@ -288,7 +288,8 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     user_config = PiecewiseConfig.resolve({**found_options, **dict(options or {})})
     # The plan does not depend on the piece compiler; eager pieces make explain seconds, not minutes.
     trace_config = user_config.replace(cudagraph="off", compiler="eager", debug_dir=None, verify=False, enforce=False)
-    attempts = [dynamic_dim or found_dim] if (dynamic_dim or found_dim) else ["unbacked", "backed"]
+    chosen = dynamic_dim if dynamic_dim not in (None, "auto") else found_dim
+    attempts = [chosen] if chosen in ("unbacked", "backed") else ["unbacked", "backed"]
     for attempt, mode in enumerate(attempts):
         try:
             runtimes = _trace_once(module, trace_config, args, kwargs, token_inputs or found_tokens, mode)
@@ -342,7 +343,7 @@ def _unwrap(model: Any) -> tuple[Any, dict[str, Any], dict[str, int] | None, str
     if isinstance(model, StableModel):
         options = model.config.to_dict()
         token_inputs = model.token_inputs
-        dynamic_dim = model.dynamic_dim if model.dynamic_dim != "off" else ""
+        dynamic_dim = model.dynamic_dim if model.dynamic_dim in ("unbacked", "backed") else ""  # auto/off: ours
         model = model.model
     if hasattr(model, "_torchdynamo_orig_callable"):  # OptimizedModule or a torch.compile-d function
         options = options or _compile_options(model)
