@@ -95,6 +95,10 @@ POINTWISE_OPS = frozenset({
     "fill",
     # position-wise masks: triu/tril keep element (i, j) or zero it, reading nothing else
     "triu", "tril",
+    # collectives kept inside graphs (split_collectives=0): all_reduce sums element (i, j) across
+    # ranks and wait_tensor returns its input, so rows stay rows. Gathers, scatters and all-to-all
+    # move rows between ranks along a dim and stay unknown (cut).
+    "_c10d_functional.all_reduce", "_c10d_functional.wait_tensor",
 })
 
 # Identity in eval (training=False or p=0); random when training (checked in _check_dropout).

@@ -192,6 +192,37 @@ def _partition_ids(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str
     return ids, split_ids
 
 
+# A compute piece this small between two split pieces costs more to replay (copy-in, replay,
+# real-row views) than to run eagerly; Hugging Face mask prologues make several of them.
+TINY_PIECE_OPS = 4
+_HEAVY_OPS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "embedding",
+                        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d"})
+
+
+def _tiny_pieces(ids: Mapping[torch.fx.Node, int], split_ids: set[int]) -> dict[torch.fx.Node, str]:
+    """Nodes of compute pieces with <= TINY_PIECE_OPS tensor ops and no matmul-like op, between splits."""
+    groups: dict[int, list[torch.fx.Node]] = {}
+    for node, pid in ids.items():
+        groups.setdefault(pid, []).append(node)
+    order = sorted(groups)
+    absorbed: dict[torch.fx.Node, str] = {}
+    for before, pid, after in zip(order, order[1:], order[2:]):
+        if pid in split_ids or before not in split_ids or after not in split_ids:
+            continue
+        tensor_ops = [n for n in groups[pid] if _is_tensor_node(n)]
+        heavy = any(_target_name(n.target) in _HEAVY_OPS for n in tensor_ops)
+        if len(tensor_ops) <= TINY_PIECE_OPS and not heavy:
+            why = f"merged: {len(tensor_ops)}-op piece between split ops runs eagerly"
+            absorbed.update(dict.fromkeys(groups[pid], why))
+    return absorbed
+
+
+def _target_name(target: Any) -> str:
+    names = _op_names(target)
+    name = names[-1].split("::")[-1] if names else getattr(target, "__name__", str(target))
+    return name.lstrip("_")
+
+
 def split_graph(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str]) -> SplitGraph:
     """Cut ``gm`` before and after every node in ``reasons`` (node -> why it is cut).
 
@@ -199,6 +230,10 @@ def split_graph(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str]) 
     past a reader of the same buffer.
     """
     ids, split_ids = _partition_ids(gm, reasons)
+    tiny = _tiny_pieces(ids, split_ids)
+    if tiny:  # run them eagerly with their neighbours: one split piece instead of three pieces
+        reasons = {**reasons, **tiny}
+        ids, split_ids = _partition_ids(gm, reasons)
     names_by_id: dict[int, list[str]] = {}
     reasons_by_id: dict[int, list[str]] = {}
     for node, pid in ids.items():

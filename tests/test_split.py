@@ -1,0 +1,169 @@
+"""Where graphs are cut: attention, user ops, collectives, merges, and graphs without split points."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torchpcg
+from torchpcg.backend import collect_runtimes
+from torchpcg.split import split_reason
+
+
+def _plan(fn, *args, **options):
+    """Compile ``fn`` with the piecewise backend (emulated graphs), run it, return (out, runtime)."""
+    options = {"cudagraph": "emulate", "compiler": "eager", "capture_sizes": (8,), **options}
+    compiled = torch.compile(fn, backend="piecewise", fullgraph=True, options=options)
+    with collect_runtimes() as runtimes:
+        out = compiled(*args)
+    return out, runtimes[-1]
+
+
+def _tokens(num_tokens: int = 5, width: int = 8) -> torch.Tensor:
+    x = torch.randn(num_tokens, width)
+    torch._dynamo.mark_dynamic(x, 0)
+    return x
+
+
+def _kinds(runtime) -> list[str]:
+    return ["split" if p.is_split_op else "piece" for p in runtime.split.pieces]
+
+
+def test_sdpa_is_cut_and_results_match():
+    def fn(x):
+        h = torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None])[0]
+        return torch.relu(h) + 1
+
+    x = _tokens()
+    out, runtime = _plan(fn, x)
+    torch.testing.assert_close(out, fn(x))
+    assert _kinds(runtime) == ["piece", "split", "piece"]
+    assert runtime.split.split_pieces[0].reasons[0].startswith("attention")
+
+
+@pytest.mark.parametrize("op", [
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._flash_attention_forward.default,
+    torch.ops.aten.scaled_dot_product_attention.default,
+])
+def test_aten_attention_variants_are_split_ops(op):
+    graph = torch.fx.Graph()
+    node = graph.call_function(op, (graph.placeholder("q"),))
+    assert split_reason(node, (), True).startswith("attention")
+
+
+_lib = torch.library.Library("pcgtest", "DEF")  # noqa: our toy op namespace for these tests
+
+
+@torch.library.custom_op("pcgtest::mix", mutates_args=())
+def mix(x: torch.Tensor) -> torch.Tensor:
+    """Token-mixing toy op with a known result: every row becomes the column sum."""
+    return x.sum(0, keepdim=True).expand_as(x).clone()
+
+
+@mix.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _with_mix(x):
+    return mix(x * 2) * 3
+
+
+def test_registered_custom_op_is_cut(monkeypatch):
+    monkeypatch.setattr("torchpcg.split._USER_OPS", set())
+    x = _tokens()
+    torchpcg.register_splitting_op(mix)
+    out, runtime = _plan(_with_mix, x)
+    torch.testing.assert_close(out, (x * 2).sum(0, keepdim=True).expand_as(x) * 3)
+    assert any("user split op (pcgtest::mix" in r for p in runtime.split.split_pieces for r in p.reasons)
+
+
+def test_split_ops_option_and_env(monkeypatch):
+    monkeypatch.setattr("torchpcg.split._USER_OPS", set())
+    x = _tokens()
+    _, runtime = _plan(_with_mix, x, split_ops="pcgtest::mix")
+    assert "user split op (pcgtest::mix.default)" in runtime.split.split_pieces[0].reasons
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHPCG_SPLIT_OPS", "pcgtest::mix")
+    _, runtime = _plan(_with_mix, _tokens())
+    assert "user split op (pcgtest::mix.default)" in runtime.split.split_pieces[0].reasons
+
+
+def test_consecutive_split_ops_share_one_split_piece():
+    def fn(x):
+        a = torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None])
+        b = torch.nn.functional.scaled_dot_product_attention(a, a, a)[0]
+        return b + 1
+
+    x = _tokens()
+    out, runtime = _plan(fn, x)
+    torch.testing.assert_close(out, fn(x))
+    assert len(runtime.split.split_pieces) == 1
+    assert len(runtime.split.split_pieces[0].reasons) == 1  # both are 'attention (...)': listed once
+
+
+def test_graph_without_split_point_is_one_piece_and_enforce_raises():
+    def fn(x):
+        return torch.relu(x) * 2
+
+    x = _tokens()
+    out, runtime = _plan(fn, x)
+    torch.testing.assert_close(out, fn(x))
+    assert _kinds(runtime) == ["piece"]
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no split point found"):
+        _plan(fn, _tokens(), enforce=True)
+
+
+def test_graph_of_only_a_split_op():
+    def fn(x):
+        return torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None])
+
+    x = _tokens()
+    out, runtime = _plan(fn, x)
+    torch.testing.assert_close(out, fn(x))
+    assert runtime.runners == [] or all(r.piece.gm is not None for r in runtime.runners)
+
+
+def test_tiny_piece_between_split_ops_is_merged():
+    def fn(x):
+        a = torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None])
+        a = a * 2  # one pointwise op between two attentions: cheaper eagerly than as a graph
+        return torch.nn.functional.scaled_dot_product_attention(a, a, a)[0] @ torch.ones(8, 8)
+
+    x = _tokens()
+    out, runtime = _plan(fn, x)
+    torch.testing.assert_close(out, fn(x))
+    assert _kinds(runtime) == ["piece", "split", "piece"]
+    assert any(r.startswith("merged: 1-op piece") for r in runtime.split.split_pieces[0].reasons)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("split_collectives", [True, False])
+def test_functional_collectives(one_rank_group, split_collectives):
+    import torch.distributed._functional_collectives as funcol
+
+    def fn(x):
+        h = torch.relu(x) * 2
+        h = funcol.all_reduce(h, "sum", one_rank_group)  # world of 1: the identity
+        return h + 1
+
+    x = _tokens()
+    out, runtime = _plan(fn, x, split_collectives=split_collectives)
+    torch.testing.assert_close(out, torch.relu(x) * 2 + 1)
+    reasons = [r for p in runtime.split.split_pieces for r in p.reasons]
+    if split_collectives:
+        assert reasons and all(r.startswith("collective") for r in reasons)
+        assert any("all_reduce" in r for r in reasons) and any("wait_tensor" in r for r in reasons)
+    else:
+        assert reasons == []
