@@ -114,7 +114,10 @@ class GraphPlan:
         header = ("#", "piece", "kind", "nodes", "token in", "static buf", "split reason / note")
         rows = [header]
         for p in self.pieces:
-            note = "; ".join(p.reasons) if p.kind == "split" else (p.graphless_reason and f"no graphs: {p.graphless_reason}")
+            if p.kind == "split":
+                note = "; ".join(p.reasons)
+            else:
+                note = f"no graphs: {p.graphless_reason}" if p.graphless_reason else ""
             rows.append((str(p.index), p.name, p.kind, str(p.num_nodes),
                          str(p.token_inputs) if p.kind == "compute" else "",
                          format_bytes(p.static_bytes) if p.kind == "compute" else "", note))
@@ -208,7 +211,8 @@ def plan_of(runtime: Any, graph_mode: str | None = None) -> GraphPlan:
         runner = runners.get(piece.name)
         kind = "split" if piece.is_split_op else "compute"
         token_specs = [s for s in runner.inputs if s.kind == "token"] if runner is not None else []
-        static = sum(s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype) for s in token_specs) if largest else 0
+        # Each token input has one flat buffer sized for the largest bucket, shared by all buckets.
+        static = sum(s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype) for s in token_specs)
         pieces.append(PiecePlan(
             index=piece.index, name=piece.name, kind=kind, num_nodes=len(piece.node_names),
             reasons=tuple(piece.reasons), token_inputs=len(token_specs), static_bytes=static,
@@ -238,7 +242,9 @@ def _short(sizes: Sequence[int]) -> str:
     sizes = list(sizes)
     if not sizes:
         return "none"
-    return str(sizes) if len(sizes) <= 10 else f"[{sizes[0]}, {sizes[1]}, {sizes[2]}, ..., {sizes[-1]}] ({len(sizes)} sizes)"
+    if len(sizes) <= 10:
+        return str(sizes)
+    return f"[{sizes[0]}, {sizes[1]}, {sizes[2]}, ..., {sizes[-1]}] ({len(sizes)} sizes)"
 
 
 def would_use_graph_mode(config: PiecewiseConfig, device: torch.device | None) -> str:
