@@ -166,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: stable timings on a busy or small machine)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     start = time.perf_counter()
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
