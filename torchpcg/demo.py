@@ -163,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:n] (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer sizes and timings (CI smoke)")
+    parser.add_argument("--debug-dir", default=None, metavar="DIR",
+                        help="also dump split plan, piece code and depyf's decompiled bytecode into DIR")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: stable timings on a busy or small machine)")
     args = parser.parse_args(argv)
@@ -186,9 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"  ({time.perf_counter() - start:.1f}s)", flush=True)
     print(f"\n[3/4] piecewise vs eager (knobs {setup.options})", flush=True)
-    compiled = torchpcg.compile(model, **setup.options)
+    from torchpcg.debug import depyf_session
+
+    knobs = {**setup.options, **({"debug_dir": args.debug_dir} if args.debug_dir else {})}
+    compiled = torchpcg.compile(model, **knobs)  # TORCHPCG_DEBUG_DIR works too
+    debug_dir = compiled.config.debug_dir
     largest = compiled.config.largest_bucket
+    with depyf_session(debug_dir):  # the first call compiles; depyf must watch it
+        compiled(*make_inputs(model, 2))
     passed = check(model, compiled, setup, largest)
+    if debug_dir:
+        print(f"  debug dump: {debug_dir} (README.md there says what each file is)")
 
     print(f"  ({time.perf_counter() - start:.1f}s)", flush=True)
     print(f"\n[4/4] timing, median of {setup.iterations} calls", flush=True)
