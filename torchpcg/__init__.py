@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from .backend import piecewise_backend, register as _register_backend
 from .capture import capture
+from .explain import ExplainReport, explain
+from .layers import find_transformer_layers
 from .config import PiecewiseConfig
 from .errors import CaptureError, ConfigError, PaddingError, RecompileError, SplitError, TorchPCGError
 from .split import register_splitting_op
@@ -25,6 +27,9 @@ __all__ = [
     "StableBuffer",
     "watch_recompiles",
     "capture",
+    "find_transformer_layers",
+    "explain",
+    "ExplainReport",
     "register_splitting_op",
     "stats",
     "reset_stats",
