@@ -23,7 +23,8 @@ __all__ = ["explain", "ExplainReport", "GraphPlan", "PiecePlan", "plan_of", "rea
 
 log = logging.getLogger(__name__)
 
-REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "other")
+# "merged": a tiny compute piece between two split ops that split.py folds into them (run eagerly).
+REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "merged", "other")
 
 
 def reason_category(reason: str) -> str:
@@ -36,6 +37,8 @@ def reason_category(reason: str) -> str:
         return "collective"
     if reason.startswith("user split op"):
         return "user"
+    if reason.startswith("merged"):
+        return "merged"
     return "other"
 
 
