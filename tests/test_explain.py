@@ -93,3 +93,18 @@ def test_explain_a_torchpcg_compile_model_before_its_first_call():
     report = explain(compiled, *_args(model, 3))
     assert report.token_symbol is not None and report.buckets == (1, 2, 4)
     assert report.split_counts["attention"] == 2
+
+
+def test_static_buffer_estimate_equals_what_the_runtime_allocates():
+    from torchpcg.backend import collect_runtimes
+
+    model = tiny_decoder(num_layers=3)
+    options = {**OPTIONS, "cudagraph": "emulate"}
+    report = explain(model, *_args(model), options=options)
+    compiled = torchpcg.compile(model, **options)
+    with collect_runtimes() as runtimes:
+        for num_tokens in (16, 3, 1):  # every piece captures; buffers are sized for the largest bucket
+            compiled(*_args(model, num_tokens))
+    allocated = sum(b.numel() * b.element_size() for r in runtimes[0].runners for b in r.storages.values())
+    assert report.static_buffer_bytes == allocated
+    assert sum(p.chained_inputs for p in report.pieces) > 0  # the residual stream is read in place

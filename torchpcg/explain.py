@@ -11,11 +11,13 @@ import dataclasses
 import functools
 import inspect
 import logging
+import operator
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.fx
 
 from .config import PiecewiseConfig
 
@@ -51,8 +53,9 @@ class PiecePlan:
     kind: str  # "compute" or "split"
     num_nodes: int  # FX nodes of the Dynamo graph in this piece
     reasons: tuple[str, ...] = ()  # split pieces: why each op was cut
-    token_inputs: int = 0  # compute pieces: inputs copied into static [bucket, ...] buffers
-    static_bytes: int = 0  # compute pieces: those buffers' bytes at the largest bucket
+    token_inputs: int = 0  # compute pieces: inputs with a token dim
+    chained_inputs: int = 0  # of those, read in place from the previous graph's static output
+    static_bytes: int = 0  # compute pieces: static [bucket, ...] buffers of the other token inputs
     graphless_reason: str = ""  # compute pieces that never use graphs, and why
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,18 +117,19 @@ class GraphPlan:
 
     def table(self) -> str:
         """The pieces as an aligned text table, one row per piece."""
-        header = ("#", "piece", "kind", "nodes", "token in", "static buf", "split reason / note")
+        header = ("#", "piece", "kind", "nodes", "token in", "chained", "static buf", "split reason / note")
         rows = [header]
         for p in self.pieces:
             if p.kind == "split":
                 note = "; ".join(p.reasons)
             else:
                 note = f"no graphs: {p.graphless_reason}" if p.graphless_reason else ""
+            compute = p.kind == "compute"
             rows.append((str(p.index), p.name, p.kind, str(p.num_nodes),
-                         str(p.token_inputs) if p.kind == "compute" else "",
-                         format_bytes(p.static_bytes) if p.kind == "compute" else "", note))
+                         str(p.token_inputs) if compute else "", str(p.chained_inputs) if compute else "",
+                         format_bytes(p.static_bytes) if compute else "", note))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-        lines = ["  ".join(cell.rjust(w) if i in (0, 3, 4, 5) else cell.ljust(w)
+        lines = ["  ".join(cell.rjust(w) if i in (0, 3, 4, 5, 6) else cell.ljust(w)
                            for i, (cell, w) in enumerate(zip(row, widths))) + "  " + row[-1] for row in rows]
         return "\n".join(line.rstrip() for line in lines)
 
@@ -209,22 +213,40 @@ def plan_of(runtime: Any, graph_mode: str | None = None) -> GraphPlan:
     """The ``GraphPlan`` of a ``Runtime`` the backend built (``graph_mode`` overrides its own)."""
     runners = {r.piece.name: r for r in runtime.runners}
     largest = runtime.largest_bucket
+    from_graphs = _inputs_from_compute_pieces(runtime.split.split_gm, set(runners))
     pieces = []
     for piece in runtime.split.pieces:
         runner = runners.get(piece.name)
         kind = "split" if piece.is_split_op else "compute"
-        token_specs = [s for s in runner.inputs if s.kind == "token"] if runner is not None else []
-        # Each token input has one flat buffer sized for the largest bucket, shared by all buckets.
-        static = sum(s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype) for s in token_specs)
+        token = {i: s for i, s in enumerate(runner.inputs) if s.kind == "token"} if runner is not None else {}
+        # Float inputs that are a previous graph's output are read in place (runtime: chained
+        # inputs); every other token input has one flat buffer sized for the largest bucket.
+        chained = {i for i, s in token.items() if i in from_graphs.get(piece.name, ()) and s.layout.dtype.is_floating_point}
+        static = sum(s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype)
+                     for i, s in token.items() if i not in chained)
         pieces.append(PiecePlan(
             index=piece.index, name=piece.name, kind=kind, num_nodes=len(piece.node_names),
-            reasons=tuple(piece.reasons), token_inputs=len(token_specs), static_bytes=static,
-            graphless_reason=getattr(runner, "graphless_reason", "") or "",
+            reasons=tuple(piece.reasons), token_inputs=len(token), chained_inputs=len(chained),
+            static_bytes=static, graphless_reason=getattr(runner, "graphless_reason", "") or "",
         ))
     nodes = sum(p.num_nodes for p in pieces)
     symbol = str(runtime.symbol) if runtime.symbol is not None else None
     buckets = tuple(runtime.buckets) if runtime.symbol is not None else ()
     return GraphPlan(tuple(pieces), symbol, buckets, graph_mode or runtime.graph_mode, nodes)
+
+
+def _inputs_from_compute_pieces(split_gm: torch.fx.GraphModule, compute: set[str]) -> dict[str, set[int]]:
+    """Piece name -> indices of its inputs produced directly by another compute piece."""
+    found: dict[str, set[int]] = {}
+    for node in split_gm.graph.nodes:
+        if node.op != "call_module" or node.target not in compute:
+            continue
+        for index, arg in enumerate(node.args):
+            while isinstance(arg, torch.fx.Node) and arg.op == "call_function" and arg.target is operator.getitem:
+                arg = arg.args[0]  # getitem of a piece's output tuple
+            if isinstance(arg, torch.fx.Node) and arg.op == "call_module" and arg.target in compute:
+                found.setdefault(node.target, set()).add(index)
+    return found
 
 
 def _itemsize(dtype: torch.dtype) -> int:
