@@ -1,0 +1,109 @@
+"""Cold vs warm start: does a second process reuse the compiled pieces?
+
+Each run is a fresh Python process that builds the reference decoder, compiles it with the
+piecewise backend (Inductor pieces) and makes one call; runs share ``TORCHINDUCTOR_CACHE_DIR``.
+``cold`` starts from an empty cache, ``warm`` reuses it, ``concurrent`` starts two processes on
+one empty cache at once (both must finish and agree with eager).
+
+    python -m bench.warm_start --out bench/results            # CPU or GPU, whatever is there
+    python -m bench.warm_start --layers 2 --hidden 64         # tiny (CI uses this)
+
+Writes ``warm_start-<device>.json``: {"device", "torch", "runs": {name: {setup_s, fxgraph_cache_hit,
+fxgraph_cache_miss, max_abs_diff}}}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+CHILD_FLAG = "--child"
+
+
+def child(layers: int, hidden: int, device: str) -> dict[str, Any]:
+    """One process: compile + first call; report setup seconds, cache counters and correctness."""
+    import torch
+
+    import torchpcg
+    from torchpcg.models import DecoderConfig, FlatDecoder
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = DecoderConfig(num_layers=layers, hidden_size=hidden, num_heads=max(1, hidden // 64) * 2,
+                           num_kv_heads=max(1, hidden // 64) * 2, intermediate_size=hidden * 2)
+    model = FlatDecoder(config).to(device, dtype).eval()
+    ids = torch.arange(7, device=device) % config.vocab_size
+    positions = torch.arange(7, device=device)
+    start = time.perf_counter()
+    compiled = torchpcg.compile(model, compiler="inductor", capture_sizes=(8,),
+                                cudagraph="cuda" if device == "cuda" else "emulate")
+    got = compiled(ids, positions, model.new_kv_cache(device, dtype))
+    setup_s = time.perf_counter() - start
+    with torch.no_grad():
+        expected = model(ids, positions, model.new_kv_cache(device, dtype))
+    counters = torch._dynamo.utils.counters["inductor"]
+    return {"setup_s": setup_s, "fxgraph_cache_hit": counters["fxgraph_cache_hit"],
+            "fxgraph_cache_miss": counters["fxgraph_cache_miss"],
+            "max_abs_diff": (got.float() - expected.float()).abs().max().item(),
+            "pieces": torchpcg.stats()["pieces"]}
+
+
+def _spawn(cache_dir: str, args: argparse.Namespace) -> subprocess.Popen:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "bench.warm_start", CHILD_FLAG, "--layers", str(args.layers),
+               "--hidden", str(args.hidden), "--device", args.device]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(process: subprocess.Popen) -> dict[str, Any]:
+    out, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"child failed (exit {process.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as shared, tempfile.TemporaryDirectory() as fresh:
+        runs["cold"] = _result(_spawn(shared, args))
+        runs["warm"] = _result(_spawn(shared, args))
+        pair = [_spawn(fresh, args), _spawn(fresh, args)]  # two writers, one empty cache, same time
+        runs["concurrent_a"], runs["concurrent_b"] = (_result(p) for p in pair)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--out", default=None, help="directory for warm_start-<device>.json")
+    args = parser.parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.child:
+        print(json.dumps(child(args.layers, args.hidden, args.device)))
+        return 0
+    runs = measure(args)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    record = {"device": device, "torch": torch.__version__, "layers": args.layers, "hidden": args.hidden, "runs": runs}
+    print("| run | setup s | fxgraph cache hits | misses | max abs diff vs eager |\n|---|---:|---:|---:|---:|")
+    for name, run in runs.items():
+        print(f"| {name} | {run['setup_s']:.2f} | {run['fxgraph_cache_hit']} | {run['fxgraph_cache_miss']} | "
+              f"{run['max_abs_diff']:.2e} |")
+    if args.out:
+        path = os.path.join(args.out, f"warm_start-{device.lower().replace(' ', '-')}.json")
+        with open(path, "w") as fh:
+            json.dump(record, fh, indent=1)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
