@@ -1,14 +1,12 @@
 """The piecewise backend end to end on the reference decoder, emulated graphs (CPU)."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 import torchpcg
 from torchpcg.config import default_capture_sizes
-from tests.utils import compare, decoder_inputs, tiny_decoder
+from tests.utils import compare, decoder_inputs, run_in_threads, tiny_decoder
 
 MAX = 64
 BUCKETS = default_capture_sizes(MAX)  # 1, 2, 4, 8, 16, ..., 64
@@ -146,21 +144,11 @@ def test_two_threads_never_share_static_buffers():
     compiled = _compile(model, compiler="eager", capture_sizes=(4, 8))
     compiled(*decoder_inputs(model, 8))
     compiled(*decoder_inputs(model, 3))
-    errors: list[BaseException] = []
+    def calls(num_tokens: int) -> None:
+        for _ in range(20):
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
 
-    def worker(num_tokens: int) -> None:
-        try:
-            for _ in range(20):
-                compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
-        except BaseException as exc:  # reported below; a thread's exception is otherwise lost
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in (3, 7)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[0]
+    run_in_threads(calls, (3, 7))
 
 
 def test_second_dynamic_symbol_runs_without_graphs_or_raises_under_enforce():

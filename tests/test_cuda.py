@@ -1,13 +1,11 @@
 """Real CUDA graphs on the reference decoder (bf16); run on the GPU machine with ``-m cuda``."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 import torchpcg
-from tests.utils import compare, decoder_inputs, tiny_decoder
+from tests.utils import compare, decoder_inputs, run_in_threads, tiny_decoder
 
 pytestmark = pytest.mark.cuda
 
@@ -65,21 +63,11 @@ def test_two_threads_on_cuda():
     compiled = _compile(model, compiler="eager", capture_sizes=(4, 8))
     compiled(*decoder_inputs(model, 8))
     compiled(*decoder_inputs(model, 3))
-    errors: list[BaseException] = []
+    def calls(num_tokens: int) -> None:
+        for _ in range(10):
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
 
-    def worker(num_tokens: int) -> None:
-        try:
-            for _ in range(10):
-                compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
-        except BaseException as exc:  # re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in (3, 7)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[0]
+    run_in_threads(calls, (3, 7))
 
 
 def test_explicit_capture_then_only_replays():

@@ -38,3 +38,23 @@ def compare(model: FlatDecoder, compiled: Callable, num_tokens: int, atol: float
     got = compiled(ids, positions, cache)
     torch.testing.assert_close(got, expected, atol=atol, rtol=rtol, msg=lambda m: f"T={num_tokens}: {m}")
     torch.testing.assert_close(cache, cache_ref, atol=atol, rtol=rtol, msg=lambda m: f"T={num_tokens} cache: {m}")
+
+
+def run_in_threads(work: Callable[[int], None], token_counts: tuple[int, ...]) -> None:
+    """Run ``work(T)`` in one thread per T at once; re-raise the first failure in the caller."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker(num_tokens: int) -> None:
+        try:
+            work(num_tokens)
+        except BaseException as exc:  # a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in token_counts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
