@@ -5,7 +5,10 @@ import ast
 import json
 import os
 
+import pytest
 import torch
+
+import torchpcg
 
 from torchpcg.debug import depyf_session, inductor_source
 from tests.utils import decoder_inputs, tiny_decoder
@@ -68,3 +71,20 @@ def test_depyf_session_dumps_decompiled_code(tmp_path):
 def test_depyf_session_without_dir_is_a_no_op():
     with depyf_session(None):
         pass
+
+
+def test_torchpcg_compile_debug_dir_gets_depyf_dump_of_the_first_call(tmp_path):
+    pytest.importorskip("depyf")
+    from torchpcg.models import DecoderConfig, FlatDecoder
+
+    model = FlatDecoder(DecoderConfig()).eval()
+    compiled = torchpcg.compile(model, cudagraph="emulate", compiler="eager", capture_sizes=(4,),
+                                debug_dir=str(tmp_path))
+    cache = model.new_kv_cache()
+    got = compiled(torch.arange(3), torch.arange(3), cache)
+    with torch.no_grad():
+        expected = model(torch.arange(3), torch.arange(3), model.new_kv_cache())
+    torch.testing.assert_close(got, expected)
+    dumped = os.listdir(tmp_path / "depyf")
+    assert any(name.startswith("full_code_for_forward") for name in dumped), dumped
+    assert (tmp_path / "graph_0" / "split_plan.json").exists()

@@ -32,6 +32,7 @@ from typing import Any, Union
 
 import torch
 
+from .debug import depyf_session
 from .config import PiecewiseConfig
 from .errors import ConfigError, RecompileError, TorchPCGError
 from .stats import COUNTERS
@@ -511,20 +512,22 @@ class StableModel:
                 self._layout = _resolve_layout(arguments, self._token_inputs, set(self._stable))
             num_tokens = self._layout.num_tokens(arguments)
             self._mark_tokens(arguments, num_tokens)
-            try:
-                return self.monitor(*bound.args, **bound.kwargs)
-            except Exception as exc:  # noqa: BLE001 - Dynamo raises many types; only one is retried
-                if not (first and self.dynamic_dim == "auto" and self._recompile and _is_data_dependent(exc)):
-                    raise
-                log.warning("%s cannot be traced with an unbacked token dim (%s); compiling with a backed "
-                            "one instead (mark_dynamic: a first call at T=1 then costs one recompile). "
-                            "Pass dynamic_dim='backed' to skip this attempt.",
-                            _describe(self.model), str(exc).splitlines()[0][:160])
-                self.dynamic_dim = "backed"
-                self.compiled = self._recompile()
-                self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=_describe(self.model))
-                self._mark_tokens(arguments, num_tokens)
-                return self.monitor(*bound.args, **bound.kwargs)
+            # depyf sees only frames compiled inside its session: wrap the first call (TORCHPCG_DEBUG_DIR).
+            with depyf_session(self.config.debug_dir if first else None):
+                try:
+                    return self.monitor(*bound.args, **bound.kwargs)
+                except Exception as exc:  # noqa: BLE001 - Dynamo raises many types; only one is retried
+                    if not (first and self.dynamic_dim == "auto" and self._recompile and _is_data_dependent(exc)):
+                        raise
+                    log.warning("%s cannot be traced with an unbacked token dim (%s); compiling with a backed "
+                                "one instead (mark_dynamic: a first call at T=1 then costs one recompile). "
+                                "Pass dynamic_dim='backed' to skip this attempt.",
+                                _describe(self.model), str(exc).splitlines()[0][:160])
+                    self.dynamic_dim = "backed"
+                    self.compiled = self._recompile()
+                    self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=_describe(self.model))
+                    self._mark_tokens(arguments, num_tokens)
+                    return self.monitor(*bound.args, **bound.kwargs)
 
     forward = __call__
 
