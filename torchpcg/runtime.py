@@ -340,7 +340,6 @@ class Runtime:
         self._lock = threading.RLock()
         self._pool: GraphPool | None = None
         self._drop_after_call: set[int] | None = None  # buckets whose graphs go at the end of this call
-        self._warned: set[str] = set()
         for piece in split.split_pieces:  # eager split ops: skip nn.Module.__call__ overhead per call
             split.split_gm.__dict__[piece.name] = piece.gm.forward
 
@@ -444,11 +443,6 @@ class Runtime:
             for bucket in self._drop_after_call:
                 runner.captured.pop(bucket, None)
         self._drop_after_call = None
-
-    def warn_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message, *args)
 
 
 def _clone_tensors(outputs: Any) -> Any:
