@@ -120,25 +120,18 @@ class PieceRunner:
             self._on_moved(moved, args)
             return self._pack(flatten_outputs(self.compiled(*args)))
         plan = captured.plans.get(state.num_tokens) or self._plan(captured, state.num_tokens)
-        for view in plan.zero_whole:
-            view.zero_()
-        for index, dst, padding in plan.copies:
-            src = args[index]
-            if dst.data_ptr() != src.data_ptr():
-                dst.copy_(src)  # [T, ...] -> static [B, ...] rows :T
-            if padding is not None:
-                padding.zero_()  # rows T.. hold zeros, never an earlier call's data
-        for index, buffer in captured.copied.items():
-            buffer.copy_(args[index])
+        _copy_inputs(plan.zero_whole, plan.copies, captured.copied, args)
         captured.graph.replay()
         COUNTERS.add("replays")
         state.used_graphs = True
         state.graph_outputs.update(plan.registry)
         return plan.outputs
 
-    def _plan(self, captured: _Captured, num_tokens: int) -> _ReplayPlan:
+    def _copy_targets(self, token_views: dict[int, torch.Tensor], num_tokens: int) -> tuple[
+            tuple[torch.Tensor, ...], tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]]:
+        """Where each token input goes at T: (buffers zeroed whole, (input, rows :T, rows T:))."""
         copies, zero_whole = [], []
-        for index, view in captured.token_views.items():
+        for index, view in token_views.items():
             layout = self.inputs[index].layout
             if len(layout.token_dims) != 1:  # e.g. [T, T]: zero everything, then write the real block
                 zero_whole.append(view)
@@ -148,9 +141,13 @@ class PieceRunner:
             real = evaluate(layout.sizes[dim], layout.symbol, num_tokens)
             pad = view.narrow(dim, real, view.size(dim) - real) if view.size(dim) > real else None
             copies.append((index, view.narrow(dim, 0, real), pad))
+        return tuple(zero_whole), tuple(copies)
+
+    def _plan(self, captured: _Captured, num_tokens: int) -> _ReplayPlan:
+        zero_whole, copies = self._copy_targets(captured.token_views, num_tokens)
         registry: dict[int, torch.Tensor] = {}
         outputs = self._real_outputs(captured.graph.outputs, CallState(num_tokens=num_tokens, graph_outputs=registry))
-        plan = _ReplayPlan(tuple(zero_whole), tuple(copies), outputs, tuple(registry.items()))
+        plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()))
         captured.plans[num_tokens] = plan
         return plan
 
@@ -160,7 +157,7 @@ class PieceRunner:
         captured_refs = tuple((i, args[i].data_ptr()) for i, spec in enumerate(self.inputs)
                               if spec.kind == _REF and i not in self.copy_mode) + tuple(
                               (i, args[i].data_ptr()) for i in chained)
-        self._copy_in(token_views, copied, num_tokens, args)
+        _copy_inputs(*self._copy_targets(token_views, num_tokens), copied, args)
         self.runtime.verify(self, static_args, args)
         try:
             graph = self.runtime.make_graph(self.compiled, static_args)
@@ -226,13 +223,6 @@ class PieceRunner:
             self.storages[index] = storage
         return torch.as_strided(storage, layout.sizes_at(bucket), layout.strides_at(bucket))
 
-    def _copy_in(self, token_views: dict[int, torch.Tensor], copied: dict[int, torch.Tensor],
-                 num_tokens: int, args: Sequence[Any]) -> None:
-        for i, view in token_views.items():
-            _copy_padded(view, args[i], self.inputs[i].layout, num_tokens)
-        for i, buffer in copied.items():
-            buffer.copy_(args[i])
-
     def _on_moved(self, moved: list[int], args: Sequence[Any]) -> None:
         names = [_input_name(self.piece.gm, i) for i in moved]
         log.warning("%s: input(s) %s changed address since capture; they are copied into static buffers "
@@ -258,21 +248,19 @@ class PieceRunner:
         return values[0] if self.single_output else tuple(values)
 
 
-def _copy_padded(view: torch.Tensor, value: torch.Tensor, layout: Layout, num_tokens: int) -> None:
-    """view[:T] = value; view[T:] = 0  (along the token dim; [B, ...] <- [T, ...])."""
-    dims = layout.token_dims
-    if len(dims) == 1:
-        dim = dims[0]
-        real = evaluate(layout.sizes[dim], layout.symbol, num_tokens)
-        dst = view.narrow(dim, 0, real)
-        if dst.data_ptr() != value.data_ptr() or dst.stride() != value.stride():
-            dst.copy_(value)
-        padding = view.size(dim) - real
-        if padding:
-            view.narrow(dim, real, padding).zero_()  # rows T.. hold zeros, never an earlier call's data
-        return
-    view.zero_()
-    layout.real_rows(view, num_tokens).copy_(value)
+def _copy_inputs(zero_whole: Sequence[torch.Tensor], copies: Sequence[tuple[int, torch.Tensor, torch.Tensor | None]],
+                 copied: dict[int, torch.Tensor], args: Sequence[Any]) -> None:
+    """Fill a graph's static inputs: rows :T from the call, rows T.. zero, moved inputs copied."""
+    for view in zero_whole:
+        view.zero_()
+    for index, dst, padding in copies:
+        src = args[index]
+        if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():
+            dst.copy_(src)  # [T, ...] -> static [B, ...] rows :T
+        if padding is not None:
+            padding.zero_()  # rows T.. hold zeros, never an earlier call's data
+    for index, buffer in copied.items():
+        buffer.copy_(args[index])
 
 
 def _new_buffer_like(value: torch.Tensor) -> torch.Tensor:
