@@ -184,3 +184,13 @@ def _runtime_of(compiled, model, num_tokens):
         compiled(*decoder_inputs(model, 8, seed=1))
         compiled(*decoder_inputs(model, num_tokens))
     return runtimes[-1]
+
+
+def test_capture_without_sizes_uses_the_compiled_models_buckets():
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(2, 4, 8))
+    order = []
+    summary = torchpcg.capture(compiled, lambda n: order.append(n) or decoder_inputs(model, n), progress=False)
+    assert order == [8, 4, 2] and summary["sizes"] == [8, 4, 2]  # the options' buckets, not the defaults
+    stable = torchpcg.compile(model, cudagraph="emulate", compiler="eager", capture_sizes=(3, 6))
+    assert torchpcg.capture(stable, lambda n: decoder_inputs(model, n, mark=False), progress=False)["sizes"] == [6, 3]

@@ -1,7 +1,6 @@
 """Where graphs are cut: attention, user ops, collectives, merges, and graphs without split points."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

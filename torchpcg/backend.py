@@ -25,7 +25,7 @@ from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .split import SplitGraph, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
 
-__all__ = ["piecewise_backend", "register", "collect_runtimes"]
+__all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options"]
 
 log = logging.getLogger(__name__)
 BACKEND_NAME = "piecewise"
@@ -184,6 +184,19 @@ def collect_runtimes() -> Iterator[list[Runtime]]:
         yield found
     finally:
         stack.remove(found)
+
+
+def compile_options(compiled: Any) -> dict[str, Any]:
+    """The ``options=`` a ``torch.compile(..., backend="piecewise")`` was given (best effort)."""
+    backend = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):  # CatchErrorsWrapper -> ConvertFrame -> WrapBackendDebug -> _TorchCompileWrapper
+        if backend is None:
+            break
+        kwargs = getattr(backend, "kwargs", None)
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("options"), dict):
+            return dict(kwargs["options"])
+        backend = getattr(backend, "_torchdynamo_orig_backend", None) or getattr(backend, "__wrapped__", None)
+    return {}
 
 
 def register() -> None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .backend import collect_runtimes
+from .backend import compile_options
 from .config import PiecewiseConfig
 
 __all__ = ["capture"]
@@ -24,7 +24,8 @@ def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[
 
     Largest first so smaller buckets reuse the memory pool of larger ones. ``sizes`` defaults to
     the buckets of the compiled model (``compiled.config`` for ``torchpcg.compile`` models, else
-    the buckets the first call's runtime reports, else ``PiecewiseConfig.from_env()``).
+    the ``options=`` of a ``torch.compile(..., backend="piecewise")`` model merged with the
+    environment, as the backend itself resolves them).
 
     Example::
 
@@ -38,24 +39,21 @@ def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[
     order = sorted(set(sizes), reverse=True) if sizes is not None else None
     if order is None:
         config = getattr(compiled, "config", None)
-        order = sorted((config if isinstance(config, PiecewiseConfig) else PiecewiseConfig.from_env()).buckets,
-                       reverse=True)
+        if not isinstance(config, PiecewiseConfig):
+            config = PiecewiseConfig.resolve(compile_options(compiled))
+        order = sorted(config.buckets, reverse=True)
     done: list[int] = []
     bar = _progress(len(order), progress)
-    with collect_runtimes() as runtimes:
-        for size in order:
-            compiled(*make_inputs(size))
-            done.append(size)
-            bar(size)
-            if sizes is None and runtimes and len(done) == 1:
-                order = [size] + sorted((b for b in runtimes[-1].buckets if b < size), reverse=True)
-                bar = _progress(len(order), progress, done=1)
+    for size in order:
+        compiled(*make_inputs(size))
+        done.append(size)
+        bar(size)
     seconds = time.perf_counter() - start
     log.info("captured %d buckets in %.2fs", len(done), seconds)
     return {"sizes": done, "seconds": seconds}
 
 
-def _progress(total: int, enabled: bool, done: int = 0) -> Callable[[int], None]:
+def _progress(total: int, enabled: bool) -> Callable[[int], None]:
     """A tqdm-style bar on stderr when tqdm is installed and asked for; else a no-op."""
     if not enabled:
         return lambda size: None
@@ -63,7 +61,7 @@ def _progress(total: int, enabled: bool, done: int = 0) -> Callable[[int], None]
         from tqdm.auto import tqdm
     except ImportError:
         return lambda size: log.debug("captured bucket %d", size)
-    bar = tqdm(total=total, initial=done, desc="torchpcg capture", unit="bucket", leave=False)
+    bar = tqdm(total=total, desc="torchpcg capture", unit="bucket", leave=False)
 
     def step(size: int) -> None:
         bar.set_postfix(tokens=size)

@@ -23,6 +23,8 @@ from .config import PiecewiseConfig
 
 __all__ = ["explain", "ExplainReport", "GraphPlan", "PiecePlan", "plan_of", "reason_category", "REASON_CATEGORIES"]
 
+from .backend import compile_options
+
 log = logging.getLogger(__name__)
 
 # "merged": a tiny compute piece between two split ops that split.py folds into them (run eagerly).
@@ -377,22 +379,9 @@ def _unwrap(model: Any) -> tuple[Any, dict[str, Any], dict[str, int] | None, str
         dynamic_dim = model.dynamic_dim if model.dynamic_dim in ("unbacked", "backed") else ""  # auto/off: ours
         model = model.model
     if hasattr(model, "_torchdynamo_orig_callable"):  # OptimizedModule or a torch.compile-d function
-        options = options or _compile_options(model)
+        options = options or compile_options(model)
         model = getattr(model, "_orig_mod", None) or model._torchdynamo_orig_callable
     return model, options, token_inputs, dynamic_dim
-
-
-def _compile_options(compiled: Any) -> dict[str, Any]:
-    """The ``options=`` a ``torch.compile(..., backend="piecewise")`` was given (best effort)."""
-    backend = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
-    for _ in range(8):  # CatchErrorsWrapper -> ConvertFrame -> WrapBackendDebug -> _TorchCompileWrapper
-        if backend is None:
-            break
-        kwargs = getattr(backend, "kwargs", None)
-        if isinstance(kwargs, dict) and isinstance(kwargs.get("options"), dict):
-            return dict(kwargs["options"])
-        backend = getattr(backend, "_torchdynamo_orig_backend", None) or getattr(backend, "__wrapped__", None)
-    return {}
 
 
 def _fresh_callable(model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:

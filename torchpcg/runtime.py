@@ -20,7 +20,7 @@ import sympy
 import torch
 
 from .config import PiecewiseConfig
-from .errors import CaptureError, SplitError
+from .errors import CaptureError
 from .graphs import CudaGraph, EmulatedGraph, GraphPool, flatten_outputs
 from .layout import Layout, evaluate, expr_of, symbols_of
 from .split import SplitGraph, SplitPiece

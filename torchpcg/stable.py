@@ -20,7 +20,6 @@ No CUDA here; nothing in this module captures graphs.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
