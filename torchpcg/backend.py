@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from .compilers import compile_piece
-from .config import PiecewiseConfig
+from .config import PiecewiseConfig, format_sizes
 from .errors import SplitError
 from .layout import expr_of, symbols_of
 from .padding import classify, token_symbol
@@ -70,7 +70,7 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     COUNTERS.add("split_ops", len(split.split_pieces))
     log.info("piecewise: %d pieces, %d split ops, graphs=%s, buckets=%s, compiled with %s in %.2fs",
              len(split.compute_pieces), len(split.split_pieces), runtime.graph_mode,
-             _short(runtime.buckets), config.compiler, time.perf_counter() - start)
+             format_sizes(runtime.buckets), config.compiler, time.perf_counter() - start)
     if config.debug_dir:
         from .debug import dump_split
 
@@ -208,8 +208,3 @@ def register() -> None:
     if registry._BACKENDS.get(BACKEND_NAME) is not None:
         return  # discovered through the torch_dynamo_backends entry point; lookup will load us
     registry.register_backend(piecewise_backend, name=BACKEND_NAME)
-
-
-def _short(sizes: Sequence[int]) -> str:
-    sizes = list(sizes)
-    return str(sizes) if len(sizes) <= 8 else f"[{sizes[0]}, {sizes[1]}, ..., {sizes[-1]}] ({len(sizes)} sizes)"

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["PiecewiseConfig", "default_capture_sizes", "CUDAGRAPH_MODES", "COMPILERS"]
+__all__ = ["PiecewiseConfig", "default_capture_sizes", "format_sizes", "CUDAGRAPH_MODES", "COMPILERS"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ def default_capture_sizes(max_capture_size: int) -> tuple[int, ...]:
     if max_capture_size not in capped:
         capped.append(max_capture_size)  # the max itself is always a bucket
     return tuple(capped)
+
+
+def format_sizes(sizes: Iterable[int]) -> str:
+    """A bucket list for logs and reports: short lists whole, long ones as '[1, 2, 4, ..., 512] (43 sizes)'."""
+    sizes = list(sizes)
+    if not sizes:
+        return "none"
+    if len(sizes) <= 10:
+        return str(sizes)
+    return f"[{sizes[0]}, {sizes[1]}, {sizes[2]}, ..., {sizes[-1]}] ({len(sizes)} sizes)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,17 +13,18 @@ import inspect
 import logging
 import operator
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx
 
-from .config import PiecewiseConfig
+from .config import PiecewiseConfig, format_sizes
 
 __all__ = ["explain", "ExplainReport", "GraphPlan", "PiecePlan", "plan_of", "reason_category", "REASON_CATEGORIES"]
 
 from .backend import compile_options
+from .stable import _describe
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class GraphPlan:
 
     def summary(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in self.split_counts.items() if v) or "none"
-        buckets = _short(self.buckets)
+        buckets = format_sizes(self.buckets)
         return "\n".join([
             f"token count symbol: {self.token_symbol or 'none (static shapes: one graph, no buckets)'}",
             f"buckets: {buckets}; largest {self.largest_bucket}",
@@ -263,15 +264,6 @@ def format_bytes(num_bytes: int) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
-
-
-def _short(sizes: Sequence[int]) -> str:
-    sizes = list(sizes)
-    if not sizes:
-        return "none"
-    if len(sizes) <= 10:
-        return str(sizes)
-    return f"[{sizes[0]}, {sizes[1]}, {sizes[2]}, ..., {sizes[-1]}] ({len(sizes)} sizes)"
 
 
 def would_use_graph_mode(config: PiecewiseConfig, device: torch.device | None) -> str:
@@ -409,7 +401,3 @@ def _copy_function(fn: types.FunctionType) -> types.FunctionType:
     copy.__dict__.update(fn.__dict__)
     copy.__qualname__ = fn.__qualname__
     return copy
-
-
-def _describe(model: Any) -> str:
-    return type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__qualname__", repr(model))

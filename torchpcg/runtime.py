@@ -111,14 +111,14 @@ class PieceRunner:
     def __call__(self, *args: Any) -> Any:
         state = self.runtime.state
         if state.bucket is None or self.graphless_reason:
-            return self._pack(flatten_outputs(self.compiled(*args)))
+            return self._run_direct(args)
         captured = self.captured.get(state.bucket)
         if captured is None:
             return self._capture(state.bucket, state.num_tokens, args)
         moved = [i for i, ptr in captured.refs if args[i].data_ptr() != ptr]
         if moved:
             self._on_moved(moved, args)
-            return self._pack(flatten_outputs(self.compiled(*args)))
+            return self._run_direct(args)
         plan = captured.plans.get(state.num_tokens) or self._plan(captured, state.num_tokens)
         _copy_inputs(plan.zero_whole, plan.copies, captured.copied, args)
         captured.graph.replay()
@@ -126,6 +126,10 @@ class PieceRunner:
         state.used_graphs = True
         state.graph_outputs.update(plan.registry)
         return plan.outputs
+
+    def _run_direct(self, args: Sequence[Any]) -> Any:
+        """The compiled piece on the caller's tensors, no graph: exact rows, fresh outputs."""
+        return self._pack(flatten_outputs(self.compiled(*args)))
 
     def _copy_targets(self, token_views: dict[int, torch.Tensor], num_tokens: int) -> tuple[
             tuple[torch.Tensor, ...], tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]]:
@@ -163,7 +167,7 @@ class PieceRunner:
             graph = self.runtime.make_graph(self.compiled, static_args)
         except Exception as exc:  # OOM or an op that cannot be captured: fall back, never crash
             self.runtime.capture_failed(bucket, self.piece.name, exc)
-            return self._pack(flatten_outputs(self.compiled(*args)))
+            return self._run_direct(args)
         self.captured[bucket] = _Captured(graph, token_views, captured_refs, copied)
         COUNTERS.add("captured")
         if self.symbol is not None:  # a static graph (no token symbol) has no bucket to report
