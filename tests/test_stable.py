@@ -213,9 +213,12 @@ def test_batch_seq_model_marks_dim_1() -> None:
 
 
 def test_backed_marking_costs_one_recompile_at_t1_first() -> None:
-    """Why "unbacked" is the default: mark_dynamic still bakes a first T=1 in as a constant."""
+    """Why "unbacked" is the default: mark_dynamic still bakes a first T=1 in as a constant.
+
+    token_inputs named, so the T=1 call compiles (inferred ones would wait for T > 1)."""
     model = FlatDecoder(DECODER).eval()
-    compiled = stable_compile(model, backend="eager", dynamic_dim="backed")
+    compiled = stable_compile(model, backend="eager", dynamic_dim="backed",
+                              token_inputs={"input_ids": 0, "positions": 0})
     cache = model.new_kv_cache()
     with torchpcg.expect(recompiles=1):
         for num_tokens in (1, 3, 7):

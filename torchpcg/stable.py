@@ -43,13 +43,12 @@ log = logging.getLogger(__name__)
 DYNAMIC_DIM_MODES = ("auto", "unbacked", "backed", "off")
 TOKEN_SHAPE_ID = "torchpcg_tokens"  # one shared unbacked symbol for every token dim (torch >= 2.13)
 
-# Argument names that carry one row (or column, for [B, S] models) per token. Only these, the
-# primary input and declared stable kwargs are marked dynamic automatically: matching sizes alone
-# are no evidence at T=1, where every [1, ...] tensor "matches".
-_TOKEN_NAME = re.compile(
-    r"^(input_ids|positions|position_ids|token_type_ids|inputs_embeds|hidden_states|residual"
-    r"|attention_mask|cache_position|slot_mapping)$|_ids$|_embeds$|_positions$"
-)
+# Names of per-layer or per-sequence state: never *inferred* as token inputs, even when a size
+# equals T by coincidence (a decode batch has T == number of sequences; a KV cache may have
+# T == num_layers rows). Any word of the name, or its last word (``cache_position`` is a token input).
+_STATE_WORDS = frozenset({"past", "kv"})
+_STATE_LAST_WORDS = frozenset({"cache", "caches", "kvcache", "len", "lens", "lengths", "seqlen", "seqlens",
+                               "table", "tables", "loc"})
 
 
 class StableInputError(TorchPCGError, ValueError):
@@ -218,17 +217,17 @@ class _TokenLayout:
 
 
 def _resolve_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int] | None,
-                    stable_names: set[str]) -> _TokenLayout:
-    """Find the token inputs on the first call; see ``compile`` for the rule."""
+                    stable_names: set[str], static_ids: frozenset[int] = frozenset()) -> _TokenLayout:
+    """The token inputs of one call: ``token_inputs`` if given, else inferred by shape.
+
+    The rule is in ``compile``'s docstring. At T <= 1 shapes cannot tell token inputs apart, so
+    only the primary input is returned; ``StableModel`` waits for a call with T > 1 instead.
+    ``static_ids``: ``id()`` of the model's parameters and buffers (never token inputs).
+    """
     if token_inputs:
-        missing = sorted(set(token_inputs) - set(arguments))
-        if missing:
-            raise ConfigError(f"token_inputs names {missing} are not arguments of forward; arguments: "
-                              f"{sorted(arguments)}")
-        dims = {name: int(dim) for name, dim in token_inputs.items()}
-        primary = next(n for n in dims if isinstance(arguments[n], torch.Tensor))
-        return _TokenLayout(primary, dims)
-    tensors = [(n, v) for n, v in arguments.items() if isinstance(v, torch.Tensor) and n not in stable_names]
+        return _named_layout(arguments, token_inputs)
+    tensors = [(n, v) for n, v in arguments.items()
+               if isinstance(v, torch.Tensor) and n not in stable_names and not _is_static(v, static_ids)]
     if not tensors:
         raise ConfigError("torchpcg.compile found no tensor argument to take the token count from; "
                           "pass token_inputs={'name': dim}")
@@ -240,10 +239,54 @@ def _resolve_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int
                           "pass token_inputs={'name': dim}")
     num_tokens = first.shape[dim]
     dims = {primary: dim}
+    if num_tokens <= 1:
+        return _TokenLayout(primary, dims)  # every [1, ...] tensor would match
     for name, value in tensors[1:]:
-        if _TOKEN_NAME.search(name) and value.dim() > dim and value.shape[dim] == num_tokens:
-            dims[name] = dim
+        token_dim = 0 if value.dim() == 1 else dim  # HF cache_position [S] next to input_ids [B, S]
+        if value.dim() > token_dim and value.shape[token_dim] == num_tokens:
+            if reason := _not_token_reason(name, value, first.dim()):
+                log.debug("%s has T=%d rows at dim %d but is not a token input: %s", name, num_tokens,
+                          token_dim, reason)
+                continue
+            dims[name] = token_dim
     return _TokenLayout(primary, dims)
+
+
+def _named_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int]) -> _TokenLayout:
+    missing = sorted(set(token_inputs) - set(arguments))
+    if missing:
+        raise ConfigError(f"token_inputs names {missing} are not arguments of forward; arguments: "
+                          f"{sorted(arguments)}")
+    dims = {name: int(dim) for name, dim in token_inputs.items()}
+    primary = next((n for n in dims if isinstance(arguments[n], torch.Tensor)), None)
+    if primary is None:
+        raise ConfigError(f"token_inputs={dict(token_inputs)}: none of them is a Tensor on this call")
+    return _TokenLayout(primary, dims)
+
+
+def _is_static(tensor: torch.Tensor, static_ids: frozenset[int]) -> bool:
+    """A parameter, a buffer of the model, or marked with ``torch._dynamo.mark_static_address``."""
+    if isinstance(tensor, torch.nn.Parameter) or id(tensor) in static_ids:
+        return True
+    static_type = getattr(torch._dynamo.utils, "get_static_address_type", None)
+    return static_type is not None and static_type(tensor) is not None
+
+
+def _not_token_reason(name: str, tensor: torch.Tensor, primary_ndim: int) -> str:
+    """Why a tensor whose size matches T is still not a token input ('' if it is one)."""
+    if tensor.dim() > primary_ndim + 1:
+        return f"{tensor.dim()} dims, more than the primary input's {primary_ndim} + 1 (a cache, a 4-D mask)"
+    words = name.lower().split("_")
+    if _STATE_WORDS.intersection(words) or words[-1] in _STATE_LAST_WORDS:
+        return "its name says per-layer or per-sequence state (cache, past, kv, *_lens, *_table, ...)"
+    return ""
+
+
+def _static_tensor_ids(model: Any) -> frozenset[int]:
+    """id() of every parameter and buffer of ``model`` (empty for a plain function)."""
+    if not isinstance(model, torch.nn.Module):
+        return frozenset()
+    return frozenset(id(t) for t in (*model.parameters(), *model.buffers()))
 
 
 # ---- recompile monitor ---------------------------------------------------------------------------
@@ -471,7 +514,9 @@ class StableModel:
 
     Attributes: ``model`` (the original), ``compiled`` (what ``torch.compile`` returned),
     ``config``, ``monitor`` (its ``RecompileMonitor``), ``token_inputs`` ({name: dim}, known after
-    the first call). Other attributes are read from the model.
+    the first compiled call: the first call, or without ``token_inputs=`` the first with T > 1),
+    ``eager_calls`` (calls run uncompiled while waiting for that). Other attributes are read from
+    the model.
     """
 
     def __init__(self, model: Callable[..., Any], compiled: Callable[..., Any], config: PiecewiseConfig, *,
@@ -490,6 +535,8 @@ class StableModel:
         self._check_names(token_inputs)
         self._token_inputs = dict(token_inputs) if token_inputs else None
         self._layout: _TokenLayout | None = None
+        self.eager_calls = 0  # T <= 1 calls before the token inputs could be inferred
+        self._unmarked: set[str] = set()  # token inputs already warned about for a size != T
         self._grad_mode = torch.inference_mode if inference_mode else torch.no_grad
         self._lock = threading.Lock()  # the stable buffers are shared by every call
 
@@ -505,43 +552,83 @@ class StableModel:
         with self._lock, self._grad_mode():
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()  # same positional layout on every call, whatever the caller spelled
-            arguments = bound.arguments
             first = self._layout is None
             if first:
-                self._layout = _resolve_layout(arguments, self._token_inputs, set(self._stable))
-            num_tokens = self._layout.num_tokens(arguments)
-            self._mark_tokens(arguments, num_tokens)
-            # depyf sees only frames compiled inside its session: wrap the first call (TORCHPCG_DEBUG_DIR).
-            with depyf_session(self.config.debug_dir if first else None):
-                try:
-                    return self.monitor(*bound.args, **bound.kwargs)
-                except Exception as exc:  # noqa: BLE001 - Dynamo raises many types; only one is retried
-                    if not (first and self.dynamic_dim == "auto" and self._recompile and _is_data_dependent(exc)):
-                        raise
-                    log.warning("%s cannot be traced with an unbacked token dim (%s); compiling with a backed "
-                                "one instead (mark_dynamic: a first call at T=1 then costs one recompile). "
-                                "Pass dynamic_dim='backed' to skip this attempt.",
-                                _describe(self.model), str(exc).splitlines()[0][:160])
-                    self.dynamic_dim = "backed"
-                    self.compiled = self._recompile()
-                    self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=_describe(self.model))
-                    self._mark_tokens(arguments, num_tokens)
-                    return self.monitor(*bound.args, **bound.kwargs)
+                layout = self._infer_layout(bound.arguments)
+                if layout is None:
+                    return self._run_eager(args, kwargs)
+                self._layout = layout
+            return self._run_compiled(bound, first)
 
     forward = __call__
 
+    def _infer_layout(self, arguments: dict[str, Any]) -> _TokenLayout | None:
+        """The token layout from this call, or None while it cannot be told (T <= 1, no token_inputs)."""
+        layout = _resolve_layout(arguments, self._token_inputs, set(self._stable), _static_tensor_ids(self.model))
+        if self._token_inputs is None and layout.num_tokens(arguments) <= 1:
+            return None
+        if self._token_inputs is None:
+            log.info("%s: token inputs %s inferred from shapes at T=%d (pass token_inputs= to override)",
+                     _describe(self.model), layout.dims, layout.num_tokens(arguments))
+        return layout
+
+    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        """A T <= 1 call before the first T > 1 one: the uncompiled model, same answer, nothing marked."""
+        if self.eager_calls == 0:
+            log.warning("%s: first call has T=1 tokens, where shapes cannot tell token inputs from other "
+                        "[1, ...] tensors; calls run uncompiled until the first call with T > 1, which infers "
+                        "them and compiles. To compile from the first call, name them: "
+                        "torchpcg.compile(model, token_inputs={'input_ids': dim, ...})", _describe(self.model))
+        self.eager_calls += 1
+        return self.model(*args, **kwargs)
+
+    def _run_compiled(self, bound: inspect.BoundArguments, first: bool) -> Any:
+        arguments = bound.arguments
+        num_tokens = self._layout.num_tokens(arguments)  # type: ignore[union-attr]
+        self._mark_tokens(arguments, num_tokens)
+        # depyf sees only frames compiled inside its session: wrap the first call (TORCHPCG_DEBUG_DIR).
+        with depyf_session(self.config.debug_dir if first else None):
+            try:
+                return self.monitor(*bound.args, **bound.kwargs)
+            except Exception as exc:  # noqa: BLE001 - Dynamo raises many types; only one is retried
+                if not (first and self.dynamic_dim == "auto" and self._recompile and _is_data_dependent(exc)):
+                    raise
+                log.warning("%s cannot be traced with an unbacked token dim (%s); compiling with a backed "
+                            "one instead (mark_dynamic: a first call at T=1 then costs one recompile). "
+                            "Pass dynamic_dim='backed' to skip this attempt.",
+                            _describe(self.model), str(exc).splitlines()[0][:160])
+                self.dynamic_dim = "backed"
+                self.compiled = self._recompile()
+                self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=_describe(self.model))
+                self._mark_tokens(arguments, num_tokens)
+                return self.monitor(*bound.args, **bound.kwargs)
+
     def _mark_tokens(self, arguments: dict[str, Any], num_tokens: int) -> None:
+        mode = "unbacked" if self.dynamic_dim == "auto" else self.dynamic_dim
         for name, dim in self._layout.dims.items():  # type: ignore[union-attr]
             value = arguments.get(name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and self._fits(name, value, dim, num_tokens):
                 # Mark a new tensor object (same storage): the caller's tensor keeps no Dynamo marks.
                 arguments[name] = value = value.detach()
-                _mark_token_dim(value, dim, "unbacked" if self.dynamic_dim == "auto" else self.dynamic_dim)
+                _mark_token_dim(value, dim, mode)
         device = self._device(arguments)
         for name, tree in self._stable.items():
             arguments[name] = tree.fill(arguments.get(name), num_tokens, device)
             for tensor, dim in tree.leaves(arguments[name]):
-                _mark_token_dim(tensor, dim, "unbacked" if self.dynamic_dim == "auto" else self.dynamic_dim)
+                _mark_token_dim(tensor, dim, mode)
+
+    def _fits(self, name: str, value: torch.Tensor, dim: int, num_tokens: int) -> bool:
+        """Whether a token input has T rows at its dim; marking one that does not would tie a
+        different size to the token symbol, which Dynamo cannot guard (it asserts)."""
+        if value.dim() > dim and value.shape[dim] == num_tokens:
+            return True
+        if name not in self._unmarked:
+            self._unmarked.add(name)
+            log.warning("%s: token input %s has shape %s, not T=%d rows at dim %d; passed unmarked (Dynamo "
+                        "compiles it static). If it is not a token input, name the real ones: token_inputs=%s",
+                        _describe(self.model), name, tuple(value.shape), num_tokens, dim,
+                        {n: d for n, d in self._layout.dims.items() if n != name})  # type: ignore[union-attr]
+        return False
 
     def _device(self, arguments: Mapping[str, Any]) -> torch.device:
         if isinstance(self.model, torch.nn.Module):
