@@ -104,7 +104,7 @@ class _Scaled(torch.nn.Module):
         return self.proj(h) * scale
 
 
-def test_non_token_input_that_moves_is_not_read_stale():
+def test_new_user_tensor_each_call_is_copied_not_recaptured():
     model = _Scaled().eval()
     compiled = _compile(model, compiler="eager", capture_sizes=(4,))
     for step in range(4):
@@ -112,7 +112,29 @@ def test_non_token_input_that_moves_is_not_read_stale():
         torch._dynamo.mark_dynamic(x, 0)
         scale = torch.full((16,), float(step + 1))  # a new tensor, new address, new values
         torch.testing.assert_close(compiled(x, scale), model(x, scale))
-    assert torchpcg.stats()["recaptures"] >= 1
+    stats = torchpcg.stats()
+    assert stats["recaptures"] == 0 and stats["replays"] > 0
+    assert stats["captured"] == stats["pieces"]  # one bucket: each piece captured once, never again
+
+
+def test_static_input_that_moves_is_captured_again_once():
+    model = _Scaled().eval()
+    compiled = _compile(model, compiler="eager", capture_sizes=(4,))
+    scale = torch.ones(16)
+
+    def call():
+        x = torch.randn(3, 16)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(compiled(x, scale), model(x, scale))
+
+    call()
+    call()
+    captured = torchpcg.stats()["captured"]
+    model.proj.weight.data = torch.randn(16, 16)  # same Parameter, new memory: graphs read the old one
+    call()
+    call()
+    stats = torchpcg.stats()
+    assert stats["recaptures"] == 1 and stats["captured"] == 2 * captured
 
 
 def test_capture_failure_falls_back_and_enforce_raises(monkeypatch):

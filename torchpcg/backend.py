@@ -20,7 +20,7 @@ from .compilers import compile_piece
 from .config import PiecewiseConfig, format_sizes
 from .errors import SplitError
 from .layout import expr_of, symbols_of
-from .padding import classify, token_symbol
+from .padding import classify, token_symbol, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .split import SplitGraph, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
@@ -50,7 +50,8 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     COUNTERS.add("dynamo_graphs")
     symbol = token_symbol(gm)
     _check_symbols(gm, symbol, config)
-    split = split_graph(gm, split_reasons(gm, config, symbol))
+    static_names = static_inputs(gm, example_inputs)
+    split = split_graph(gm, split_reasons(gm, config, symbol), written_bases)
     _check_split(split, config)
     device = graph_device(gm)
     locator = token_locator(gm, symbol)
@@ -58,11 +59,14 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
         log.warning("token symbol %s sizes no input dim on its own (sources: %s): calls run without graphs",
                     symbol, symbol_sources(gm))
         COUNTERS.add("fallbacks")
-    runtime = Runtime(split, config, symbol, locator, resolve_graph_mode(config, device), device)
+    piece_statics = static_piece_inputs(split, static_names)
+    read = sorted({name for names in piece_statics.values() for name in names.values()}, key=static_names.get)
+    runtime = Runtime(split, config, symbol, locator, resolve_graph_mode(config, device), device,
+                      static_args=[static_names[n] for n in read], static_names=read)
     for piece in split.compute_pieces:
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
         # Runner first: it reads the piece's output structure, which Inductor may rewrite.
-        runner = PieceRunner(piece, piece.gm, fake_args, symbol, runtime)
+        runner = PieceRunner(piece, piece.gm, fake_args, symbol, runtime, static_inputs=piece_statics[piece.name])
         runner.compiled = compile_piece(piece.gm, fake_args, config.compiler, piece.name)
         _note_graphless(runner, config, gm)
         runtime.install(runner)
@@ -89,14 +93,39 @@ def split_reasons(gm: torch.fx.GraphModule, config: PiecewiseConfig,
         why = split_reason(node, user_ops, config.split_collectives)
         if why:
             reasons[node] = why
-    if symbol is not None:
-        for node, why in _padding_reasons(gm, symbol).items():
-            reasons.setdefault(node, why)
+    # Static graphs too: writes into graph inputs and data-dependent ops are cut whatever the shapes.
+    for node, why in classify(gm, symbol).items():
+        reasons.setdefault(node, why)
     return reasons
 
 
-def _padding_reasons(gm: torch.fx.GraphModule, symbol: sympy.Symbol) -> Mapping[torch.fx.Node, str]:
-    return classify(gm, symbol)
+def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, int]:
+    """Placeholder name -> index, for inputs with a stable address: read in place by the graphs.
+
+    Dynamo marks parameters, buffers and ``torch._dynamo.mark_static_address`` tensors (Hugging
+    Face ``StaticCache``) with a static input type; every other input is copied on each replay.
+    """
+    found = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        example = example_inputs[index] if index < len(example_inputs) else None
+        kind = (node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type")
+        if kind is None and isinstance(example, torch.Tensor):
+            kind = torch._dynamo.utils.get_static_address_type(example)
+        if kind is not None:
+            found[node.name] = index
+    return found
+
+
+def static_piece_inputs(split: SplitGraph, static_names: Mapping[str, int]) -> dict[str, dict[int, str]]:
+    """Compute piece name -> {its input index: graph input name} for inputs read in place."""
+    found: dict[str, dict[int, str]] = {}
+    for node in split.split_gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        found[node.target] = {i: a.name for i, a in enumerate(node.args)
+                              if isinstance(a, torch.fx.Node) and a.op == "placeholder" and a.name in static_names}
+    return found
 
 
 def _check_split(split: SplitGraph, config: PiecewiseConfig) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "classify",
     "first_difference",
     "pad_inputs",
+    "written_bases",
 ]
 
 REASON_PREFIX = "padding-unsafe: "
@@ -990,6 +991,21 @@ def _written_args(node: fx.Node, name: str) -> list[fx.Node]:
                 written.append(arg)
     written.extend(a for a in _leaves(node.kwargs.get("out")) if isinstance(a, fx.Node))
     return [a for a in written if isinstance(a, fx.Node)]
+
+
+def written_bases(node: fx.Node) -> list[fx.Node]:
+    """The nodes whose memory ``node`` writes in place: each written argument, through its views.
+
+    ``h.view(-1).add_(x)`` writes ``h``. Used by the splitter: a write into a value that another
+    piece produced (or a graph input) must run eagerly, or it would hit a static copy.
+    """
+    bases = []
+    for target in _written_args(node, _op_name(node)):
+        while target.op in ("call_function", "call_method") and _op_name(target) in ALIAS_OPS \
+                and target.args and isinstance(target.args[0], fx.Node):
+            target = target.args[0]
+        bases.append(target)
+    return bases
 
 
 def _input_bases(gm: fx.GraphModule) -> dict[fx.Node, str]:

@@ -1,11 +1,28 @@
 """The callable Dynamo gets back: bucket lookup, padding, piece sequencing, output slicing.
 
-In: a ``SplitGraph`` whose compute pieces were compiled, the token symbol and the config.
-Out: ``Runtime``, called with Dynamo's flat argument list. Per call it picks the bucket B >= T,
-and each compute piece (a ``PieceRunner``) copies its token inputs into static buffers of B rows
-(padding rows zeroed), replays its graph and hands the next op views of the real rows ``[:T]``.
-Split ops run eagerly on those real rows. Calls above the largest bucket, or with graphs off,
-run the same compiled pieces without graphs.
+In: a ``SplitGraph`` whose compute pieces were compiled, the token symbol, the config and which
+graph inputs have stable addresses. Out: ``Runtime``, called with Dynamo's flat argument list.
+Per call it picks the bucket B >= T, and each compute piece (a ``PieceRunner``) copies its inputs
+into static buffers (token inputs: B rows, padding rows zeroed), replays its graph and hands the
+next op views of the real rows ``[:T]``. Split ops run eagerly on those real rows. Calls above
+the largest bucket, or with graphs off, run the same compiled pieces without graphs.
+
+Inputs are classified once, at compile time (``_input_specs``):
+
+======== ======================================================= ==============================
+kind     what                                                    at replay
+======== ======================================================= ==============================
+token    sizes depend on the token count                         copied into ``[B, ...]`` rows
+static   parameters, buffers, ``mark_static_address`` tensors    read in place (address checked
+                                                                 once per call, not per piece)
+copied   every other tensor: user inputs of static graphs,       copied into an own buffer
+         split-op outputs without a token dim
+symint   a size that depends on the token count                  the bucket's value
+const    anything else                                           passed as captured
+======== ======================================================= ==============================
+
+A token or copied input that is the output of an earlier graph of the same bucket is *chained*:
+read in place from that graph's output, no copy.
 """
 from __future__ import annotations
 
@@ -13,7 +30,7 @@ import bisect
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import sympy
@@ -21,16 +38,24 @@ import torch
 
 from .config import PiecewiseConfig
 from .errors import CaptureError
-from .graphs import CudaGraph, EmulatedGraph, GraphPool, flatten_outputs
+from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool
 from .layout import Layout, evaluate, expr_of, symbols_of
 from .split import SplitGraph, SplitPiece
 from .stats import COUNTERS
 
-__all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode"]
+__all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode", "InputKind"]
 
 log = logging.getLogger(__name__)
 
-_TOKEN, _REF, _SYMINT, _CONST = "token", "ref", "symint", "const"
+
+class InputKind:
+    """How a piece input reaches its graph (see the module docstring)."""
+
+    TOKEN, STATIC, COPIED, SYMINT, CONST = "token", "static", "copied", "symint", "const"
+
+
+_TOKEN, _STATIC, _COPIED, _SYMINT, _CONST = (InputKind.TOKEN, InputKind.STATIC, InputKind.COPIED,
+                                             InputKind.SYMINT, InputKind.CONST)
 STATIC_GRAPH_BUCKET = 0  # bucket key of graphs without a token symbol (one static shape)
 
 
@@ -64,7 +89,7 @@ class CallState:
 
 @dataclasses.dataclass(frozen=True)
 class _InputSpec:
-    kind: str  # _TOKEN, _REF, _SYMINT or _CONST
+    kind: str  # an InputKind
     layout: Layout | None = None  # for _TOKEN
     expr: sympy.Expr | int | None = None  # for _SYMINT
 
@@ -74,9 +99,10 @@ class _ReplayPlan:
     """Everything one replay at (bucket, T) touches, built once: the hot path only copies and replays."""
 
     zero_whole: tuple[torch.Tensor, ...]  # multi-token-dim buffers ([T, T] masks): zeroed, then copied
-    copies: tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]  # (input, dst [T rows], padding rows)
+    copies: tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]  # (input, dst, padding rows or None)
     outputs: Any  # the packed real-rows outputs handed to the next op
     registry: tuple[tuple[int, torch.Tensor], ...]  # (data_ptr of a real view, full output) for chaining
+    aliases: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...], int], ...]  # see _alias_outputs
 
 
 @dataclasses.dataclass
@@ -85,8 +111,9 @@ class _Captured:
 
     graph: CudaGraph | EmulatedGraph
     token_views: dict[int, torch.Tensor]  # input index -> [B, ...] static view
-    refs: tuple[tuple[int, int], ...]  # (input index, data_ptr) read in place: by reference or chained
-    copied: dict[int, torch.Tensor]  # input index -> own buffer (inputs that moved once)
+    copied: dict[int, torch.Tensor]  # input index -> own buffer of a copied input
+    chained: tuple[tuple[int, int], ...]  # (input index, data_ptr) read in place from an earlier graph
+    aliases: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...], int], ...]
     plans: dict[int, _ReplayPlan] = dataclasses.field(default_factory=dict)  # by T
 
 
@@ -94,17 +121,25 @@ class PieceRunner:
     """Runs one compute piece: replay at the call's bucket, or the compiled code directly."""
 
     def __init__(self, piece: SplitPiece, compiled: Callable[..., Any], fake_args: Sequence[Any],
-                 symbol: sympy.Symbol | None, runtime: Runtime) -> None:
+                 symbol: sympy.Symbol | None, runtime: Runtime, static_inputs: Mapping[int, str] | None = None) -> None:
         self.piece = piece
         self.compiled = compiled
         self.symbol = symbol
         self.runtime = runtime
-        self.inputs, self.graphless_reason = _input_specs(fake_args, symbol)
+        self.static_names = dict(static_inputs or {})  # piece input index -> graph input name, read in place
+        self.inputs, self.graphless_reason = _input_specs(fake_args, symbol, self.static_names)
         self.outputs = _output_specs(piece.gm, symbol)
         self.single_output = not isinstance(_output_arg(piece.gm), (tuple, list))
         self.captured: dict[int, _Captured] = {}
-        self.storages: dict[int, torch.Tensor] = {}  # input index -> flat buffer for the largest bucket
-        self.copy_mode: set[int] = set()  # _REF inputs that moved: copied into own buffers from now on
+        self.storages: dict[int, torch.Tensor] = {}  # token input index -> flat buffer for the largest bucket
+        self.buffers: dict[int, torch.Tensor] = {}  # copied input index -> its buffer (fixed shape)
+        self.unchained: set[int] = set()  # inputs once chained whose producer changed: always copied
+
+    def demote(self, names: Collection[str]) -> None:
+        """Static inputs named ``names`` keep moving: copy them on every replay from now on."""
+        for index, name in self.static_names.items():
+            if name in names:
+                self.inputs[index] = _InputSpec(_COPIED)
 
     # ---- call paths ----------------------------------------------------------------------------
 
@@ -115,27 +150,27 @@ class PieceRunner:
         captured = self.captured.get(state.bucket)
         if captured is None:
             return self._capture(state.bucket, state.num_tokens, args)
-        moved = [i for i, ptr in captured.refs if args[i].data_ptr() != ptr]
-        if moved:
-            self._on_moved(moved, args)
-            return self._run_direct(args)
-        plan = captured.plans.get(state.num_tokens) or self._plan(captured, state.num_tokens)
-        _copy_inputs(plan.zero_whole, plan.copies, captured.copied, args)
+        plan = captured.plans.get(state.num_tokens)
+        if plan is None:
+            plan = self._plan(captured, state.num_tokens, args)
+            if plan is None:  # a chained input comes from elsewhere now: capture again next call
+                return self._run_direct(args)
+        _copy_inputs(plan.zero_whole, plan.copies, args)
         captured.graph.replay()
         COUNTERS.add("replays")
         state.used_graphs = True
         state.graph_outputs.update(plan.registry)
-        return plan.outputs
+        return _with_aliases(plan.outputs, plan.aliases, args, self.single_output) if plan.aliases else plan.outputs
 
     def _run_direct(self, args: Sequence[Any]) -> Any:
         """The compiled piece on the caller's tensors, no graph: exact rows, fresh outputs."""
         return self._pack(flatten_outputs(self.compiled(*args)))
 
-    def _copy_targets(self, token_views: dict[int, torch.Tensor], num_tokens: int) -> tuple[
+    def _copy_targets(self, captured: _Captured, num_tokens: int) -> tuple[
             tuple[torch.Tensor, ...], tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]]:
-        """Where each token input goes at T: (buffers zeroed whole, (input, rows :T, rows T:))."""
+        """Where each input goes at T: (buffers zeroed whole, (input, rows :T or buffer, rows T:))."""
         copies, zero_whole = [], []
-        for index, view in token_views.items():
+        for index, view in captured.token_views.items():
             layout = self.inputs[index].layout
             if len(layout.token_dims) != 1:  # e.g. [T, T]: zero everything, then write the real block
                 zero_whole.append(view)
@@ -145,75 +180,97 @@ class PieceRunner:
             real = evaluate(layout.sizes[dim], layout.symbol, num_tokens)
             pad = view.narrow(dim, real, view.size(dim) - real) if view.size(dim) > real else None
             copies.append((index, view.narrow(dim, 0, real), pad))
+        copies.extend((index, buffer, None) for index, buffer in captured.copied.items())
         return tuple(zero_whole), tuple(copies)
 
-    def _plan(self, captured: _Captured, num_tokens: int) -> _ReplayPlan:
-        zero_whole, copies = self._copy_targets(captured.token_views, num_tokens)
+    def _plan(self, captured: _Captured, num_tokens: int, args: Sequence[Any]) -> _ReplayPlan | None:
+        """Build (once per T) what a replay touches; None if a chained input no longer matches."""
+        stale = [i for i, ptr in captured.chained if args[i].data_ptr() != ptr]
+        if stale:
+            log.debug("%s: chained input(s) %s come from elsewhere at T=%d; capturing without chaining",
+                      self.piece.name, stale, num_tokens)
+            self.unchained.update(stale)
+            self.runtime.drop_after_call(self, self.runtime.state.bucket)
+            return None
+        zero_whole, copies = self._copy_targets(captured, num_tokens)
         registry: dict[int, torch.Tensor] = {}
         outputs = self._real_outputs(captured.graph.outputs, CallState(num_tokens=num_tokens, graph_outputs=registry))
-        plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()))
+        plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()), captured.aliases)
         captured.plans[num_tokens] = plan
         return plan
 
     def _capture(self, bucket: int, num_tokens: int, args: Sequence[Any]) -> Any:
-        static_args, token_views, copied = self._static_args(bucket, args)
-        chained = [i for i, spec in enumerate(self.inputs) if spec.kind == _TOKEN and i not in token_views]
-        captured_refs = tuple((i, args[i].data_ptr()) for i, spec in enumerate(self.inputs)
-                              if spec.kind == _REF and i not in self.copy_mode) + tuple(
-                              (i, args[i].data_ptr()) for i in chained)
-        _copy_inputs(*self._copy_targets(token_views, num_tokens), copied, args)
+        static_args, token_views, copied, chained = self._static_args(bucket, args)
+        captured = _Captured(None, token_views, copied, chained, ())  # type: ignore[arg-type]
+        _copy_inputs(*self._copy_targets(captured, num_tokens), args)
         self.runtime.verify(self, static_args, args)
         try:
             graph = self.runtime.make_graph(self.compiled, static_args)
+        except CaptureError:
+            raise  # the process could not be healed: never continue
         except Exception as exc:  # OOM or an op that cannot be captured: fall back, never crash
             self.runtime.capture_failed(bucket, self.piece.name, exc)
             return self._run_direct(args)
-        self.captured[bucket] = _Captured(graph, token_views, captured_refs, copied)
+        outputs = graph.release_capture_outputs()
+        self.runtime.own(outputs, token_views.values(), copied.values())
+        captured.graph = graph
+        captured.aliases = _alias_outputs(outputs, copied)
+        self.captured[bucket] = captured
         COUNTERS.add("captured")
         if self.symbol is not None:  # a static graph (no token symbol) has no bucket to report
             COUNTERS.note_capture_size(bucket)
         log.debug("captured %s at bucket %d", self.piece.name, bucket)
-        outputs = graph.release_capture_outputs()
         if isinstance(graph, CudaGraph):
             graph.replay()  # capture records work; this replay computes the outputs
         self.runtime.state.used_graphs = True
-        return self._real_outputs(outputs, self.runtime.state)
+        real = self._real_outputs(outputs, self.runtime.state)
+        return _with_aliases(real, captured.aliases, args, self.single_output) if captured.aliases else real
 
     # ---- buffers -------------------------------------------------------------------------------
 
-    def _static_args(self, bucket: int, args: Sequence[Any]) -> tuple[list[Any], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def _static_args(self, bucket: int, args: Sequence[Any]) -> tuple[
+            list[Any], dict[int, torch.Tensor], dict[int, torch.Tensor], tuple[tuple[int, int], ...]]:
+        """The graph's inputs at ``bucket``: static buffers, chained outputs, in-place statics."""
         static: list[Any] = []
         token_views: dict[int, torch.Tensor] = {}
         copied: dict[int, torch.Tensor] = {}
+        chained: list[tuple[int, int]] = []
         for i, (spec, arg) in enumerate(zip(self.inputs, args)):
-            if spec.kind == _TOKEN:
-                chained = self._chained_input(i, spec.layout, bucket, arg)
-                if chained is not None:
-                    static.append(chained)
-                    continue
+            full = self._chained_input(i, spec, bucket, arg) if spec.kind in (_TOKEN, _COPIED) else None
+            if full is not None:
+                chained.append((i, arg.data_ptr()))
+                static.append(full)
+            elif spec.kind == _TOKEN:
                 token_views[i] = self._bucket_view(i, spec.layout, bucket)
                 static.append(token_views[i])
-            elif spec.kind == _REF and i in self.copy_mode:
-                copied[i] = _new_buffer_like(arg)
+            elif spec.kind == _COPIED:
+                copied[i] = self._buffer(i, arg)
                 static.append(copied[i])
             elif spec.kind == _SYMINT:
                 static.append(evaluate(spec.expr, self.symbol, bucket))
             else:
                 static.append(arg)
-        return static, token_views, copied
+        return static, token_views, copied, tuple(chained)
 
-    def _chained_input(self, index: int, layout: Layout, bucket: int, arg: Any) -> torch.Tensor | None:
-        """The producing graph's [B, ...] output when ``arg`` is its real-rows view, else None.
+    def _chained_input(self, index: int, spec: _InputSpec, bucket: int, arg: Any) -> torch.Tensor | None:
+        """The producing graph's full output when ``arg`` is its real-rows view, else None.
 
         Reading it in place saves a copy per input (the residual stream, rotary tables shared by
         all layers). Safe because graphs replay in capture order, so the producer has written it
         and nothing captured in between may reuse its memory (it was alive during the capture
-        pass). Integer inputs are always copied: their padding rows must be 0 to stay in range.
+        pass). Integer token inputs are always copied: their padding rows must be 0 to stay in range.
         """
-        if index in self.copy_mode or not layout.dtype.is_floating_point:
+        if index in self.unchained or not isinstance(arg, torch.Tensor):
             return None
         full = self.runtime.state.graph_outputs.get(arg.data_ptr())
-        if full is None or full.size() != layout.sizes_at(bucket) or full.stride() != layout.strides_at(bucket):
+        if full is None:
+            return None
+        if spec.kind == _COPIED:
+            return full if full.size() == arg.size() and full.stride() == arg.stride() else None
+        layout = spec.layout
+        if not layout.dtype.is_floating_point:
+            return None
+        if full.size() != layout.sizes_at(bucket) or full.stride() != layout.strides_at(bucket):
             return None
         return full
 
@@ -227,13 +284,14 @@ class PieceRunner:
             self.storages[index] = storage
         return torch.as_strided(storage, layout.sizes_at(bucket), layout.strides_at(bucket))
 
-    def _on_moved(self, moved: list[int], args: Sequence[Any]) -> None:
-        names = [_input_name(self.piece.gm, i) for i in moved]
-        log.warning("%s: input(s) %s changed address since capture; they are copied into static buffers "
-                    "from now on and this model's graphs are captured again", self.piece.name, ", ".join(names))
-        self.copy_mode.update(moved)  # _REF inputs get own buffers; chained token inputs get copied
-        COUNTERS.add("recaptures")
-        self.runtime.invalidate_after_call()
+    def _buffer(self, index: int, arg: torch.Tensor) -> torch.Tensor:
+        """The own buffer of a copied input: its shape is fixed, so all buckets share one."""
+        buffer = self.buffers.get(index)
+        if buffer is None or buffer.size() != arg.size() or buffer.stride() != arg.stride():
+            with torch.inference_mode(False):
+                buffer = torch.empty_strided(arg.size(), arg.stride(), dtype=arg.dtype, device=arg.device)
+            self.buffers[index] = buffer
+        return buffer
 
     # ---- outputs -------------------------------------------------------------------------------
 
@@ -245,6 +303,8 @@ class PieceRunner:
                 state.graph_outputs[value.data_ptr()] = full
             elif spec.kind == _SYMINT:
                 value = evaluate(spec.expr, self.symbol, num_tokens)
+            elif isinstance(value, torch.Tensor):
+                state.graph_outputs[value.data_ptr()] = value  # a fixed-shape output: chained as is
             real.append(value)
         return self._pack(real)
 
@@ -252,36 +312,62 @@ class PieceRunner:
         return values[0] if self.single_output else tuple(values)
 
 
+def _alias_outputs(outputs: Sequence[Any], copied: dict[int, torch.Tensor]) -> tuple[
+        tuple[int, int, tuple[int, ...], tuple[int, ...], int], ...]:
+    """Outputs that are views of a copied input's buffer: (output, input, size, stride, offset).
+
+    Such an output must be a view of the caller's tensor, not of our copy: a later op may write
+    through it (a KV cache slice handed to an attention op) or compare it by identity.
+    """
+    if not copied:
+        return ()
+    by_storage = {buffer.untyped_storage().data_ptr(): (index, buffer) for index, buffer in copied.items()}
+    found = []
+    for position, value in enumerate(outputs):
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in by_storage:
+            index, buffer = by_storage[value.untyped_storage().data_ptr()]
+            offset = value.storage_offset() - buffer.storage_offset()
+            found.append((position, index, tuple(value.size()), tuple(value.stride()), offset))
+    return tuple(found)
+
+
+def _with_aliases(outputs: Any, aliases: Sequence[tuple[int, int, tuple[int, ...], tuple[int, ...], int]],
+                  args: Sequence[Any], single: bool) -> Any:
+    """Replace outputs that alias a copied input by the same view of the caller's tensor."""
+    values = [outputs] if single else list(outputs)
+    for position, index, size, stride, offset in aliases:
+        source = args[index]
+        values[position] = source.as_strided(size, stride, source.storage_offset() + offset)
+    return values[0] if single else tuple(values)
+
+
 def _copy_inputs(zero_whole: Sequence[torch.Tensor], copies: Sequence[tuple[int, torch.Tensor, torch.Tensor | None]],
-                 copied: dict[int, torch.Tensor], args: Sequence[Any]) -> None:
-    """Fill a graph's static inputs: rows :T from the call, rows T.. zero, moved inputs copied."""
+                 args: Sequence[Any]) -> None:
+    """Fill a graph's static inputs: rows :T (or the whole buffer) from the call, rows T.. zero."""
     for view in zero_whole:
         view.zero_()
     for index, dst, padding in copies:
         src = args[index]
         if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():
-            dst.copy_(src)  # [T, ...] -> static [B, ...] rows :T
+            dst.copy_(src)  # [T, ...] -> static [B, ...] rows :T; or a copied input into its buffer
         if padding is not None:
             padding.zero_()  # rows T.. hold zeros, never an earlier call's data
-    for index, buffer in copied.items():
-        buffer.copy_(args[index])
 
 
-def _new_buffer_like(value: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode(False):
-        return torch.empty_strided(value.size(), value.stride(), dtype=value.dtype, device=value.device)
-
-
-def _input_specs(fake_args: Sequence[Any], symbol: sympy.Symbol | None) -> tuple[list[_InputSpec], str]:
-    """Classify each piece input; a second dynamic symbol makes the piece graphless (with why)."""
+def _input_specs(fake_args: Sequence[Any], symbol: sympy.Symbol | None,
+                 static_inputs: Collection[int]) -> tuple[list[_InputSpec], str]:
+    """Classify each piece input once; a second dynamic symbol makes the piece graphless (with why)."""
     specs, reason = [], ""
-    for fake in fake_args:
+    for index, fake in enumerate(fake_args):
         found = symbols_of(fake)
         others = found - ({symbol} if symbol is not None else set())
         if others:
             reason = f"depends on dynamic symbol(s) {', '.join(sorted(map(str, others)))} besides the token count"
         if isinstance(fake, torch.Tensor):
-            specs.append(_InputSpec(_TOKEN, layout=Layout.of(fake, symbol)) if symbol in found else _InputSpec(_REF))
+            if symbol is not None and symbol in found:
+                specs.append(_InputSpec(_TOKEN, layout=Layout.of(fake, symbol)))
+            else:
+                specs.append(_InputSpec(_STATIC if index in static_inputs else _COPIED))
         elif isinstance(fake, torch.SymInt) and found:
             specs.append(_InputSpec(_SYMINT, expr=expr_of(fake)))
         else:
@@ -308,17 +394,13 @@ def _output_specs(gm: torch.fx.GraphModule, symbol: sympy.Symbol | None) -> list
     return specs
 
 
-def _input_name(gm: torch.fx.GraphModule, index: int) -> str:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return placeholders[index].name if index < len(placeholders) else f"#{index}"
-
-
 class Runtime:
     """What ``torch.compile`` calls: one Dynamo graph, split, compiled, captured per bucket."""
 
     def __init__(self, split: SplitGraph, config: PiecewiseConfig, symbol: sympy.Symbol | None,
                  token_locator: tuple[int, int | None] | None, graph_mode: str,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, static_args: Collection[int] = (),
+                 static_names: Sequence[str] = ()) -> None:
         self.split = split
         self.config = config
         self.symbol = symbol
@@ -329,9 +411,15 @@ class Runtime:
         self.runners: list[PieceRunner] = []
         self.buckets: list[int] = list(config.buckets) if symbol is not None else [STATIC_GRAPH_BUCKET]
         self.largest_bucket = max(self.buckets)
+        self.static_args = tuple(static_args)  # indices of read-in-place tensors among the call's args
+        self._static_names = tuple(static_names)  # their names, for the log line when one moves
+        self._static_ptrs: tuple[int, ...] | None = None  # their addresses when the graphs were captured
+        self._moves: dict[int, int] = {}  # static arg index -> times it moved
+        self._owned: set[int] = set()  # storage addresses of graph outputs and static buffers
         self._lock = threading.RLock()
-        self._pool: GraphPool | None = None
-        self._drop_after_call: set[int] | None = None  # buckets whose graphs go at the end of this call
+        self._pool: GraphPool | EmulatedPool | None = None
+        self._last_stream: torch.cuda.Stream | None = None
+        self._drop_after_call: list[tuple[PieceRunner | None, int]] = []  # (runner or all, bucket)
         for piece in split.split_pieces:  # eager split ops: skip nn.Module.__call__ overhead per call
             split.split_gm.__dict__[piece.name] = piece.gm.forward
 
@@ -346,17 +434,21 @@ class Runtime:
 
     def __call__(self, *args: Any) -> Any:
         with self._lock, torch.no_grad():
+            self._drop_pending_graphs()  # dropped by the last call, whose outputs were views of them
             num_tokens = self.num_tokens(args)
             bucket = self.bucket_for(num_tokens)
+            if bucket is not None:
+                self._check_static_inputs(args)
+                if self.graph_mode == "cuda":
+                    self._order_streams()
             self.state = CallState(bucket=bucket, num_tokens=num_tokens)
             try:
                 outputs = self.split.split_gm(*args)
             finally:
                 state, self.state = self.state, CallState()
-                self._drop_pending_graphs()
             self._count(state, bucket, num_tokens)
             if state.used_graphs and self.config.copy_outputs:
-                outputs = _clone_tensors(outputs)  # they live in static buffers the next call overwrites
+                outputs = _clone_owned(outputs, self._owned)  # the next call overwrites graph memory
             return outputs
 
     def num_tokens(self, args: Sequence[Any]) -> int:
@@ -376,6 +468,57 @@ class Runtime:
         at = bisect.bisect_left(self.buckets, num_tokens)
         return self.buckets[at] if at < len(self.buckets) else None
 
+    def _check_static_inputs(self, args: Sequence[Any]) -> None:
+        """Static inputs are read in place by every graph: if one moved, drop the graphs (rare).
+
+        An input that moves a second time (a cache reallocated per request) is copied on every
+        replay from then on, like a user input: one more capture, then no more.
+        """
+        if not self.static_args:
+            return
+        ptrs = tuple(args[i].data_ptr() for i in self.static_args)
+        if ptrs == self._static_ptrs:
+            return
+        if self._static_ptrs is not None and self.captured_graphs():
+            moved = [i for i, old, new in zip(self.static_args, self._static_ptrs, ptrs) if old != new]
+            first_time = not self._moves
+            for index in moved:
+                self._moves[index] = self._moves.get(index, 0) + 1
+            demoted = [i for i in moved if self._moves[i] > 1]
+            names = [self._static_names[self.static_args.index(i)] for i in moved]
+            log.log(logging.WARNING if first_time or demoted else logging.DEBUG,
+                    "static input(s) %s changed address (a parameter reassigned or a cache reallocated): %d graph(s) "
+                    "are dropped and captured again%s", ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""),
+                    self.captured_graphs(), "; it moved before, so it is copied on every replay from now on"
+                    if demoted else "")
+            COUNTERS.add("recaptures")
+            self._drop(None, None)
+            if demoted:
+                self._demote(demoted)
+                ptrs = tuple(args[i].data_ptr() for i in self.static_args)
+        self._static_ptrs = ptrs
+
+    def _demote(self, indices: Collection[int]) -> None:
+        names = {self._static_names[self.static_args.index(i)] for i in indices}
+        for runner in self.runners:
+            runner.demote(names)
+        keep = [(i, n) for i, n in zip(self.static_args, self._static_names) if n not in names]
+        self.static_args = tuple(i for i, _ in keep)
+        self._static_names = tuple(n for _, n in keep)
+
+    def own(self, *groups: Any) -> None:
+        """Note tensors whose memory belongs to graphs: final outputs there are cloned."""
+        for group in groups:
+            self._owned.update(t.untyped_storage().data_ptr() for t in group if isinstance(t, torch.Tensor))
+
+    def _order_streams(self) -> None:
+        """Back-to-back calls on different streams share static buffers: the new one waits."""
+        stream = torch.cuda.current_stream(self.device)
+        last = self._last_stream
+        if last is not None and last != stream:
+            stream.wait_stream(last)
+        self._last_stream = stream
+
     def _count(self, state: CallState, bucket: int | None, num_tokens: int) -> None:
         if state.used_graphs:
             COUNTERS.add("graph_calls")
@@ -384,15 +527,18 @@ class Runtime:
         else:
             COUNTERS.add("eager_runs")
 
+    def captured_graphs(self) -> int:
+        return sum(len(r.captured) for r in self.runners)
+
     # ---- services for piece runners ------------------------------------------------------------
 
     def make_graph(self, fn: Callable[..., Any], static_args: list[Any]) -> CudaGraph | EmulatedGraph:
-        if self.graph_mode == "emulate":
-            return EmulatedGraph(fn, static_args)
-        if self._pool is None:
-            self._pool = GraphPool(self.device)
-        fn(*static_args)  # warm-up outside the graph: lazy inits, autotuning, cuBLAS workspaces
-        return CudaGraph(fn, static_args, self._pool)
+        """Capture ``fn`` on ``static_args`` into this runtime's pool (a fresh one if it was retired)."""
+        if self._pool is None or self._pool.retired:
+            self._pool = new_pool(self.graph_mode, self.device)
+        if self.graph_mode == "cuda":
+            fn(*static_args)  # warm-up outside the graph: lazy inits, autotuning, cuBLAS workspaces
+        return self._pool.capture(fn, static_args)
 
     def verify(self, runner: PieceRunner, static_args: list[Any], args: Sequence[Any]) -> None:
         """Verify mode: padded real rows must equal the exact-size run (first use of a bucket)."""
@@ -420,26 +566,34 @@ class Runtime:
         if bucket in self.buckets:
             self.buckets.remove(bucket)
         self.state.bucket = None  # the rest of this call runs without graphs
-        # Not now: earlier pieces of this call still hand out views of their graphs' memory.
-        self._drop_after_call = (self._drop_after_call or set()) | {bucket}
+        self.drop_after_call(None, bucket)
 
-    def invalidate_after_call(self) -> None:
-        """Drop every graph once this call ends; the next call at each bucket captures again."""
-        self.state.bucket = None
-        self._drop_after_call = set(self.buckets) | {b for r in self.runners for b in r.captured}
+    def drop_after_call(self, runner: PieceRunner | None, bucket: int | None) -> None:
+        """Drop graphs at ``bucket`` (of ``runner``, or of all runners) when the next call starts.
+
+        Not now: earlier pieces of this call still hand out views of their graphs' memory, and
+        with ``copy_outputs=False`` this call's outputs are such views until the next call.
+        """
+        self._drop_after_call.append((runner, bucket))
 
     def _drop_pending_graphs(self) -> None:
-        if not self._drop_after_call:
-            return
-        for runner in self.runners:
-            for bucket in self._drop_after_call:
-                runner.captured.pop(bucket, None)
-        self._drop_after_call = None
+        pending, self._drop_after_call = self._drop_after_call, []
+        for runner, bucket in pending:
+            self._drop(runner, bucket)
+
+    def _drop(self, runner: PieceRunner | None, bucket: int | None) -> None:
+        """Release graphs (of one runner or all; at one bucket or all): they never replay again."""
+        for each in [runner] if runner is not None else self.runners:
+            for key in [bucket] if bucket is not None else list(each.captured):
+                captured = each.captured.pop(key, None)
+                if captured is not None:
+                    captured.graph.release()
 
 
-def _clone_tensors(outputs: Any) -> Any:
+def _clone_owned(outputs: Any, owned: set[int]) -> Any:
+    """Clone output tensors that live in graph memory; others (fresh, or a caller's input) as they are."""
     if isinstance(outputs, torch.Tensor):
-        return outputs.clone()
+        return outputs.clone() if outputs.untyped_storage().data_ptr() in owned else outputs
     if isinstance(outputs, (tuple, list)):
-        return type(outputs)(_clone_tensors(o) for o in outputs)
+        return type(outputs)(_clone_owned(o, owned) for o in outputs)
     return outputs

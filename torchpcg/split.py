@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -223,16 +223,42 @@ def _target_name(target: Any) -> str:
     return name.lstrip("_")
 
 
-def split_graph(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str]) -> SplitGraph:
+def _foreign_writes(ids: Mapping[torch.fx.Node, int], split_ids: set[int],
+                    written_bases: Callable[[torch.fx.Node], list[torch.fx.Node]]) -> dict[torch.fx.Node, str]:
+    """In-place writes in a compute piece into a value made elsewhere (another piece, a split op).
+
+    Inside a graph such a write would land in the piece's static copy of its input, so readers
+    outside the piece would miss it; and capture would apply it once more than eager does.
+    Cut, it runs eagerly on the real tensor, once per call.
+    """
+    found = {}
+    for node, pid in ids.items():
+        if pid in split_ids:
+            continue
+        for base in written_bases(node):
+            if ids.get(base) != pid:  # a placeholder, or a node of another piece
+                found[node] = f"in-place write into '{base.name}' made outside this piece ({_target_name(node.target)})"
+    return found
+
+
+def split_graph(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str],
+                written_bases: Callable[[torch.fx.Node], list[torch.fx.Node]] | None = None) -> SplitGraph:
     """Cut ``gm`` before and after every node in ``reasons`` (node -> why it is cut).
 
     ``keep_original_order=True`` because reordering could move an in-place op (a KV-cache write)
-    past a reader of the same buffer.
+    past a reader of the same buffer. ``written_bases(node)`` (the nodes an op writes in place)
+    lets the splitter cut writes into values of other pieces too.
     """
     ids, split_ids = _partition_ids(gm, reasons)
     tiny = _tiny_pieces(ids, split_ids)
     if tiny:  # run them eagerly with their neighbours: one split piece instead of three pieces
         reasons = {**reasons, **tiny}
+        ids, split_ids = _partition_ids(gm, reasons)
+    while written_bases is not None:
+        foreign = _foreign_writes(ids, split_ids, written_bases)
+        if not foreign:
+            break
+        reasons = {**reasons, **foreign}
         ids, split_ids = _partition_ids(gm, reasons)
     names_by_id: dict[int, list[str]] = {}
     reasons_by_id: dict[int, list[str]] = {}

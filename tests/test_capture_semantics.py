@@ -1,0 +1,152 @@
+"""Input classification, side effects, aliasing and graph lifetime, on emulated graphs (CPU).
+
+The same semantics run on real graphs in tests/test_cuda_capture.py. Emulated graphs are made to
+fail where real ones would: a dropped graph's outputs are poisoned, a retired pool refuses captures.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchpcg
+from torchpcg.graphs import EmulatedPool
+
+EMULATE = {"cudagraph": "emulate", "compiler": "eager"}
+
+
+class _SideEffects(torch.nn.Module):
+    """Non-idempotent writes: a call counter (a buffer) and ``cache += ...`` into a user input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.proj(x)
+        cache += h.sum(0)
+        h = F.scaled_dot_product_attention(h[None], h[None], h[None])[0]
+        return self.proj(h) + cache
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-graph", "dynamic-graph"])
+def test_writes_into_inputs_happen_once_per_call(dynamic):
+    model, reference = _SideEffects().eval(), _SideEffects().eval()
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="piecewise", dynamic=dynamic or None, options=EMULATE)
+    cache, ref_cache = torch.zeros(16), torch.zeros(16)
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(4, 16)
+            torch.testing.assert_close(compiled(x, cache), reference(x, ref_cache))
+    assert int(model.calls) == int(reference.calls) == 5
+    torch.testing.assert_close(cache, ref_cache)
+    assert torchpcg.stats()["replays"] > 0
+
+
+class _WriteAcrossPieces(torch.nn.Module):
+    """``a.mul_(2)`` in a compute piece, on an attention output that a later attention reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)[None]
+        a = F.scaled_dot_product_attention(h, h, h)
+        a.mul_(2)
+        b = self.proj(a)
+        return F.scaled_dot_product_attention(b, a, a)[0] + b[0]
+
+
+def test_in_place_write_into_another_pieces_value_runs_eagerly():
+    model = _WriteAcrossPieces().eval()
+    compiled = torch.compile(model, backend="piecewise", options=EMULATE)
+    with torch.no_grad():
+        for num_tokens in (3, 3, 5):
+            x = torch.randn(num_tokens, 16)
+            torch.testing.assert_close(compiled(x), model(x))
+    report = torchpcg.explain(model, torch.randn(3, 16))
+    assert any("in-place write into" in r for p in report.graphs[0].pieces for r in p.reasons)
+
+
+@torch.library.custom_op("torchpcg_tests::accumulate", mutates_args=("into",))
+def accumulate(into: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """into += x (a KV-cache-style write through a view), returns x + into."""
+    into.add_(x)
+    return x + into
+
+
+@accumulate.register_fake
+def _(into: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _ViewOfUserInput(torch.nn.Module):
+    """A compute piece hands a split op a view of a (copied) user input; the op writes through it."""
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        row = state[1]  # [16] view of the caller's [2, 16] state
+        h = torch.tanh(x) * 2
+        return accumulate(row, h)
+
+
+def test_split_op_writes_through_a_view_of_a_user_input_reach_the_caller():
+    torchpcg.register_splitting_op("torchpcg_tests::accumulate")
+    model = _ViewOfUserInput()
+    compiled = torch.compile(model, backend="piecewise", options=EMULATE)
+    state, ref_state = torch.zeros(2, 16), torch.zeros(2, 16)
+    for _ in range(3):
+        x = torch.randn(16)
+        torch.testing.assert_close(compiled(x, state), model(x, ref_state))
+    torch.testing.assert_close(state, ref_state)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        h = F.scaled_dot_product_attention(h[None], h[None], h[None])[0]
+        return self.proj(h)
+
+
+def test_static_graph_with_fresh_tensors_replays_without_recapture():
+    model = _Scaled().eval()
+    compiled = torch.compile(model, backend="piecewise", options=EMULATE)
+    with torch.no_grad():
+        for _ in range(4):  # plain torch.compile, one shape: Dynamo hands over a static graph
+            x = torch.randn(1, 16)
+            torch.testing.assert_close(compiled(x), model(x))
+    stats = torchpcg.stats()
+    assert stats["dynamo_graphs"] == 1 and stats["recaptures"] == 0
+    assert stats["captured"] == stats["pieces"] and stats["replays"] == 3 * stats["pieces"]
+
+
+def test_dropped_graph_outputs_are_poisoned_like_reused_pool_memory():
+    model = _Scaled().eval()
+    compiled = torch.compile(model, backend="piecewise", options={**EMULATE, "copy_outputs": False})
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        old = compiled(x)  # a view of graph memory, valid until the next call
+        model.proj.weight.data = torch.randn(16, 16)  # a static input moves: every graph is dropped
+        new = compiled(x)
+    assert torch.isnan(old).all()  # a real pool would hand that memory to the new captures
+    torch.testing.assert_close(new, model(x))
+    assert torchpcg.stats()["recaptures"] == 1
+
+
+def test_emulated_pool_refuses_capture_after_retirement():
+    pool = EmulatedPool()
+    graph = pool.capture(lambda v: v + 1, (torch.ones(3),))
+    graph.replay()
+    pool.retire()
+    with pytest.raises(AssertionError, match="retired pool"):
+        pool.capture(lambda v: v + 1, (torch.ones(3),))
+    graph.release()
+    with pytest.raises(AssertionError, match="released graph"):
+        graph.replay()
