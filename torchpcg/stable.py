@@ -537,6 +537,7 @@ class StableModel:
         self._layout: _TokenLayout | None = None
         self.eager_calls = 0  # T <= 1 calls before the token inputs could be inferred
         self._unmarked: set[str] = set()  # token inputs already warned about for a size != T
+        self._backed_kinds: set[int] = set()  # min(T, 2) of calls compiled with a backed token dim
         self._grad_mode = torch.inference_mode if inference_mode else torch.no_grad
         self._lock = threading.Lock()  # the stable buffers are shared by every call
 
@@ -554,37 +555,33 @@ class StableModel:
             bound.apply_defaults()  # same positional layout on every call, whatever the caller spelled
             first = self._layout is None
             if first:
-                layout = self._infer_layout(bound.arguments)
-                if layout is None:
-                    return self._run_eager(args, kwargs)
+                layout = _resolve_layout(bound.arguments, self._token_inputs, set(self._stable),
+                                         _static_tensor_ids(self.model))
+                if self._token_inputs is None and layout.num_tokens(bound.arguments) <= 1:
+                    return self._run_eager(layout, args, kwargs)  # shapes cannot tell yet
                 self._layout = layout
+                log.info("%s: token inputs %s (%s)", _describe(self.model), layout.dims,
+                         "token_inputs=" if self._token_inputs else
+                         f"inferred from shapes at T={layout.num_tokens(bound.arguments)}; token_inputs= overrides")
             return self._run_compiled(bound, first)
 
     forward = __call__
 
-    def _infer_layout(self, arguments: dict[str, Any]) -> _TokenLayout | None:
-        """The token layout from this call, or None while it cannot be told (T <= 1, no token_inputs)."""
-        layout = _resolve_layout(arguments, self._token_inputs, set(self._stable), _static_tensor_ids(self.model))
-        if self._token_inputs is None and layout.num_tokens(arguments) <= 1:
-            return None
-        if self._token_inputs is None:
-            log.info("%s: token inputs %s inferred from shapes at T=%d (pass token_inputs= to override)",
-                     _describe(self.model), layout.dims, layout.num_tokens(arguments))
-        return layout
-
-    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+    def _run_eager(self, layout: _TokenLayout, args: tuple, kwargs: dict) -> Any:
         """A T <= 1 call before the first T > 1 one: the uncompiled model, same answer, nothing marked."""
         if self.eager_calls == 0:
-            log.warning("%s: first call has T=1 tokens, where shapes cannot tell token inputs from other "
+            log.warning("%s: first call has T=1 token, where shapes cannot tell token inputs from other "
                         "[1, ...] tensors; calls run uncompiled until the first call with T > 1, which infers "
                         "them and compiles. To compile from the first call, name them: "
-                        "torchpcg.compile(model, token_inputs={'input_ids': dim, ...})", _describe(self.model))
+                        "torchpcg.compile(model, token_inputs={'%s': %d, ...})",
+                        _describe(self.model), layout.primary, layout.dims[layout.primary])
         self.eager_calls += 1
         return self.model(*args, **kwargs)
 
     def _run_compiled(self, bound: inspect.BoundArguments, first: bool) -> Any:
         arguments = bound.arguments
         num_tokens = self._layout.num_tokens(arguments)  # type: ignore[union-attr]
+        self._expect_backed_graph(num_tokens)
         self._mark_tokens(arguments, num_tokens)
         # depyf sees only frames compiled inside its session: wrap the first call (TORCHPCG_DEBUG_DIR).
         with depyf_session(self.config.debug_dir if first else None):
@@ -600,8 +597,21 @@ class StableModel:
                 self.dynamic_dim = "backed"
                 self.compiled = self._recompile()
                 self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=_describe(self.model))
+                self._expect_backed_graph(num_tokens)
                 self._mark_tokens(arguments, num_tokens)
                 return self.monitor(*bound.args, **bound.kwargs)
+
+    def _expect_backed_graph(self, num_tokens: int) -> None:
+        """A backed token dim cannot hold T=1 (Dynamo specialises sizes 0/1), so T=1 and T >= 2 get
+        one graph each: the first call of each kind is warmup, not a recompile."""
+        kind = min(num_tokens, 2)
+        if self.dynamic_dim != "backed" or kind in self._backed_kinds:
+            return
+        if self._backed_kinds:
+            log.info("%s: compiling its T=%s graph (backed token dim; warmup, not a recompile)",
+                     _describe(self.model), "1" if kind < 2 else ">=2")
+            self.monitor.warmed_up = False
+        self._backed_kinds.add(kind)
 
     def _mark_tokens(self, arguments: dict[str, Any], num_tokens: int) -> None:
         mode = "unbacked" if self.dynamic_dim == "auto" else self.dynamic_dim
