@@ -72,6 +72,7 @@ def test_reason_categories():
     assert reason_category("user split op (mylib::op)") == "user"
     assert reason_category("padding-unsafe: slice along the token dim (getitem)") == "padding-unsafe"
     assert reason_category("merged: 1-op piece between split ops runs eagerly") == "merged"
+    assert reason_category("side effect: in-place write into 'a', made outside this piece (mul_)") == "side effect"
 
 
 def test_explain_hugging_face_llama_falls_back_to_backed_dims():

@@ -29,7 +29,7 @@ from .stable import _describe
 log = logging.getLogger(__name__)
 
 # "merged": a tiny compute piece between two split ops that split.py folds into them (run eagerly).
-REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "merged", "other")
+REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "side effect", "merged", "other")
 
 
 def reason_category(reason: str) -> str:
@@ -44,6 +44,8 @@ def reason_category(reason: str) -> str:
         return "user"
     if reason.startswith("merged"):
         return "merged"
+    if reason.startswith("side effect"):
+        return "side effect"
     return "other"
 
 

@@ -237,7 +237,8 @@ def _foreign_writes(ids: Mapping[torch.fx.Node, int], split_ids: set[int],
             continue
         for base in written_bases(node):
             if ids.get(base) != pid:  # a placeholder, or a node of another piece
-                found[node] = f"in-place write into '{base.name}' made outside this piece ({_target_name(node.target)})"
+                found[node] = (f"side effect: in-place write into '{base.name}', made outside this piece "
+                               f"({_target_name(node.target)})")
     return found
 
 
