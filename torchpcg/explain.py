@@ -224,11 +224,14 @@ def plan_of(runtime: Any, graph_mode: str | None = None) -> GraphPlan:
         runner = runners.get(piece.name)
         kind = "split" if piece.is_split_op else "compute"
         token = {i: s for i, s in enumerate(runner.inputs) if s.kind == "token"} if runner is not None else {}
-        # Float inputs that are a previous graph's output are read in place (runtime: chained
-        # inputs); every other token input has one flat buffer sized for the largest bucket.
-        chained = {i for i, s in token.items() if i in from_graphs.get(piece.name, ()) and s.layout.dtype.is_floating_point}
+        copied = {i: s for i, s in enumerate(runner.inputs) if s.kind == "copied"} if runner is not None else {}
+        # Float token inputs and copied inputs that are a previous graph's output are read in
+        # place (runtime: chained inputs); every other token input has one flat buffer sized for
+        # the largest bucket, every other copied input one buffer of its fixed shape.
+        chained = {i for i, s in {**token, **copied}.items() if i in from_graphs.get(piece.name, ())
+                   and (s.kind == "copied" or s.layout.dtype.is_floating_point)}
         static = sum(s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype)
-                     for i, s in token.items() if i not in chained)
+                     for i, s in {**token, **copied}.items() if i not in chained)
         pieces.append(PiecePlan(
             index=piece.index, name=piece.name, kind=kind, num_nodes=len(piece.node_names),
             reasons=tuple(piece.reasons), token_inputs=len(token), chained_inputs=len(chained),

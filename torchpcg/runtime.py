@@ -90,7 +90,7 @@ class CallState:
 @dataclasses.dataclass(frozen=True)
 class _InputSpec:
     kind: str  # an InputKind
-    layout: Layout | None = None  # for _TOKEN
+    layout: Layout | None = None  # for _TOKEN and _COPIED (fixed sizes)
     expr: sympy.Expr | int | None = None  # for _SYMINT
 
 
@@ -367,7 +367,8 @@ def _input_specs(fake_args: Sequence[Any], symbol: sympy.Symbol | None,
             if symbol is not None and symbol in found:
                 specs.append(_InputSpec(_TOKEN, layout=Layout.of(fake, symbol)))
             else:
-                specs.append(_InputSpec(_STATIC if index in static_inputs else _COPIED))
+                kind = _STATIC if index in static_inputs else _COPIED
+                specs.append(_InputSpec(kind, layout=Layout.of(fake, symbol) if kind == _COPIED else None))
         elif isinstance(fake, torch.SymInt) and found:
             specs.append(_InputSpec(_SYMINT, expr=expr_of(fake)))
         else:
