@@ -11,7 +11,7 @@ Four things make Dynamo recompile a serving model, and each has its answer here:
 guard that flips                what this module does
 ==============================  ===============================================================
 grad mode (GLOBAL_STATE)        forward always runs under ``torch.no_grad()`` / ``inference_mode``
-size 0/1 specialisation (T=1)   the token dim is marked *unbacked* from the very first call
+size 0/1 specialisation (T=1)   the token dim is marked *unbacked* from the first compiled call
 optional kwarg None <-> Tensor  ``stable_kwargs``: always a slice of a preallocated, zeroed buffer
 Python scalar / anything else   not fixable from outside: the monitor names it and the fix
 ==============================  ===============================================================
@@ -591,7 +591,7 @@ class StableModel:
                 if not (first and self.dynamic_dim == "auto" and self._recompile and _is_data_dependent(exc)):
                     raise
                 log.warning("%s cannot be traced with an unbacked token dim (%s); compiling with a backed "
-                            "one instead (mark_dynamic: a first call at T=1 then costs one recompile). "
+                            "one instead (mark_dynamic: T=1 calls then get a graph of their own). "
                             "Pass dynamic_dim='backed' to skip this attempt.",
                             _describe(self.model), str(exc).splitlines()[0][:160])
                 self.dynamic_dim = "backed"
@@ -696,17 +696,26 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
     ``inference_mode=True``) whatever the caller's grad mode; marks the token dim of the token
     inputs dynamic (``dynamic_dim="auto"``, the default: unbacked, and if the model cannot be traced
     with an unbacked size (e.g. Hugging Face mask helpers), one logged retry as backed;
-    ``"unbacked"``: one symbol from the very first call, T=1 included;
-    ``"backed"``: ``mark_dynamic``, a T=1 first call then costs one recompile; ``"off"``); passes
+    ``"unbacked"``: one symbol for every T, T=1 included;
+    ``"backed"``: ``mark_dynamic``, which cannot hold T=1, so T=1 gets a second graph, whose
+    first call is warmup like the first call of all; ``"off"``); passes
     each ``stable_kwargs`` entry as the first T rows of a preallocated buffer, zeroed when the
     caller gives None; and watches for recompiles (``RecompileMonitor``; raises under enforce).
 
-    Token inputs, unless ``token_inputs={"name": dim}`` names them: the first tensor argument
-    (dim 1 if it is 2-D integer ids ``[B, S]``, else dim 0) plus every tensor argument whose
-    *name* is token-like (``positions``, ``position_ids``, ``attention_mask``, ``hidden_states``,
-    ``residual``, ``*_ids``, ``*_embeds``, ...) and whose size at that dim equals T on the first call.
-    Sizes alone are not used: at T=1 every ``[1, ...]`` tensor would match, and a KV cache whose
-    length happens to equal T must stay static.
+    Token inputs, unless ``token_inputs={"name": dim}`` names them, are inferred from the *shapes*
+    of the first call with T > 1 (names do not matter): the first tensor argument is the primary
+    (T on dim 1 if it is 2-D integer ids ``[B, S]``, else dim 0); every other tensor argument with
+    T at the primary's token dim (dim 0 for a 1-D tensor, e.g. ``cache_position [S]``) is a token
+    input, except parameters and buffers of the model, ``mark_static_address`` tensors (Hugging
+    Face ``StaticCache``), tensors with more dims than the primary's + 1 (a KV cache
+    ``[L, 2, S, H, D]`` whose L equals T) and names of per-layer or per-sequence state (a word
+    ``past`` or ``kv``, or a last word ``cache``, ``caches``, ``len``, ``lens``, ``lengths``,
+    ``seqlen``, ``seqlens``, ``table``, ``tables``, ``loc``: ``seq_lens [B]`` of a decode batch
+    with B == T). At T = 1 every ``[1, ...]`` tensor matches, so calls with T <= 1 before the
+    first T > 1 call run the uncompiled model (same answer, logged once, counted in
+    ``.eager_calls``); with ``token_inputs=`` the first call compiles whatever its T. A token
+    input whose size at its dim is not T on a later call is passed unmarked, with a warning
+    (Dynamo then compiles that shape; the monitor reports it).
 
     Knobs (``**knobs``, ``config``) are ``PiecewiseConfig`` fields, passed as ``options=`` to the
     piecewise backend; other backends accept only ``enforce``.
