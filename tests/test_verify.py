@@ -24,7 +24,7 @@ def _compile(model, **options):
 def test_verify_names_piece_and_node_when_analysis_misses_an_unsafe_op(monkeypatch):
     import torchpcg.backend
 
-    monkeypatch.setattr(torchpcg.backend, "_padding_reasons", lambda gm, symbol: {})  # pretend the analysis missed it
+    monkeypatch.setattr(torchpcg.backend, "classify", lambda gm, symbol: {})  # pretend the analysis missed it
     compiled = _compile(_TokenMean())
     x = torch.randn(5, 4)
     torch._dynamo.mark_dynamic(x, 0)
