@@ -164,6 +164,8 @@ def _check_counters(case: Case, stats: dict[str, Any]) -> None:
     assert stats["capture_failures"] == 0, f"{case.id}: capture failures: {stats}"
     # New user tensors on every call are normal serving: copied into static buffers, never a recapture.
     assert stats["recaptures"] == 0, f"{case.id}: graphs captured again for fresh input tensors: {stats}"
+    if case.entry in ("tpcg", "capture"):  # torchpcg.compile's monitor counts recompiles after warmup
+        assert stats["recompiles"] == 0, f"{case.id}: recompiled after warmup: {stats}"
 
 
 def _run(case: Case) -> weakref.ref:
