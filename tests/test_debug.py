@@ -10,8 +10,15 @@ import torch
 
 import torchpcg
 
-from torchpcg.debug import depyf_session, inductor_source
+from torchpcg.debug import depyf_session, inductor_source, install_bytecode_dump, remove_bytecode_dump
 from tests.utils import decoder_inputs, tiny_decoder
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_bytecode_dump(tmp_path):
+    """The backend's dump hook is process-wide: take it away after each test of this file."""
+    yield
+    remove_bytecode_dump(str(tmp_path))
 
 
 def _compile_and_run(tmp_path, compiler="eager", **extra):
@@ -88,3 +95,61 @@ def test_torchpcg_compile_debug_dir_gets_depyf_dump_of_the_first_call(tmp_path):
     dumped = os.listdir(tmp_path / "depyf")
     assert any(name.startswith("full_code_for_forward") for name in dumped), dumped
     assert (tmp_path / "graph_0" / "split_plan.json").exists()
+
+
+def _transformed_code_files(debug_dir):
+    folder = debug_dir / "depyf"
+    return sorted(folder.glob("__transformed_code_*_for_forward.py")) if folder.exists() else []
+
+
+def test_bytecode_dump_writes_the_first_frames_transformed_code(tmp_path):
+    pytest.importorskip("depyf")
+    assert install_bytecode_dump(str(tmp_path)) and install_bytecode_dump(str(tmp_path))  # idempotent
+    model = tiny_decoder(num_layers=1)
+    compiled = torch.compile(model, backend="piecewise", fullgraph=True,
+                             options={"cudagraph": "emulate", "compiler": "eager"})
+    compiled(*decoder_inputs(model, 3))
+    files = _transformed_code_files(tmp_path)
+    assert [f.name for f in files] == ["__transformed_code_0_for_forward.py"]  # one hook, one file
+    source = files[0].read_text()
+    ast.parse(source)
+    assert "def forward(" in source and "__compiled_fn" in source  # the frame calls the compiled graph
+
+
+def test_bytecode_dump_registered_from_inside_a_backend_catches_that_frame(tmp_path):
+    pytest.importorskip("depyf")
+
+    def backend(gm, example_inputs):  # Dynamo runs bytecode hooks after the backend returns
+        install_bytecode_dump(str(tmp_path))
+        return gm.forward
+
+    torch.compile(lambda x: x.sin() + 1, backend=backend, fullgraph=True)(torch.ones(3))
+    assert len(list((tmp_path / "depyf").glob("__transformed_code_0_for_*.py"))) == 1
+
+
+def test_plain_torch_compile_with_debug_dir_writes_transformed_code(tmp_path):
+    """The default path: the backend installs the dump itself when debug_dir is set."""
+    pytest.importorskip("depyf")
+    model = tiny_decoder(num_layers=1)
+    compiled = torch.compile(model, backend="piecewise",
+                             options={"debug_dir": str(tmp_path), "cudagraph": "emulate", "compiler": "eager"})
+    compiled(*decoder_inputs(model, 3, mark=False))
+    assert (tmp_path / "graph_0" / "split_plan.json").exists()
+    files = _transformed_code_files(tmp_path)
+    assert files, sorted(os.listdir(tmp_path))
+    ast.parse(files[0].read_text())
+
+
+def test_bytecode_dump_without_depyf_logs_once_and_returns_false(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from torchpcg import debug
+
+    monkeypatch.setitem(sys.modules, "depyf", None)  # import depyf -> ImportError
+    debug._depyf_installed.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="torchpcg.debug"):
+            assert not install_bytecode_dump(str(tmp_path)) and not install_bytecode_dump(str(tmp_path))
+    finally:
+        debug._depyf_installed.cache_clear()
+    assert sum("depyf is not installed" in r.getMessage() for r in caplog.records) == 1

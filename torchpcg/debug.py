@@ -3,21 +3,25 @@
 In: a ``Runtime`` the backend just built (pieces compiled, nothing captured yet), the Dynamo
 GraphModule it came from, and ``PiecewiseConfig.debug_dir``. Out: files under
 ``debug_dir/graph_<n>/`` (one folder per Dynamo graph) and a ``README.md`` in ``debug_dir`` saying
-what each file is. ``depyf_session`` adds depyf's decompiled bytecode of the model's frames.
+what each file is. ``install_bytecode_dump`` (called by the backend) adds depyf's decompiled source
+of every frame Dynamo transforms; ``depyf_session`` adds depyf's full dump around one block.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx
 
-__all__ = ["dump_split", "depyf_session", "inductor_source", "README_TEXT"]
+__all__ = ["dump_split", "depyf_session", "install_bytecode_dump", "inductor_source", "README_TEXT"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,8 @@ compile order (a recompile makes a new folder).
 | `graph_<n>/split_module.py` | the top-level split module: the order in which pieces (`submod_<i>`) are called and which values flow between them |
 | `graph_<n>/piece_<i>_<name>.py` | the FX code of piece `<i>`; a header says whether it is a compute piece (compiled, captured per bucket) or a split op (run eagerly on the real rows) and why |
 | `graph_<n>/piece_<i>_<name>.inductor.py` | Inductor's generated output code for compute piece `<i>` (only with `compiler="inductor"`) |
-| `depyf/` | depyf's decompiled Python of the model's frames as Dynamo rewrote them (`full_code_for_*.py`, `__transformed_code_*.py`, `__compiled_fn_*.py`); written by `torchpcg.debug.depyf_session` when depyf is installed and the session wraps the first call |
+| `depyf/__transformed_code_<n>_for_<fn>.py` | depyf's decompiled Python of each frame as Dynamo rewrote it (guards aside: the code that calls the compiled graph); written for every frame Dynamo transforms once the backend has run with `debug_dir` set, when depyf is installed |
+| `depyf/` (other files) | `full_code_for_*.py` (guards + transformed code + compiled graph), `__compiled_fn_*.py`: depyf's full dump, written by `torchpcg.debug.depyf_session` when the session wraps the first call (`torchpcg.compile` does) |
 
 Pieces are numbered in execution order; `submod_<k>` names come from `torch.fx.passes.split_module`.
 """
@@ -222,3 +227,126 @@ def _depyf_accepts_callables() -> Iterator[None]:
         yield
     finally:
         CodeProxy.decompile_with_name = original
+
+
+# Dynamo's bytecode hooks are process-wide, so the record of the ones we registered is too:
+# directory -> handle, read and written under the lock (two threads may compile at once).
+_DUMP_LOCK = threading.Lock()
+_DUMP_HANDLES: dict[str, Any] = {}
+
+
+def install_bytecode_dump(debug_dir: str) -> bool:
+    """Write depyf's decompiled source of every frame Dynamo transforms to ``debug_dir/depyf/``.
+
+    The backend calls it when ``debug_dir`` is set, so plain ``torch.compile(model,
+    backend="piecewise")`` gets the decompiled code without ``depyf_session``. It registers a
+    Dynamo bytecode hook (``torch._dynamo.convert_frame.register_bytecode_hook``, the hook depyf
+    uses). Dynamo runs the hooks after the backend has returned, so registering from inside the
+    backend still dumps the frame being compiled. Returns True when a hook for ``debug_dir`` is in
+    place (installed now or before); idempotent and thread-safe, one hook per directory.
+
+    Example::
+
+        install_bytecode_dump("/tmp/pcg")
+        torch.compile(model, backend="piecewise")(ids, positions, cache)
+        # -> /tmp/pcg/depyf/__transformed_code_0_for_forward.py
+
+    Files: ``__transformed_code_<n>_for_<fn>.py``, depyf's names (``<n>`` counts the frames of
+    ``<fn>``: recompiles, resume functions after a graph break).
+
+    Note: the hook is process-wide and stays until ``remove_bytecode_dump(debug_dir)``: every
+    frame Dynamo transforms later is dumped, whatever its backend. It writes the transformed code
+    only, not guards or compiled graphs (``depyf_session`` does), and skips frames a
+    ``depyf_session`` on the same directory already writes. Without depyf it logs one warning and
+    returns False; a decompile or write error is logged, never raised.
+    """
+    folder = os.path.join(os.path.abspath(debug_dir), "depyf")
+    with _DUMP_LOCK:
+        if folder in _DUMP_HANDLES:
+            return True
+        if not _depyf_installed():
+            return False
+        from torch._dynamo.convert_frame import register_bytecode_hook
+
+        _DUMP_HANDLES[folder] = register_bytecode_hook(_TransformedCodeDump(folder))
+    log.info("depyf: decompiled transformed code of each compiled frame goes to %s", folder)
+    return True
+
+
+def remove_bytecode_dump(debug_dir: str) -> None:
+    """Unregister the hook ``install_bytecode_dump(debug_dir)`` put in place (no-op if none)."""
+    folder = os.path.join(os.path.abspath(debug_dir), "depyf")
+    with _DUMP_LOCK:
+        handle = _DUMP_HANDLES.pop(folder, None)
+    if handle is not None:
+        handle.remove()
+
+
+@functools.lru_cache(maxsize=None)
+def _depyf_installed() -> bool:
+    """Cached so a missing depyf is logged once per process, not once per compiled graph."""
+    try:
+        import depyf  # noqa: F401
+    except ImportError:
+        log.warning("depyf is not installed: the debug dir gets no decompiled bytecode (pip install depyf)")
+        return False
+    return True
+
+
+class _TransformedCodeDump:
+    """Dynamo bytecode hook ``(original code, transformed code) -> None`` writing the decompiled source."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, code: types.CodeType, new_code: types.CodeType) -> None:
+        if _depyf_session_writes_to(self.folder):
+            return  # depyf's own hook writes the same file for this frame
+        try:
+            import depyf
+
+            header = (f"# {code.co_name} ({code.co_filename}:{code.co_firstlineno}) as Dynamo transformed it, "
+                      "decompiled by depyf; written by torchpcg.debug.install_bytecode_dump\n")
+            name = f"__transformed_code_{{}}_for_{_file_safe(code.co_name)}.py"
+            path = _write_numbered(self.folder, name, header + depyf.decompile(new_code))
+        except Exception as exc:  # depyf cannot decompile every bytecode; a debug aid must not break a compile
+            log.warning("depyf could not dump the transformed code of %s to %s: %s", code.co_name, self.folder, exc)
+            return
+        log.debug("depyf: wrote %s", path)
+
+
+def _depyf_session_writes_to(folder: str) -> bool:
+    """True while a ``depyf_session`` (depyf's ``DebuggableHook``) dumps into ``folder``."""
+    from torch._dynamo import convert_frame
+
+    hooks = list(getattr(convert_frame, "_bytecode_hooks", {}).values())
+    return any(os.path.abspath(getattr(hook, "dump_src_dir", "")) == folder for hook in hooks)
+
+
+def _file_safe(name: str) -> str:
+    """depyf's rule: '<lambda>', 'A.f' and 'genexpr x' become file-name friendly."""
+    for char in ".<> ":
+        name = name.replace(char, "_")
+    return name
+
+
+def _write_numbered(folder: str, template: str, text: str) -> str:
+    """Write ``text`` to the first free ``template.format(n)``, atomically.
+
+    ``os.link`` fails when the name exists, so two threads or processes never claim the same
+    ``n`` and a reader never sees half a file.
+    """
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}_{threading.get_ident()}")
+    _write(tmp, text)
+    try:
+        index = 0
+        while True:
+            path = os.path.join(folder, template.format(index))
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                index += 1
+    finally:
+        os.remove(tmp)
