@@ -76,9 +76,10 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
              len(split.compute_pieces), len(split.split_pieces), runtime.graph_mode,
              format_sizes(runtime.buckets), config.compiler, time.perf_counter() - start)
     if config.debug_dir:
-        from .debug import dump_split
+        from .debug import dump_split, install_bytecode_dump
 
         dump_split(runtime, gm, config.debug_dir)
+        install_bytecode_dump(config.debug_dir)  # Dynamo runs the hook for this frame after we return
     for collector in getattr(_collectors, "stack", ()):
         collector.append(runtime)
     return runtime
