@@ -300,10 +300,10 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     options=...)`` or ``torchpcg.compile(module, ...)``; the compiled model's options (and
     ``options=``, which win) give the buckets and split ops. The model is compiled afresh with
     ``fullgraph=True``, ``cudagraph="off"`` and eager pieces, and run once on ``*args, **kwargs`` under
-    ``no_grad``. Token dims are marked dynamic as ``torchpcg.compile`` marks them: the first
-    tensor argument (dim 1 for 2-D integer ids, else dim 0) plus token-named arguments
-    (``positions``, ``*_ids``, ``*_embeds``, ...) of the same length; ``token_inputs={"name": dim}``
-    names them instead. ``dynamic_dim``: ``"unbacked"`` or ``"backed"`` (``mark_dynamic``);
+    ``no_grad``. Token dims are marked dynamic as ``torchpcg.compile`` finds them, by shape: the
+    first tensor argument (dim 1 for 2-D integer ids, else dim 0) plus every other tensor
+    argument with T rows at that dim (pass T > 1; see docs/zero-recompiles.md for the
+    exclusions); ``token_inputs={"name": dim}`` names them instead. ``dynamic_dim``: ``"unbacked"`` or ``"backed"`` (``mark_dynamic``);
     default (or ``"auto"``): the ``torchpcg.compile`` model's own if it is one of those two, else
     unbacked and, if the model cannot be traced that way (code that branches on the token count,
     e.g. Hugging Face mask helpers), backed. With backed dims pass at least 2 tokens (Dynamo specialises a size of 1).
