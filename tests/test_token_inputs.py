@@ -15,7 +15,7 @@ import torch
 
 import torchpcg
 from torchpcg.models import DecoderConfig, FlatDecoder
-from torchpcg.stable import _resolve_layout, compile as stable_compile
+from torchpcg.stable import resolve_token_layout, compile as stable_compile
 
 BUCKETS = "1,2,4,8,16"
 PIECEWISE = dict(cudagraph="emulate", compiler="eager", capture_sizes=BUCKETS, enforce=True)
@@ -127,7 +127,7 @@ def test_capture_before_traffic_infers_from_the_largest_bucket() -> None:
 
 def _layout(model: torch.nn.Module | None = None, **arguments: torch.Tensor) -> dict[str, int]:
     static = frozenset(id(t) for t in (*model.parameters(), *model.buffers())) if model is not None else frozenset()
-    return _resolve_layout(arguments, None, set(), static).dims
+    return resolve_token_layout(arguments, None, set(), static).dims
 
 
 def test_shape_rule() -> None:

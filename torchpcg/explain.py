@@ -24,7 +24,7 @@ from .config import PiecewiseConfig, format_sizes
 __all__ = ["explain", "ExplainReport", "GraphPlan", "PiecePlan", "plan_of", "reason_category", "REASON_CATEGORIES"]
 
 from .backend import compile_options
-from .stable import _describe
+from .stable import describe_callable
 
 log = logging.getLogger(__name__)
 
@@ -330,25 +330,25 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
             log.info("explain: tracing with %s token dims failed (%s: %s); retrying with %s",
                      mode, type(exc).__name__, str(exc).splitlines()[0][:200], attempts[attempt + 1])
     plans = [plan_of(r, would_use_graph_mode(user_config, _device_of(r))) for r in runtimes]
-    log.info("explain %s: %d Dynamo graph(s)", _describe(module), len(plans))
-    return ExplainReport(_describe(module), tuple(plans), user_config.to_dict())
+    log.info("explain %s: %d Dynamo graph(s)", describe_callable(module), len(plans))
+    return ExplainReport(describe_callable(module), tuple(plans), user_config.to_dict())
 
 
 def _trace_once(module: Any, config: PiecewiseConfig, args: tuple, kwargs: dict,
                 token_inputs: Mapping[str, int] | None, dynamic_dim: str) -> list[Any]:
     """Compile a fresh copy of ``module``'s forward, call it once, return the runtimes built."""
     from .backend import collect_runtimes
-    from .stable import _mark_token_dim, _resolve_layout
+    from .stable import mark_token_dim, resolve_token_layout
 
     fresh, signature_owner = _fresh_callable(module)
     compiled = torch.compile(fresh, backend="piecewise", fullgraph=True, options=config.to_dict())
     bound = inspect.signature(signature_owner).bind(*args, **kwargs)
-    layout = _resolve_layout(dict(bound.arguments), token_inputs, set())
+    layout = resolve_token_layout(dict(bound.arguments), token_inputs, set())
     for name, dim in layout.dims.items():
         value = bound.arguments.get(name)
         if isinstance(value, torch.Tensor):
             bound.arguments[name] = value = value.detach()  # a new tensor object: the caller's stays unmarked
-            _mark_token_dim(value, dim, dynamic_dim)
+            mark_token_dim(value, dim, dynamic_dim)
     with collect_runtimes() as runtimes, torch.no_grad():
         compiled(*bound.args, **bound.kwargs)
     return runtimes

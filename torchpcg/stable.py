@@ -36,7 +36,8 @@ from .config import PiecewiseConfig
 from .errors import ConfigError, RecompileError, TorchPCGError
 from .stats import COUNTERS
 
-__all__ = ["compile", "StableBuffer", "StableModel", "RecompileMonitor", "watch_recompiles", "StableInputError"]
+__all__ = ["compile", "StableBuffer", "StableModel", "RecompileMonitor", "watch_recompiles", "StableInputError",
+           "describe_callable", "mark_token_dim", "resolve_token_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class _StableTree:
 
 # ---- token dims ----------------------------------------------------------------------------------
 
-def _mark_token_dim(tensor: torch.Tensor, dim: int, mode: str) -> None:
+def mark_token_dim(tensor: torch.Tensor, dim: int, mode: str) -> None:
     if mode == "unbacked":
         _mark_unbacked(tensor, dim)
     elif mode == "backed":
@@ -216,7 +217,7 @@ class _TokenLayout:
         return value.shape[self.dims[self.primary]]
 
 
-def _resolve_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int] | None,
+def resolve_token_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int] | None,
                     stable_names: set[str], static_ids: frozenset[int] = frozenset()) -> _TokenLayout:
     """The token inputs of one call: ``token_inputs`` if given, else inferred by shape.
 
@@ -433,7 +434,7 @@ class RecompileMonitor:
     def __init__(self, fn: Callable[..., Any], *, enforce: bool = False, name: str | None = None) -> None:
         self.fn = fn
         self.enforce = enforce
-        self.name = name or _describe(fn)
+        self.name = name or describe_callable(fn)
         self.recompiles: list[str] = []
         self.warmed_up = False
         self._code = _original_code(fn)
@@ -502,7 +503,7 @@ def watch_recompiles(fn: Callable[..., Any], *, enforce: bool | None = None, nam
     return RecompileMonitor(fn, enforce=enforce, name=name)
 
 
-def _describe(fn: Any) -> str:
+def describe_callable(fn: Any) -> str:
     inner = getattr(fn, "_orig_mod", None) or getattr(fn, "_torchdynamo_orig_callable", None) or fn
     return getattr(inner, "__qualname__", None) or type(inner).__name__
 
@@ -528,7 +529,7 @@ class StableModel:
         self._recompile = recompile  # a fresh torch.compile of model, for the auto -> backed retry
         self.config = config
         self.dynamic_dim = dynamic_dim
-        self.monitor = RecompileMonitor(compiled, enforce=config.enforce, name=_describe(model))
+        self.monitor = RecompileMonitor(compiled, enforce=config.enforce, name=describe_callable(model))
         self._signature = inspect.signature(getattr(model, "forward", model))
         self.__signature__ = self._signature
         self._stable = {name: _StableTree(name, spec, initial_tokens) for name, spec in stable_kwargs.items()}
@@ -555,12 +556,12 @@ class StableModel:
             bound.apply_defaults()  # same positional layout on every call, whatever the caller spelled
             first = self._layout is None
             if first:
-                layout = _resolve_layout(bound.arguments, self._token_inputs, set(self._stable),
+                layout = resolve_token_layout(bound.arguments, self._token_inputs, set(self._stable),
                                          _static_tensor_ids(self.model))
                 if self._token_inputs is None and layout.num_tokens(bound.arguments) <= 1:
                     return self._run_eager(layout, args, kwargs)  # shapes cannot tell yet
                 self._layout = layout
-                log.info("%s: token inputs %s (%s)", _describe(self.model), layout.dims,
+                log.info("%s: token inputs %s (%s)", describe_callable(self.model), layout.dims,
                          "token_inputs=" if self._token_inputs else
                          f"inferred from shapes at T={layout.num_tokens(bound.arguments)}; token_inputs= overrides")
             return self._run_compiled(bound, first)
@@ -574,7 +575,7 @@ class StableModel:
                         "[1, ...] tensors; calls run uncompiled until the first call with T > 1, which infers "
                         "them and compiles. To compile from the first call, name them: "
                         "torchpcg.compile(model, token_inputs={'%s': %d, ...})",
-                        _describe(self.model), layout.primary, layout.dims[layout.primary])
+                        describe_callable(self.model), layout.primary, layout.dims[layout.primary])
         self.eager_calls += 1
         return self.model(*args, **kwargs)
 
@@ -593,10 +594,10 @@ class StableModel:
                 log.warning("%s cannot be traced with an unbacked token dim (%s); compiling with a backed "
                             "one instead (mark_dynamic: T=1 calls then get a graph of their own). "
                             "Pass dynamic_dim='backed' to skip this attempt.",
-                            _describe(self.model), str(exc).splitlines()[0][:160])
+                            describe_callable(self.model), str(exc).splitlines()[0][:160])
                 self.dynamic_dim = "backed"
                 self.compiled = self._recompile()
-                self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=_describe(self.model))
+                self.monitor = RecompileMonitor(self.compiled, enforce=self.config.enforce, name=describe_callable(self.model))
                 self._expect_backed_graph(num_tokens)
                 self._mark_tokens(arguments, num_tokens)
                 return self.monitor(*bound.args, **bound.kwargs)
@@ -609,7 +610,7 @@ class StableModel:
             return
         if self._backed_kinds:
             log.info("%s: compiling its T=%s graph (backed token dim; warmup, not a recompile)",
-                     _describe(self.model), "1" if kind < 2 else ">=2")
+                     describe_callable(self.model), "1" if kind < 2 else ">=2")
             self.monitor.warmed_up = False
         self._backed_kinds.add(kind)
 
@@ -620,12 +621,12 @@ class StableModel:
             if isinstance(value, torch.Tensor) and self._fits(name, value, dim, num_tokens):
                 # Mark a new tensor object (same storage): the caller's tensor keeps no Dynamo marks.
                 arguments[name] = value = value.detach()
-                _mark_token_dim(value, dim, mode)
+                mark_token_dim(value, dim, mode)
         device = self._device(arguments)
         for name, tree in self._stable.items():
             arguments[name] = tree.fill(arguments.get(name), num_tokens, device)
             for tensor, dim in tree.leaves(arguments[name]):
-                _mark_token_dim(tensor, dim, mode)
+                mark_token_dim(tensor, dim, mode)
 
     def _fits(self, name: str, value: torch.Tensor, dim: int, num_tokens: int) -> bool:
         """Whether a token input has T rows at its dim; marking one that does not would tie a
@@ -636,7 +637,7 @@ class StableModel:
             self._unmarked.add(name)
             log.warning("%s: token input %s has shape %s, not T=%d rows at dim %d; passed unmarked (Dynamo "
                         "compiles it static). If it is not a token input, name the real ones: token_inputs=%s",
-                        _describe(self.model), name, tuple(value.shape), num_tokens, dim,
+                        describe_callable(self.model), name, tuple(value.shape), num_tokens, dim,
                         {n: d for n, d in self._layout.dims.items() if n != name})  # type: ignore[union-attr]
         return False
 
@@ -653,7 +654,7 @@ class StableModel:
         names = list(self._stable) + list(token_inputs or {})
         unknown = [n for n in names if n not in params]
         if unknown:
-            raise ConfigError(f"{unknown} are not parameters of {_describe(self.model)}.forward"
+            raise ConfigError(f"{unknown} are not parameters of {describe_callable(self.model)}.forward"
                               f"{self._signature}; stable_kwargs and token_inputs name forward's arguments")
 
     def __getattr__(self, name: str) -> Any:
@@ -662,7 +663,7 @@ class StableModel:
         return getattr(self.model, name)
 
     def __repr__(self) -> str:
-        return f"StableModel({_describe(self.model)}, dynamic_dim={self.dynamic_dim!r}, stable_kwargs={list(self._stable)})"
+        return f"StableModel({describe_callable(self.model)}, dynamic_dim={self.dynamic_dim!r}, stable_kwargs={list(self._stable)})"
 
 
 def _is_data_dependent(exc: BaseException) -> bool:
