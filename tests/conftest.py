@@ -27,3 +27,12 @@ def _fresh_state():
     torchpcg.reset_stats()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Tiny matmuls: intra-op threads only add contention (13x slower on a busy 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,30 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import torchpcg
+from tests.utils import SideEffects
 from torchpcg.graphs import EmulatedPool
 
 EMULATE = {"cudagraph": "emulate", "compiler": "eager"}
 
 
-class _SideEffects(torch.nn.Module):
-    """Non-idempotent writes: a call counter (a buffer) and ``cache += ...`` into a user input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(16, 16)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        h = self.proj(x)
-        cache += h.sum(0)
-        h = F.scaled_dot_product_attention(h[None], h[None], h[None])[0]
-        return self.proj(h) + cache
-
-
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static-graph", "dynamic-graph"])
 def test_writes_into_inputs_happen_once_per_call(dynamic):
-    model, reference = _SideEffects().eval(), _SideEffects().eval()
+    model, reference = SideEffects().eval(), SideEffects().eval()
     reference.load_state_dict(model.state_dict())
     compiled = torch.compile(model, backend="piecewise", dynamic=dynamic or None, options=EMULATE)
     cache, ref_cache = torch.zeros(16), torch.zeros(16)

@@ -244,14 +244,6 @@ def _conformance(case: Case, caplog: pytest.LogCaptureFixture) -> None:
 
 # ---- tests ---------------------------------------------------------------------------------------
 
-@pytest.fixture
-def _one_cpu_thread():
-    """Tiny matmuls: intra-op threads only add contention on a busy 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", gpu_cases(), ids=lambda case: case.id)
@@ -260,7 +252,7 @@ def test_conformance_cuda(case: Case, caplog: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.mark.parametrize("case", cpu_cases(), ids=lambda case: case.id)
-def test_conformance_cpu(case: Case, _one_cpu_thread, caplog: pytest.LogCaptureFixture) -> None:
+def test_conformance_cpu(case: Case, one_cpu_thread, caplog: pytest.LogCaptureFixture) -> None:
     _conformance(case, caplog)
 
 

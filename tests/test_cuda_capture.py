@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import torchpcg
-from tests.utils import compare, tiny_decoder
+from tests.utils import SideEffects, compare, tiny_decoder
 from torchpcg.graphs import GraphPool, check_health
 
 pytestmark = pytest.mark.cuda
@@ -128,25 +128,9 @@ def test_out_of_memory_at_the_largest_bucket_falls_back_to_fewer_buckets():
     _healthy_afterwards()
 
 
-class _SideEffects(torch.nn.Module):
-    """Non-idempotent writes: a call counter (a buffer) and ``cache += x`` into a user input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(16, 16)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        h = self.proj(x)
-        cache += h.sum(0)
-        h = F.scaled_dot_product_attention(h[None], h[None], h[None])[0]
-        return self.proj(h) + cache
-
-
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_side_effects_happen_once_per_call(dynamic):
-    model, reference = _SideEffects().cuda().eval(), _SideEffects().cuda().eval()
+    model, reference = SideEffects().cuda().eval(), SideEffects().cuda().eval()
     reference.load_state_dict(model.state_dict())
     compiled = torch.compile(model, backend="piecewise", dynamic=dynamic or None, options={"compiler": "eager"})
     cache, ref_cache = torch.zeros(16, device="cuda"), torch.zeros(16, device="cuda")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import torchpcg
+from tests.utils import unique_graphs
 from torchpcg.config import PiecewiseConfig
 from torchpcg.errors import ConfigError
 from torchpcg.models import DecoderConfig, FlatDecoder
@@ -23,17 +24,8 @@ DECODER = DecoderConfig(deepstack_layers=2)
 DEEPSTACK_WIDTH = DECODER.deepstack_layers * DECODER.hidden_size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add contention (13x slower on a busy 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-
-def _unique_graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _cache_entries(code) -> int | None:
@@ -90,14 +82,14 @@ MIXED_CASES = {
 @pytest.mark.parametrize("case", sorted(MIXED_CASES))
 def test_mixed_traffic_compiles_once(case: str) -> None:
     model = FlatDecoder(DECODER).eval()
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     compiled = stable_compile(
         model, enforce=True,  # a recompile would raise RecompileError, not just count
         stable_kwargs={"input_deepstack_embeds": StableBuffer(shape=(-1, DEEPSTACK_WIDTH))},
         **MIXED_CASES[case])
     with torchpcg.expect(recompiles=0):
         _run_mixed_traffic(compiled, model, device="cpu", dtype=torch.float32, num_calls=320, atol=1e-5, rtol=1e-5)
-    assert _unique_graphs() - graphs_before == 1  # Dynamo's own count: one graph for the whole run
+    assert unique_graphs() - graphs_before == 1  # Dynamo's own count: one graph for the whole run
     assert _cache_entries(FlatDecoder.forward.__code__) in (1, None)
     assert compiled.recompiles == []
     assert compiled.token_inputs == {"input_ids": 0, "positions": 0}
@@ -110,13 +102,13 @@ def test_mixed_traffic_compiles_once(case: str) -> None:
 @pytest.mark.cuda
 def test_mixed_traffic_compiles_once_cuda() -> None:
     model = FlatDecoder(DECODER).eval().to("cuda", torch.bfloat16)
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     compiled = stable_compile(
         model, enforce=True, cudagraph="cuda", capture_sizes=BUCKETS,
         stable_kwargs={"input_deepstack_embeds": StableBuffer(shape=(-1, DEEPSTACK_WIDTH), dtype=torch.bfloat16)})
     with torchpcg.expect(recompiles=0):
         _run_mixed_traffic(compiled, model, device="cuda", dtype=torch.bfloat16, num_calls=320, atol=2e-2, rtol=2e-2)
-    assert _unique_graphs() - graphs_before == 1
+    assert unique_graphs() - graphs_before == 1
     assert torchpcg.stats()["replays"] > 0 and torchpcg.stats()["dynamo_graphs"] == 1
 
 
@@ -147,14 +139,14 @@ def test_nested_stable_kwargs() -> None:
     model = Extras()
     compiled = stable_compile(model, backend="eager", token_inputs={"x": 0}, stable_kwargs={
         "extras": {"a": StableBuffer(shape=(-1, 4)), "b": StableBuffer(shape=(-1, 2))}})
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     with torchpcg.expect(recompiles=0):
         for num_tokens, keys in [(1, ()), (3, ("a", "b")), (3, ()), (6, ("b",)), (2, ("a",)), (6, ())]:
             x = torch.randn(num_tokens, 4)
             extras = {"a": torch.randn(num_tokens, 4), "b": torch.randn(num_tokens, 2)}
             given = {k: extras[k] for k in keys} or None
             torch.testing.assert_close(compiled(x, extras=given), _extras_reference(model, x, given))
-    assert _unique_graphs() - graphs_before == 1
+    assert unique_graphs() - graphs_before == 1
 
 
 def test_stable_kwarg_errors() -> None:
@@ -221,11 +213,11 @@ def test_backed_marking_compiles_a_second_graph_for_t1() -> None:
     compiled = stable_compile(model, backend="eager", dynamic_dim="backed", enforce=True,
                               token_inputs={"input_ids": 0, "positions": 0})
     cache = model.new_kv_cache()
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     with torchpcg.expect(recompiles=0):
         for num_tokens in (1, 3, 7, 1, 2):
             compiled(torch.randint(0, 512, (num_tokens,)), torch.arange(num_tokens), cache)
-    assert _unique_graphs() - graphs_before == 2 and compiled.recompiles == []
+    assert unique_graphs() - graphs_before == 2 and compiled.recompiles == []
 
 
 def test_inference_mode_option() -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torchpcg
+from tests.utils import unique_graphs
 from torchpcg.models import DecoderConfig, FlatDecoder
 from torchpcg.stable import resolve_token_layout, compile as stable_compile
 
@@ -23,17 +24,8 @@ DECODER = DecoderConfig(num_layers=2)
 TRAFFIC = (1, 1, 3, 5, 5, 1, 16, 40, 2, 1, 7, 8, 16, 33, 1, 4)  # 40, 33: above the largest bucket
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add contention on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-
-def _unique_graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 class WhereAmI(torch.nn.Module):
@@ -69,10 +61,10 @@ def _run_where_am_i(compiled, model: WhereAmI, traffic: tuple[int, ...]) -> None
 def test_unseen_token_input_name_compiles_once(first: int) -> None:
     model = WhereAmI().eval()
     compiled = torchpcg.compile(model, **PIECEWISE)
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     with torchpcg.expect(recompiles=0):
         _run_where_am_i(compiled, model, (first,) + TRAFFIC)
-    assert _unique_graphs() - graphs_before == 1
+    assert unique_graphs() - graphs_before == 1
     assert torchpcg.stats()["dynamo_graphs"] == 1 and torchpcg.stats()["captured"] > 0
     assert compiled.recompiles == []
     assert compiled.token_inputs == {"tokens": 0, "where_am_i": 0}  # not memory [2, 2, S, Hkv, D]
@@ -83,12 +75,12 @@ def test_t1_first_runs_uncompiled_and_says_why(caplog: pytest.LogCaptureFixture)
     model = WhereAmI().eval()
     compiled = torchpcg.compile(model, **PIECEWISE)
     cache = model.decoder.new_kv_cache()
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     with caplog.at_level(logging.INFO, logger="torchpcg.stable"):
         for position in range(3):
             compiled(torch.tensor([position + 5]), torch.tensor([position]), cache)
         assert compiled.token_inputs is None and compiled.eager_calls == 3
-        assert torchpcg.stats()["dynamo_graphs"] == 0 and _unique_graphs() == graphs_before
+        assert torchpcg.stats()["dynamo_graphs"] == 0 and unique_graphs() == graphs_before
         compiled(torch.tensor([7, 8]), torch.tensor([3, 4]), cache)
     assert compiled.token_inputs == {"tokens": 0, "where_am_i": 0}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -100,18 +92,18 @@ def test_t1_first_runs_uncompiled_and_says_why(caplog: pytest.LogCaptureFixture)
 def test_named_token_inputs_compile_at_t1_first() -> None:
     model = WhereAmI().eval()
     compiled = torchpcg.compile(model, token_inputs={"tokens": 0, "where_am_i": 0}, **PIECEWISE)
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     _run_where_am_i(compiled, model, TRAFFIC[:1])
     assert compiled.eager_calls == 0 and torchpcg.stats()["dynamo_graphs"] == 1
     with torchpcg.expect(recompiles=0):
         _run_where_am_i(compiled, model, TRAFFIC)
-    assert _unique_graphs() - graphs_before == 1 and compiled.recompiles == []
+    assert unique_graphs() - graphs_before == 1 and compiled.recompiles == []
 
 
 def test_capture_before_traffic_infers_from_the_largest_bucket() -> None:
     model = WhereAmI().eval()
     compiled = torchpcg.compile(model, **PIECEWISE)
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     scratch = model.decoder.new_kv_cache()
     summary = torchpcg.capture(compiled, lambda n: (torch.zeros(n, dtype=torch.long), torch.arange(n), scratch),
                                progress=False)
@@ -120,7 +112,7 @@ def test_capture_before_traffic_infers_from_the_largest_bucket() -> None:
     assert torchpcg.stats()["capture_sizes"] == [1, 2, 4, 8, 16]
     with torchpcg.expect(recompiles=0, captured=0):  # traffic replays what capture made
         _run_where_am_i(compiled, model, tuple(t for t in TRAFFIC if t <= 16))
-    assert _unique_graphs() - graphs_before == 1
+    assert unique_graphs() - graphs_before == 1
 
 
 # ---- the coincidence rule ------------------------------------------------------------------------
@@ -184,12 +176,12 @@ def test_decode_batch_with_t_equal_to_sequences_compiles_once() -> None:
     """First call: 3 sequences, 3 tokens; seq_lens must stay static, or T=5 with 3 sequences breaks."""
     model = PerSequence()
     compiled = stable_compile(model, backend="eager", enforce=True)
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     for num_tokens in (3, 5, 1, 9, 3):
         ids, seq_lens = torch.randint(0, 32, (num_tokens,)), torch.tensor([1, num_tokens, 2])
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids, seq_lens), model(ids, seq_lens))
-    assert compiled.token_inputs == {"ids": 0} and compiled.recompiles == [] and _unique_graphs() - graphs_before == 1
+    assert compiled.token_inputs == {"ids": 0} and compiled.recompiles == [] and unique_graphs() - graphs_before == 1
 
 
 def test_named_token_input_of_another_size_is_left_unmarked(caplog: pytest.LogCaptureFixture) -> None:
@@ -224,7 +216,7 @@ def test_hf_llama_batch_seq_inputs_compile_without_recompiles(first: int, extra:
     model = _llama()
     compiled = torchpcg.compile(model, **PIECEWISE)
     gen = torch.Generator().manual_seed(0)
-    graphs_before = _unique_graphs()
+    graphs_before = unique_graphs()
     with torchpcg.expect(recompiles=0):
         for i, seq_len in enumerate((first,) + TRAFFIC):
             input_ids = torch.randint(0, 256, (1, seq_len), generator=gen)
@@ -235,7 +227,7 @@ def test_hf_llama_batch_seq_inputs_compile_without_recompiles(first: int, extra:
             got = compiled(input_ids=input_ids, use_cache=False, **{extra: second.clone()}).logits
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"call {i} S={seq_len}: {m}")
     assert compiled.dynamic_dim == "backed"
-    assert _unique_graphs() - graphs_before == 2 and torchpcg.stats()["dynamo_graphs"] == 2  # S >= 2, S = 1
+    assert unique_graphs() - graphs_before == 2 and torchpcg.stats()["dynamo_graphs"] == 2  # S >= 2, S = 1
     assert compiled.recompiles == []
     assert compiled.token_inputs == {"input_ids": 1, extra: 1}
     assert compiled.eager_calls == (3 if first == 1 else 0)  # S=1 three times before S=3

@@ -58,3 +58,24 @@ def run_in_threads(work: Callable[[int], None], token_counts: tuple[int, ...]) -
     for thread in threads:
         thread.join()
     assert not errors, errors[0]
+
+
+def unique_graphs() -> int:
+    """Dynamo's own count of graphs compiled in this process."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+class SideEffects(torch.nn.Module):
+    """Non-idempotent writes: a call counter (a buffer) and ``cache += ...`` into a user input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.proj(x)
+        cache += h.sum(0)
+        h = torch.nn.functional.scaled_dot_product_attention(h[None], h[None], h[None])[0]
+        return self.proj(h) + cache
