@@ -17,6 +17,7 @@ import torch  # module level: the custom op's string annotations resolve here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {"cudagraph": "emulate", "compiler": "inductor", "capture_sizes": "1,2,4,8"}
+DEVICE_ENV = "TORCHPCG_CACHE_TEST_DEVICE"  # the child's device: "cpu" (emulated graphs) or "cuda"
 
 
 def _run_toy(calls: list[tuple[str, int]]) -> float:
@@ -63,13 +64,16 @@ def _run_decoder(calls: list[tuple[str, int]]) -> float:
     nothing marked, so a first static graph is followed by a dynamic one."""
     from torchpcg.models import DecoderConfig, FlatDecoder
 
+    device = os.environ.get(DEVICE_ENV, "cpu")
     torch.manual_seed(0)
     config = DecoderConfig(num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=2, intermediate_size=128)
-    model = FlatDecoder(config).eval()
-    compiled = torch.compile(model, backend="piecewise", fullgraph=True, options=OPTIONS)
+    model = FlatDecoder(config).to(device).eval()
+    options = {**OPTIONS, "cudagraph": "cuda" if device == "cuda" else "emulate"}
+    compiled = torch.compile(model, backend="piecewise", fullgraph=True, options=options)
     worst = 0.0
     for _, num_tokens in calls:
-        ids, positions = torch.arange(num_tokens) % config.vocab_size, torch.arange(num_tokens)
+        ids = torch.arange(num_tokens, device=device) % config.vocab_size
+        positions = torch.arange(num_tokens, device=device)
         with torch.no_grad():
             expected = model(ids, positions, model.new_kv_cache())
         got = compiled(ids.clone(), positions.clone(), model.new_kv_cache())
@@ -91,8 +95,8 @@ def child(case: str, calls: str) -> dict[str, Any]:
             "hits": counters["fxgraph_cache_hit"], "misses": counters["fxgraph_cache_miss"]}
 
 
-def _spawn(cache_dir: str, case: str, calls: str) -> dict[str, Any]:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONPATH": ROOT}
+def _spawn(cache_dir: str, case: str, calls: str, device: str = "cpu") -> dict[str, Any]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONPATH": ROOT, DEVICE_ENV: device}
     run = subprocess.run([sys.executable, "-m", "tests.test_inductor_cache", case, calls], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"{case} {calls} exited {run.returncode}:\n{run.stderr[-4000:]}"
@@ -109,9 +113,10 @@ def test_second_graph_and_second_process_share_pieces_with_mixed_symbols(tmp_pat
 
 
 @pytest.mark.slow
-def test_decoder_static_then_dynamic_graph_cold_and_warm(tmp_path):
-    cold = _spawn(str(tmp_path), "decoder", "-:1,-:3,-:5,-:1")
-    warm = _spawn(str(tmp_path), "decoder", "-:1,-:3,-:5,-:1")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_decoder_static_then_dynamic_graph_cold_and_warm(tmp_path, device):
+    cold = _spawn(str(tmp_path), "decoder", "-:1,-:3,-:5,-:1", device)
+    warm = _spawn(str(tmp_path), "decoder", "-:1,-:3,-:5,-:1", device)
     assert cold["dynamo_graphs"] == warm["dynamo_graphs"] >= 2, (cold, warm)  # static T=1, then dynamic
     for run in (cold, warm):
         assert run["max_abs_diff"] < 1e-5, run
