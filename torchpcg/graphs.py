@@ -84,8 +84,7 @@ class GraphPool:
         self._keeper: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
         # An empty capture: holds one use of the pool (device and host allocator) for our lifetime.
         # It also ends any capture mode a failed capture left on the CUDA generator.
-        with warnings.catch_warnings(), torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            warnings.simplefilter("ignore")  # "The CUDA Graph is empty"
+        with _quiet_empty_graphs(), torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self._keeper.capture_begin(pool=self.handle)
             self._keeper.capture_end()
 
@@ -95,7 +94,7 @@ class GraphPool:
             raise AssertionError("capture into a retired pool")  # our invariant: the runtime swaps pools
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream), _gc_paused():
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream), _gc_paused(), _quiet_empty_graphs():
             try:
                 graph.capture_begin(pool=self.handle)
                 live = flatten_outputs(fn(*static_args))
@@ -174,6 +173,14 @@ def check_health(device: torch.device) -> None:
     torch.rand(1, device=device)  # raises "Offset increment outside graph capture" if still broken
     torch.cuda.set_rng_state(state, device)
     torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _quiet_empty_graphs() -> Iterator[None]:
+    """A piece of views only (or the keeper) captures no kernel: torch warns, nothing is wrong."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
+        yield
 
 
 @contextlib.contextmanager
