@@ -1,5 +1,6 @@
 """Reference models for tests, bench and the demo: a flat-token Llama-style decoder
-and its KV-cache attention op (`torchpcg_models::kv_attention`).
+its KV-cache attention op (`torchpcg_models::kv_attention`) and a tensor parallel
+version of the decoder (`TPFlatDecoder`, torch.distributed functional collectives).
 
 Importing this package registers the op and does nothing else; it never imports
 torchpcg's top level, so torchpcg may import it without a cycle.
@@ -8,5 +9,6 @@ from __future__ import annotations
 
 from torchpcg.models.attention import KV_ATTENTION_OP, kv_attention
 from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
+from torchpcg.models.tensor_parallel import TPFlatDecoder
 
-__all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config"]
+__all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config", "TPFlatDecoder"]
