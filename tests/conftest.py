@@ -9,6 +9,7 @@ import torchpcg
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "multigpu: needs 2+ CUDA GPUs (multi-process NCCL tests; skipped with fewer)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
 
 

@@ -7,8 +7,12 @@ torchpcg's top level, so torchpcg may import it without a cycle.
 """
 from __future__ import annotations
 
+import torch
+
 from torchpcg.models.attention import KV_ATTENTION_OP, kv_attention
 from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
-from torchpcg.models.tensor_parallel import TPFlatDecoder
+
+if torch.distributed.is_available():  # builds without torch.distributed lack functional collectives
+    from torchpcg.models.tensor_parallel import TPFlatDecoder
 
 __all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config", "TPFlatDecoder"]
