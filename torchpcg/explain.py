@@ -345,9 +345,10 @@ def _trace_once(module: Any, config: PiecewiseConfig, args: tuple, kwargs: dict,
     bound = inspect.signature(signature_owner).bind(*args, **kwargs)
     layout = resolve_token_layout(dict(bound.arguments), token_inputs, set())
     for name, dim in layout.dims.items():
-        value = bound.arguments.get(name)
+        value = layout.leaf(bound.arguments, name)  # a name, or a tensor inside a dict argument
         if isinstance(value, torch.Tensor):
-            bound.arguments[name] = value = value.detach()  # a new tensor object: the caller's stays unmarked
+            value = value.detach()  # a new tensor object: the caller's stays unmarked
+            layout.replace(bound.arguments, name, value)
             mark_token_dim(value, dim, dynamic_dim)
     with collect_runtimes() as runtimes, torch.no_grad():
         compiled(*bound.args, **bound.kwargs)

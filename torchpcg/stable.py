@@ -20,6 +20,7 @@ No CUDA here; nothing in this module captures graphs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -204,53 +205,98 @@ def _mark_unbacked(tensor: torch.Tensor, dim: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _TokenLayout:
-    """Which argument carries the token count and which dims to mark dynamic: {name: dim}."""
+    """Which argument carries the token count and which dims to mark dynamic: {key: dim}.
+
+    A key is an argument's name, or for a tensor inside a dict argument (pipeline-parallel proxy
+    tensors) its path spelled ``name['key']`` (nested: ``name['a']['b']``); ``paths`` holds the
+    path of every key as a tuple, (name,) for a plain argument.
+    """
 
     primary: str
     dims: dict[str, int]
+    paths: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def path(self, key: str) -> tuple[str, ...]:
+        return self.paths.get(key, (key,))
+
+    def leaf(self, arguments: Mapping[str, Any], key: str) -> Any:
+        """The value at ``key`` (None if the call does not have it)."""
+        value: Any = arguments
+        for part in self.path(key):
+            if not isinstance(value, Mapping):
+                return None
+            value = value.get(part)
+        return value
+
+    def replace(self, arguments: dict[str, Any], key: str, value: Any) -> None:
+        """Put ``value`` at ``key``, copying the dicts on its path: the caller's dicts stay as they were."""
+        *parents, last = self.path(key)
+        target = arguments
+        for part in parents:
+            target[part] = copy.copy(target[part])  # a new dict of the caller's type, same entries
+            target = target[part]
+        target[last] = value
 
     def num_tokens(self, arguments: Mapping[str, Any]) -> int:
-        value = arguments.get(self.primary)
+        value = self.leaf(arguments, self.primary)
         if not isinstance(value, torch.Tensor):
             raise StableInputError(f"token input {self.primary!r} must be a Tensor on every call, got "
                                    f"{type(value).__name__}")
         return value.shape[self.dims[self.primary]]
 
 
+def _tensor_leaves(arguments: Mapping[str, Any]) -> Iterator[tuple[str, tuple[str, ...], torch.Tensor]]:
+    """(key, path, tensor) of every tensor argument and every tensor inside a dict argument, in
+    argument order (Dynamo flattens dict inputs into graph inputs the same way)."""
+    def walk(key: str, path: tuple[str, ...], value: Any) -> Iterator[tuple[str, tuple[str, ...], torch.Tensor]]:
+        if isinstance(value, torch.Tensor):
+            yield key, path, value
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if isinstance(name, str):
+                    yield from walk(f"{key}[{name!r}]", (*path, name), item)
+
+    for name, value in arguments.items():
+        yield from walk(name, (name,), value)
+
+
 def resolve_token_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int] | None,
                     stable_names: set[str], static_ids: frozenset[int] = frozenset()) -> _TokenLayout:
     """The token inputs of one call: ``token_inputs`` if given, else inferred by shape.
 
-    The rule is in ``compile``'s docstring. At T <= 1 shapes cannot tell token inputs apart, so
-    only the primary input is returned; ``StableModel`` waits for a call with T > 1 instead.
-    ``static_ids``: ``id()`` of the model's parameters and buffers (never token inputs).
+    The rule is in ``compile``'s docstring; tensors inside dict arguments (e.g. a pipeline stage's
+    ``{"hidden_states", "residual"}``) are candidates like top-level ones. At T <= 1 shapes cannot
+    tell token inputs apart, so only the primary input is returned; ``StableModel`` waits for a
+    call with T > 1 instead. ``static_ids``: ``id()`` of the model's parameters and buffers (never
+    token inputs).
     """
     if token_inputs:
         return _named_layout(arguments, token_inputs)
-    tensors = [(n, v) for n, v in arguments.items()
-               if isinstance(v, torch.Tensor) and n not in stable_names and not _is_static(v, static_ids)]
+    tensors = [(key, path, v) for key, path, v in _tensor_leaves(arguments)
+               if path[0] not in stable_names and not _is_static(v, static_ids)]
     if not tensors:
         raise ConfigError("torchpcg.compile found no tensor argument to take the token count from; "
                           "pass token_inputs={'name': dim}")
-    primary, first = tensors[0]
+    primary, primary_path, first = tensors[0]
     # [B, S] integer ids -> tokens on dim 1; flat [T] ids or [T, ...] hidden states -> dim 0.
     dim = 1 if first.dim() == 2 and not first.is_floating_point() else 0
     if first.dim() <= dim:
         raise ConfigError(f"first tensor argument {primary!r} has shape {tuple(first.shape)}: no token dim; "
                           "pass token_inputs={'name': dim}")
     num_tokens = first.shape[dim]
-    dims = {primary: dim}
+    dims, paths = {primary: dim}, {primary: primary_path}
     if num_tokens <= 1:
-        return _TokenLayout(primary, dims)  # every [1, ...] tensor would match
-    for name, value in tensors[1:]:
+        return _TokenLayout(primary, dims, paths)  # every [1, ...] tensor would match
+    for key, path, value in tensors[1:]:
         token_dim = 0 if value.dim() == 1 else dim  # HF cache_position [S] next to input_ids [B, S]
         if value.dim() > token_dim and value.shape[token_dim] == num_tokens:
-            if reason := _not_token_reason(name, value, first.dim()):
-                log.debug("%s has T=%d rows at dim %d but is not a token input: %s", name, num_tokens,
+            # The name rule reads the innermost name: proxy['kv_cache'] is state like kv_cache.
+            if reason := _not_token_reason(path[-1], value, first.dim()):
+                log.debug("%s has T=%d rows at dim %d but is not a token input: %s", key, num_tokens,
                           token_dim, reason)
                 continue
-            dims[name] = token_dim
-    return _TokenLayout(primary, dims)
+            dims[key], paths[key] = token_dim, path
+    return _TokenLayout(primary, dims, paths)
 
 
 def _named_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int]) -> _TokenLayout:
@@ -258,11 +304,20 @@ def _named_layout(arguments: Mapping[str, Any], token_inputs: Mapping[str, int])
     if missing:
         raise ConfigError(f"token_inputs names {missing} are not arguments of forward; arguments: "
                           f"{sorted(arguments)}")
-    dims = {name: int(dim) for name, dim in token_inputs.items()}
-    primary = next((n for n in dims if isinstance(arguments[n], torch.Tensor)), None)
+    dims: dict[str, int] = {}
+    paths: dict[str, tuple[str, ...]] = {}
+    for name, dim in token_inputs.items():
+        if isinstance(arguments[name], dict):  # a named dict argument: every tensor in it, at that dim
+            leaves = list(_tensor_leaves({name: arguments[name]}))
+        else:
+            leaves = [(name, (name,), arguments[name])]
+        for key, path, _ in leaves:
+            dims[key], paths[key] = int(dim), path
+    primary = next((k for k in dims if isinstance(_TokenLayout(k, dims, paths).leaf(arguments, k), torch.Tensor)),
+                   None)
     if primary is None:
         raise ConfigError(f"token_inputs={dict(token_inputs)}: none of them is a Tensor on this call")
-    return _TokenLayout(primary, dims)
+    return _TokenLayout(primary, dims, paths)
 
 
 def _is_static(tensor: torch.Tensor, static_ids: frozenset[int]) -> bool:
@@ -510,6 +565,60 @@ def describe_callable(fn: Any) -> str:
 
 # ---- torchpcg.compile ----------------------------------------------------------------------------
 
+class _Bound:
+    """One call's arguments by name, in parameter order, defaults applied (what
+    ``inspect.BoundArguments`` after ``apply_defaults`` holds); ``args``/``kwargs`` are read from
+    ``arguments``, so values replaced there (marked token inputs) are what the model gets."""
+
+    __slots__ = ("arguments", "_positional")
+
+    def __init__(self, arguments: dict[str, Any], positional: tuple[str, ...]) -> None:
+        self.arguments = arguments
+        self._positional = positional
+
+    @property
+    def args(self) -> tuple:
+        return tuple(self.arguments[name] for name in self._positional)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {name: value for name, value in self.arguments.items() if name not in self._positional}
+
+
+class _Binder:
+    """``Signature.bind`` + ``apply_defaults``, with the signature read once, not on every call.
+
+    The layout (positional names, keyword-only names, defaults) is taken from the signature up
+    front; a call is bound by zipping. Signatures with ``*args``/``**kwargs`` and calls that do not
+    fit (too many positionals, an unknown or repeated keyword, a missing argument) go through
+    ``inspect`` as before, so the error a bad call raises is unchanged.
+    """
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+        params = list(signature.parameters.values())
+        kinds = {p.kind for p in params}
+        self._fast = not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+        self._names = tuple(p.name for p in params)
+        self._positional = tuple(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        self._keywords = frozenset(p.name for p in params if p.kind != inspect.Parameter.POSITIONAL_ONLY)
+        self._defaults = tuple((p.name, p.default) for p in params if p.default is not inspect.Parameter.empty)
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> _Bound | inspect.BoundArguments:
+        if self._fast and len(args) <= len(self._positional):
+            given = dict(zip(self._positional, args))
+            if all(k in self._keywords and k not in given for k in kwargs):
+                given.update(kwargs)
+                for name, default in self._defaults:
+                    given.setdefault(name, default)
+                if len(given) == len(self._names):
+                    return _Bound({name: given[name] for name in self._names}, self._positional)
+        bound = self.signature.bind(*args, **kwargs)  # var-args signatures, or the call's TypeError
+        bound.apply_defaults()  # same positional layout on every call, whatever the caller spelled
+        return bound
+
+
 class StableModel:
     """What ``torchpcg.compile`` returns: call it like the model.
 
@@ -532,6 +641,7 @@ class StableModel:
         self.monitor = RecompileMonitor(compiled, enforce=config.enforce, name=describe_callable(model))
         self._signature = inspect.signature(getattr(model, "forward", model))
         self.__signature__ = self._signature
+        self._binder = _Binder(self._signature)  # the signature is read here, once
         self._stable = {name: _StableTree(name, spec, initial_tokens) for name, spec in stable_kwargs.items()}
         self._check_names(token_inputs)
         self._token_inputs = dict(token_inputs) if token_inputs else None
@@ -552,8 +662,7 @@ class StableModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock, self._grad_mode():
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()  # same positional layout on every call, whatever the caller spelled
+            bound = self._binder.bind(args, kwargs)  # the same positional layout whatever the caller spelled
             first = self._layout is None
             if first:
                 layout = resolve_token_layout(bound.arguments, self._token_inputs, set(self._stable),
@@ -579,7 +688,7 @@ class StableModel:
         self.eager_calls += 1
         return self.model(*args, **kwargs)
 
-    def _run_compiled(self, bound: inspect.BoundArguments, first: bool) -> Any:
+    def _run_compiled(self, bound: _Bound | inspect.BoundArguments, first: bool) -> Any:
         arguments = bound.arguments
         num_tokens = self._layout.num_tokens(arguments)  # type: ignore[union-attr]
         self._expect_backed_graph(num_tokens)
@@ -616,11 +725,13 @@ class StableModel:
 
     def _mark_tokens(self, arguments: dict[str, Any], num_tokens: int) -> None:
         mode = "unbacked" if self.dynamic_dim == "auto" else self.dynamic_dim
-        for name, dim in self._layout.dims.items():  # type: ignore[union-attr]
-            value = arguments.get(name)
+        layout = self._layout
+        for name, dim in layout.dims.items():  # type: ignore[union-attr]
+            value = layout.leaf(arguments, name)  # type: ignore[union-attr]
             if isinstance(value, torch.Tensor) and self._fits(name, value, dim, num_tokens):
                 # Mark a new tensor object (same storage): the caller's tensor keeps no Dynamo marks.
-                arguments[name] = value = value.detach()
+                value = value.detach()
+                layout.replace(arguments, name, value)  # type: ignore[union-attr]
                 mark_token_dim(value, dim, mode)
         device = self._device(arguments)
         for name, tree in self._stable.items():
@@ -647,7 +758,7 @@ class StableModel:
                 return tensor.device
             for tensor in self.model.buffers():
                 return tensor.device
-        return arguments[self._layout.primary].device  # type: ignore[union-attr]
+        return self._layout.leaf(arguments, self._layout.primary).device  # type: ignore[union-attr]
 
     def _check_names(self, token_inputs: Mapping[str, int] | None) -> None:
         params = self._signature.parameters
