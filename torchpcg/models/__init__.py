@@ -1,4 +1,4 @@
-"""Reference models for tests, bench and the demo: a flat-token Llama-style decoder
+"""Reference models for tests, bench and the demo: a flat-token Llama-style decoder,
 its KV-cache attention op (`torchpcg_models::kv_attention`) and a tensor parallel
 version of the decoder (`TPFlatDecoder`, torch.distributed functional collectives).
 
