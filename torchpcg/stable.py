@@ -823,8 +823,10 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
     ``[L, 2, S, H, D]`` whose L equals T) and names of per-layer or per-sequence state (a word
     ``past`` or ``kv``, or a last word ``cache``, ``caches``, ``len``, ``lens``, ``lengths``,
     ``seqlen``, ``seqlens``, ``table``, ``tables``, ``loc``: ``seq_lens [B]`` of a decode batch
-    with B == T). At T = 1 every ``[1, ...]`` tensor matches, so calls with T <= 1 before the
-    first T > 1 call run the uncompiled model (same answer, logged once, counted in
+    with B == T). Tensors inside dict arguments count like arguments, named by their path
+    (``inputs['hidden_states']`` of a pipeline stage). At T = 1 every ``[1, ...]`` tensor
+    matches, so calls with T <= 1 before the first T > 1 call run the uncompiled model (same
+    answer, logged once, counted in
     ``.eager_calls``); with ``token_inputs=`` the first call compiles whatever its T. A token
     input whose size at its dim is not T on a later call is passed unmarked, with a warning
     (Dynamo then compiles that shape; the monitor reports it).
