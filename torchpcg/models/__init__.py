@@ -1,6 +1,7 @@
 """Reference models for tests, bench and the demo: a flat-token Llama-style decoder,
 its KV-cache attention op (`torchpcg_models::kv_attention`) and a tensor parallel
-version of the decoder (`TPFlatDecoder`, torch.distributed functional collectives).
+version of the decoder (`TPFlatDecoder`, torch.distributed functional collectives), and pipeline
+stages of it (`split_stages`, proxy tensors between stages).
 
 Importing this package registers the op and does nothing else; it never imports
 torchpcg's top level, so torchpcg may import it without a cycle.
@@ -11,8 +12,10 @@ import torch
 
 from torchpcg.models.attention import KV_ATTENTION_OP, kv_attention
 from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
+from torchpcg.models.pipeline import PipelineStage, split_stages
 
 if torch.distributed.is_available():  # builds without torch.distributed lack functional collectives
     from torchpcg.models.tensor_parallel import TPFlatDecoder
 
-__all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config", "TPFlatDecoder"]
+__all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config", "PipelineStage",
+           "split_stages"] + (["TPFlatDecoder"] if torch.distributed.is_available() else [])
