@@ -14,8 +14,10 @@ from torchpcg.models.attention import KV_ATTENTION_OP, kv_attention
 from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
 from torchpcg.models.pipeline import PipelineStage, split_stages
 
+__all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config", "PipelineStage",
+           "split_stages"]
+
 if torch.distributed.is_available():  # builds without torch.distributed lack functional collectives
     from torchpcg.models.tensor_parallel import TPFlatDecoder
 
-__all__ = ["KV_ATTENTION_OP", "kv_attention", "DecoderConfig", "FlatDecoder", "reference_config", "PipelineStage",
-           "split_stages"] + (["TPFlatDecoder"] if torch.distributed.is_available() else [])
+    __all__ += ["TPFlatDecoder"]

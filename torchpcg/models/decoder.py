@@ -120,17 +120,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Fused qkv projection -> rotary -> kv_attention op -> o_proj."""
+    """Fused qkv projection -> rotary -> kv_attention op -> o_proj.
 
-    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+    ``shards`` > 1 keeps 1/shards of the heads (a tensor-parallel rank's share; o_proj then gives
+    that rank's partial sum).
+    """
+
+    def __init__(self, config: DecoderConfig, layer_index: int, shards: int = 1) -> None:
         super().__init__()
         self.layer_index = layer_index  # constant per module: Dynamo specializes on it
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = config.num_heads // shards
+        self.num_kv_heads = config.num_kv_heads // shards
         self.head_dim = config.head_dim
-        qkv_size = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -161,12 +165,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: h += attn(norm(h)); h += mlp(norm(h))."""
 
-    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+    def __init__(self, config: DecoderConfig, layer_index: int, self_attn: nn.Module | None = None,
+                 mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.self_attn = Attention(config, layer_index)
+        self.self_attn = self_attn if self_attn is not None else Attention(config, layer_index)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.mlp = MLP(config)
+        self.mlp = mlp if mlp is not None else MLP(config)
 
     def forward(
         self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -29,8 +29,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from torchpcg.models.attention import kv_attention
-from torchpcg.models.decoder import DecoderConfig, FlatDecoder, RMSNorm, Rotary, apply_rotary
+from torchpcg.models.decoder import Attention, DecoderConfig, DecoderLayer, FlatDecoder, RMSNorm, Rotary
 
 __all__ = ["TPFlatDecoder", "shard_rows", "shard_columns"]
 
@@ -45,30 +44,17 @@ def shard_columns(weight: torch.Tensor, rank: int, world_size: int) -> torch.Ten
     return weight.chunk(world_size, dim=1)[rank].clone()
 
 
-class TPAttention(nn.Module):
+class TPAttention(Attention):
     """Column-parallel qkv over the rank's heads -> rotary -> kv_attention -> row-parallel o_proj."""
 
     def __init__(self, config: DecoderConfig, layer_index: int, world_size: int, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.layer_index = layer_index
+        super().__init__(config, layer_index, shards=world_size)  # this rank's Hq/W and Hkv/W heads
         self.group = group
-        self.num_heads = config.num_heads // world_size  # this rank's query heads
-        self.num_kv_heads = config.num_kv_heads // world_size  # this rank's key/value heads
-        self.head_dim = config.head_dim
-        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # local heads only
-        q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # [T, Hq/W, D]
-        k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)  # [T, Hkv/W, D]
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        out = kv_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, self.layer_index, positions)
-        partial = self.o_proj(out.flatten(-2))  # [T, H]: this rank's heads' share of the sum
+        partial = super().forward(x, positions, kv_cache, cos, sin)  # [T, H]: this rank's heads' share
         return funcol.all_reduce(partial, "sum", self.group)
 
 
@@ -87,21 +73,12 @@ class TPMLP(nn.Module):
         return funcol.all_reduce(self.down_proj(F.silu(gate) * up), "sum", self.group)  # [T, H]
 
 
-class TPDecoderLayer(nn.Module):
+class TPDecoderLayer(DecoderLayer):
     """Pre-norm block as DecoderLayer; both sub-blocks end in an all-reduce."""
 
     def __init__(self, config: DecoderConfig, layer_index: int, world_size: int, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.self_attn = TPAttention(config, layer_index, world_size, group)
-        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.mlp = TPMLP(config, world_size, group)
-
-    def forward(
-        self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_norm(h), positions, kv_cache, cos, sin)
-        return h + self.mlp(self.post_attention_norm(h))
+        super().__init__(config, layer_index, self_attn=TPAttention(config, layer_index, world_size, group),
+                         mlp=TPMLP(config, world_size, group))
 
 
 class TPFlatDecoder(nn.Module):
