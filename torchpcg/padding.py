@@ -205,10 +205,9 @@ _BIG_STOP = 2**62  # ``x[:, :sys.maxsize]``-style stops mean "to the end"
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
-    """What every check needs besides the node: the token symbol and which nodes alias inputs."""
+    """What every check needs besides the node: the token symbol."""
 
     symbol: sympy.Symbol | None
-    input_bases: dict[fx.Node, str]  # node -> display name of the graph input it is (a view of)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -878,7 +877,7 @@ def classify(gm: fx.GraphModule, symbol: sympy.Symbol | None) -> dict[fx.Node, s
     ``symbol=None`` (static shapes) only attention, data-dependent ops and writes into graph
     inputs are reported.
     """
-    context = _Context(symbol=symbol, input_bases=_input_bases(gm))
+    context = _Context(symbol=symbol)
     reasons = {}
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module"):
@@ -922,9 +921,9 @@ def _check_data_dependent(node: fx.Node, name: str, context: _Context) -> str | 
 
 def _check_input_write(node: fx.Node, name: str, context: _Context) -> str | None:
     """Writes into graph inputs (or views of them) would hit static copies, and padding rows."""
-    for target in _written_args(node, name):
-        if target in context.input_bases:
-            return _reason(f"in-place write into graph input '{context.input_bases[target]}'", name)
+    for base in written_bases(node):
+        if base.op in ("placeholder", "get_attr"):
+            return _reason(f"in-place write into graph input '{_input_name(base)}'", name)
     return None
 
 
@@ -1005,19 +1004,6 @@ def written_bases(node: fx.Node) -> list[fx.Node]:
                 and target.args and isinstance(target.args[0], fx.Node):
             target = target.args[0]
         bases.append(target)
-    return bases
-
-
-def _input_bases(gm: fx.GraphModule) -> dict[fx.Node, str]:
-    """Every node that is a graph input (placeholder or attribute) or a view of one -> its name."""
-    bases: dict[fx.Node, str] = {}
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            bases[node] = _input_name(node)
-        elif node.op in ("call_function", "call_method") and _op_name(node) in ALIAS_OPS:
-            source = node.args[0] if node.args else None
-            if isinstance(source, fx.Node) and source in bases:
-                bases[node] = bases[source]
     return bases
 
 
