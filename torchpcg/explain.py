@@ -24,6 +24,7 @@ from .config import PiecewiseConfig, format_sizes
 __all__ = ["explain", "ExplainReport", "GraphPlan", "PiecePlan", "plan_of", "reason_category", "REASON_CATEGORIES"]
 
 from .backend import compile_options
+from .runtime import InputKind
 from .stable import describe_callable
 
 log = logging.getLogger(__name__)
@@ -223,13 +224,13 @@ def plan_of(runtime: Any, graph_mode: str | None = None) -> GraphPlan:
     for piece in runtime.split.pieces:
         runner = runners.get(piece.name)
         kind = "split" if piece.is_split_op else "compute"
-        token = {i: s for i, s in enumerate(runner.inputs) if s.kind == "token"} if runner is not None else {}
-        copied = {i: s for i, s in enumerate(runner.inputs) if s.kind == "copied"} if runner is not None else {}
+        token = {i: s for i, s in enumerate(runner.inputs) if s.kind == InputKind.TOKEN} if runner is not None else {}
+        copied = {i: s for i, s in enumerate(runner.inputs) if s.kind == InputKind.COPIED} if runner is not None else {}
         # Float token inputs and copied inputs that are a previous graph's output are read in
         # place (runtime: chained inputs); every other token input has one flat buffer sized for
         # the largest bucket, every other copied input one buffer of its fixed shape.
         chained = {i for i, s in {**token, **copied}.items() if i in from_graphs.get(piece.name, ())
-                   and (s.kind == "copied" or s.layout.dtype.is_floating_point)}
+                   and (s.kind == InputKind.COPIED or s.layout.dtype.is_floating_point)}
         static = sum(s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype)
                      for i, s in {**token, **copied}.items() if i not in chained)
         pieces.append(PiecePlan(
@@ -359,7 +360,7 @@ def _device_of(runtime: Any) -> torch.device | None:
     """The device of the first token input (where static buffers would live)."""
     for runner in runtime.runners:
         for spec in runner.inputs:
-            if spec.kind == "token":
+            if spec.kind == InputKind.TOKEN:
                 return spec.layout.device
     return None
 

@@ -102,7 +102,6 @@ class _ReplayPlan:
     copies: tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]  # (input, dst, padding rows or None)
     outputs: Any  # the packed real-rows outputs handed to the next op
     registry: tuple[tuple[int, torch.Tensor], ...]  # (data_ptr of a real view, full output) for chaining
-    aliases: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...], int], ...]  # see _alias_outputs
 
 
 @dataclasses.dataclass
@@ -113,7 +112,7 @@ class _Captured:
     token_views: dict[int, torch.Tensor]  # input index -> [B, ...] static view
     copied: dict[int, torch.Tensor]  # input index -> own buffer of a copied input
     chained: tuple[tuple[int, int], ...]  # (input index, data_ptr) read in place from an earlier graph
-    aliases: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...], int], ...]
+    aliases: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...], int], ...]  # see _alias_outputs
     plans: dict[int, _ReplayPlan] = dataclasses.field(default_factory=dict)  # by T
 
 
@@ -160,17 +159,18 @@ class PieceRunner:
         COUNTERS.add("replays")
         state.used_graphs = True
         state.graph_outputs.update(plan.registry)
-        return _with_aliases(plan.outputs, plan.aliases, args, self.single_output) if plan.aliases else plan.outputs
+        return _with_aliases(plan.outputs, captured.aliases, args, self.single_output) if captured.aliases else plan.outputs
 
     def _run_direct(self, args: Sequence[Any]) -> Any:
         """The compiled piece on the caller's tensors, no graph: exact rows, fresh outputs."""
         return self._pack(flatten_outputs(self.compiled(*args)))
 
-    def _copy_targets(self, captured: _Captured, num_tokens: int) -> tuple[
+    def _copy_targets(self, token_views: dict[int, torch.Tensor], copied: dict[int, torch.Tensor],
+                      num_tokens: int) -> tuple[
             tuple[torch.Tensor, ...], tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]]:
         """Where each input goes at T: (buffers zeroed whole, (input, rows :T or buffer, rows T:))."""
         copies, zero_whole = [], []
-        for index, view in captured.token_views.items():
+        for index, view in token_views.items():
             layout = self.inputs[index].layout
             if len(layout.token_dims) != 1:  # e.g. [T, T]: zero everything, then write the real block
                 zero_whole.append(view)
@@ -180,7 +180,7 @@ class PieceRunner:
             real = evaluate(layout.sizes[dim], layout.symbol, num_tokens)
             pad = view.narrow(dim, real, view.size(dim) - real) if view.size(dim) > real else None
             copies.append((index, view.narrow(dim, 0, real), pad))
-        copies.extend((index, buffer, None) for index, buffer in captured.copied.items())
+        copies.extend((index, buffer, None) for index, buffer in copied.items())
         return tuple(zero_whole), tuple(copies)
 
     def _plan(self, captured: _Captured, num_tokens: int, args: Sequence[Any]) -> _ReplayPlan | None:
@@ -192,17 +192,16 @@ class PieceRunner:
             self.unchained.update(stale)
             self.runtime.drop_after_call(self, self.runtime.state.bucket)
             return None
-        zero_whole, copies = self._copy_targets(captured, num_tokens)
+        zero_whole, copies = self._copy_targets(captured.token_views, captured.copied, num_tokens)
         registry: dict[int, torch.Tensor] = {}
         outputs = self._real_outputs(captured.graph.outputs, CallState(num_tokens=num_tokens, graph_outputs=registry))
-        plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()), captured.aliases)
+        plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()))
         captured.plans[num_tokens] = plan
         return plan
 
     def _capture(self, bucket: int, num_tokens: int, args: Sequence[Any]) -> Any:
         static_args, token_views, copied, chained = self._static_args(bucket, args)
-        captured = _Captured(None, token_views, copied, chained, ())  # type: ignore[arg-type]
-        _copy_inputs(*self._copy_targets(captured, num_tokens), args)
+        _copy_inputs(*self._copy_targets(token_views, copied, num_tokens), args)
         self.runtime.verify(self, static_args, args)
         try:
             graph = self.runtime.make_graph(self.compiled, static_args)
@@ -213,8 +212,7 @@ class PieceRunner:
             return self._run_direct(args)
         outputs = graph.release_capture_outputs()
         self.runtime.own(outputs, token_views.values(), copied.values())
-        captured.graph = graph
-        captured.aliases = _alias_outputs(outputs, copied)
+        captured = _Captured(graph, token_views, copied, chained, _alias_outputs(outputs, copied))
         self.captured[bucket] = captured
         COUNTERS.add("captured")
         if self.symbol is not None:  # a static graph (no token symbol) has no bucket to report
