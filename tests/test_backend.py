@@ -216,3 +216,24 @@ def test_capture_without_sizes_uses_the_compiled_models_buckets():
     assert order == [8, 4, 2] and summary["sizes"] == [8, 4, 2]  # the options' buckets, not the defaults
     stable = torchpcg.compile(model, cudagraph="emulate", compiler="eager", capture_sizes=(3, 6))
     assert torchpcg.capture(stable, lambda n: decoder_inputs(model, n, mark=False), progress=False)["sizes"] == [6, 3]
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune"])
+def test_torch_compile_mode_keyword(mode, monkeypatch):
+    """Hugging Face CompileConfig passes mode="reduce-overhead"; torch.compile refuses options= with a mode."""
+    monkeypatch.setenv("TORCHPCG_CUDAGRAPH", "emulate")
+    monkeypatch.setenv("TORCHPCG_COMPILER", "eager")  # max-autotune's Inductor patches are checked below
+    model = tiny_decoder()
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torch.compile(model, backend="piecewise", mode=mode)
+        for num_tokens in (3, 8, 1, 5, 8):
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert runtimes and all(r.config.max_autotune == (mode == "max-autotune") for r in runtimes)
+    assert torchpcg.stats()["replays"] > 0
+
+
+def test_unknown_mode_names_the_value_and_the_allowed_ones():
+    model = tiny_decoder()
+    compiled = torch.compile(model, backend="piecewise", mode="fastest")
+    with pytest.raises(Exception, match=r"mode='fastest'.*'reduce-overhead'.*'max-autotune'"):
+        compare(model, compiled, 3, atol=1e-5, rtol=1e-5)

@@ -18,14 +18,14 @@ import torch.fx
 
 from .compilers import compile_piece
 from .config import PiecewiseConfig, format_sizes
-from .errors import SplitError
+from .errors import ConfigError, SplitError
 from .layout import expr_of, symbols_of
 from .padding import classify, token_symbol, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .split import SplitGraph, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
 
-__all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options"]
+__all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options", "mode_options"]
 
 log = logging.getLogger(__name__)
 BACKEND_NAME = "piecewise"
@@ -43,10 +43,8 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
 
     Note: inference only; outputs never require grad. Knobs: see ``PiecewiseConfig``.
     """
-    if mode is not None:
-        log.warning("torch.compile(mode=%r) is ignored by the piecewise backend; use options=", mode)
     start = time.perf_counter()
-    config = PiecewiseConfig.resolve(dict(options or {}))
+    config = PiecewiseConfig.resolve({**mode_options(mode), **(options or {})})
     COUNTERS.add("dynamo_graphs")
     symbol = token_symbol(gm)
     _check_symbols(gm, symbol, config)
@@ -67,7 +65,8 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
         # Runner first: it reads the piece's output structure, which Inductor may rewrite.
         runner = PieceRunner(piece, piece.gm, fake_args, symbol, runtime, static_inputs=piece_statics[piece.name])
-        runner.compiled = compile_piece(piece.gm, fake_args, config.compiler, piece.name)
+        runner.compiled = compile_piece(piece.gm, fake_args, config.compiler, piece.name,
+                                        max_autotune=config.max_autotune)
         _note_graphless(runner, config, gm)
         runtime.install(runner)
     COUNTERS.add("pieces", len(split.compute_pieces))
@@ -83,6 +82,20 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     for collector in getattr(_collectors, "stack", ()):
         collector.append(runtime)
     return runtime
+
+
+# torch.compile's ``mode`` as the backend reads it. Hugging Face ``CompileConfig`` passes
+# ``mode="reduce-overhead"`` by default; our graphs are that mode's point, so it changes nothing.
+_MODES = {None: {}, "default": {}, "reduce-overhead": {},
+          "max-autotune": {"max_autotune": True}, "max-autotune-no-cudagraphs": {"max_autotune": True}}
+
+
+def mode_options(mode: str | None) -> dict[str, Any]:
+    """The knobs ``torch.compile(..., mode=...)`` stands for; an unknown mode raises ``ConfigError``."""
+    if mode not in _MODES:
+        allowed = ", ".join(repr(m) for m in _MODES if m is not None)
+        raise ConfigError(f"torch.compile(backend='piecewise', mode={mode!r}): expected None or one of {allowed}")
+    return dict(_MODES[mode])
 
 
 def split_reasons(gm: torch.fx.GraphModule, config: PiecewiseConfig,

@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 
 # Graphs are ours to capture: Inductor must not add its own cudagraph trees inside a piece.
 _INDUCTOR_PATCHES = {"triton.cudagraphs": False}
+# What torch.compile(mode="max-autotune") sets, minus its CUDA graphs (ours are outside the piece).
+_AUTOTUNE_PATCHES = {"max_autotune": True, "coordinate_descent_tuning": True}
 
 
-def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: str, name: str = "") -> Callable[..., Any]:
-    """Compile ``gm`` for every token count the fake inputs' symbols allow."""
+def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: str, name: str = "", *,
+                  max_autotune: bool = False) -> Callable[..., Any]:
+    """Compile ``gm`` for every token count the fake inputs' symbols allow (``max_autotune``: tuned kernels)."""
     assert compiler in COMPILERS, compiler  # validated by PiecewiseConfig
     if compiler == "eager":
         return gm
@@ -37,7 +40,8 @@ def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: 
     from torch._inductor.compile_fx import compile_fx
 
     # no_grad: pieces are inference-only, so AOT builds a forward graph, not a joint one.
-    with torch.no_grad(), torch._inductor.config.patch(_INDUCTOR_PATCHES):
+    patches = {**_INDUCTOR_PATCHES, **(_AUTOTUNE_PATCHES if max_autotune else {})}
+    with torch.no_grad(), torch._inductor.config.patch(patches):
         compiled = compile_fx(gm, hinted_symints(fake_args))
     log.debug("inductor compiled %s in %.2fs", name or "piece", time.perf_counter() - start)
     return compiled

@@ -102,6 +102,10 @@ class PiecewiseConfig:
     verify: bool = False
     """On the first use of each bucket, run every piece padded and exact and compare real rows."""
 
+    max_autotune: bool = False
+    """Compile pieces with Inductor's max-autotune (slower compile, tuned kernels). Also set by
+    ``torch.compile(..., mode="max-autotune")``."""
+
     def __post_init__(self) -> None:
         _check_positive("max_capture_size", self.max_capture_size)
         if self.compiler not in COMPILERS:
@@ -251,6 +255,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "enforce": _parse_bool,
     "debug_dir": _parse_path,
     "verify": _parse_bool,
+    "max_autotune": _parse_bool,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
 
