@@ -5,7 +5,7 @@ find the backend in a process that never imported torchpcg.
 """
 from setuptools import find_packages, setup
 
-TEST_DEPS = ["pytest>=7", "depyf>=0.18", "transformers>=4.50", "matplotlib>=3.5", "tqdm>=4"]
+TEST_DEPS = ["pytest>=7", "pytest-xdist>=3", "depyf>=0.18", "transformers>=4.50", "matplotlib>=3.5", "tqdm>=4"]
 
 setup(
     name="torchpcg",

@@ -112,19 +112,25 @@ class _Wide(torch.nn.Module):
 
 
 def test_out_of_memory_at_the_largest_bucket_falls_back_to_fewer_buckets():
-    free, _ = torch.cuda.mem_get_info()
-    width = int(free / (52 * 16 * 4))  # bucket 64 needs ~1.2x free memory; 40 real rows fit
-    model = _Wide(width).cuda().eval()
-    compiled = torch.compile(model, backend="piecewise", dynamic=True,
-                             options={"compiler": "eager", "capture_sizes": "8,64"})
-    with torch.no_grad():
-        for num_tokens in (40, 8, 40, 5):
-            x = torch.randn(num_tokens, 16, device="cuda")
-            torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
-    stats = torchpcg.stats()
-    assert stats["capture_failures"] >= 1 and stats["capture_sizes"] == [8] and stats["replays"] > 0
-    del model, compiled
-    torch.cuda.empty_cache()
+    # A per-process cap, not the device's free memory: other processes on the GPU (pytest -n) don't matter.
+    budget = 4 << 30
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + budget) / total))
+    try:
+        width = int(budget / (52 * 16 * 4))  # bucket 64 needs ~1.2x the budget; 40 real rows fit
+        model = _Wide(width).cuda().eval()
+        compiled = torch.compile(model, backend="piecewise", dynamic=True,
+                                 options={"compiler": "eager", "capture_sizes": "8,64"})
+        with torch.no_grad():
+            for num_tokens in (40, 8, 40, 5):
+                x = torch.randn(num_tokens, 16, device="cuda")
+                torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+        stats = torchpcg.stats()
+        assert stats["capture_failures"] >= 1 and stats["capture_sizes"] == [8] and stats["replays"] > 0
+        del model, compiled
+        torch.cuda.empty_cache()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
     _healthy_afterwards()
 
 
