@@ -1,0 +1,627 @@
+"""CUDA graphs for vision encoders over packed patches: piecewise, or one graph per image split.
+
+In: a vision encoder called as ``encoder(patches [P, ...], cu_seqlens [N+1], ...)``: the patches
+of N images packed along dim 0, image i owning rows ``cu_seqlens[i]:cu_seqlens[i+1]``, attention a
+varlen op that reads ``cu_seqlens``. Out: a callable with the encoder's signature that replays
+CUDA graphs, in one of two modes (knob ``vit_cuda_graph``):
+
+``piecewise``
+    The normal piecewise backend with the patch count P as the token dim: the graph is cut at the
+    varlen attention (it runs eagerly with the real ``cu_seqlens``), everything between is
+    captured once per bucket of ``vit_capture_sizes``. ``cu_seqlens`` is marked dynamic, so any
+    number of images of any sizes shares one Dynamo graph.
+``full``
+    ``EncoderGraphs``: the whole encoder, attention included, captured as one graph per
+    ``(bucket, cu_seqlens)``. A varlen kernel bakes the segment boundaries it was captured with
+    (host-side lengths, grid sizes), so two batches of the same total length but different image
+    splits must never share a graph; the key holds the padded ``cu_seqlens`` itself (the dict
+    hashes it and compares it exactly: a hash collision cannot share a graph). Padding rows
+    ``P..B`` form their own last segment, so real rows never attend to them. At most
+    ``vit_max_graphs`` graphs are kept, least recently used evicted and released.
+
+Knobs (field = ``options`` key = ``TORCHPCG_`` + upper-case name; a bad value raises
+``ConfigError`` naming the variable, the value and what is allowed):
+
+=========================  ==================================================  ==============
+``vit_cuda_graph``         ``off`` / ``0``, ``piecewise`` / ``1``, ``full``     ``off``
+``vit_capture_sizes``      comma list of patch-count buckets                    see below
+``vit_max_graphs``         whole-encoder graphs kept (LRU), positive int        32
+=========================  ==================================================  ==============
+
+No Dynamo graph surgery here: piecewise mode is ``torchpcg.compile`` with ViT buckets; full mode
+captures through ``graphs.py``'s pools (real CUDA graphs, or emulated ones on CPU).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .config import PiecewiseConfig, format_sizes
+from .errors import CaptureError, ConfigError, TorchPCGError
+from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, new_pool
+from .runtime import resolve_graph_mode
+from .stable import StableModel, compile as stable_compile
+from .stats import COUNTERS
+
+__all__ = ["VisionConfig", "EncoderGraphs", "PiecewiseEncoder", "compile_vision", "default_vit_capture_sizes",
+           "VIT_GRAPH_MODES"]
+
+log = logging.getLogger(__name__)
+
+VIT_GRAPH_MODES = ("off", "piecewise", "full")
+_MODE_ALIASES = {"0": "off", "false": "off", "no": "off", "": "off", "1": "piecewise", "true": "piecewise",
+                 "yes": "piecewise", "on": "piecewise"}
+_ENV_PREFIX = "TORCHPCG_"
+
+
+def default_vit_capture_sizes() -> tuple[int, ...]:
+    """Patch-count buckets: every 64 to 256, then steps of ~1.5x up to 16384 (at most 33% padding).
+
+    Example::
+
+        >>> default_vit_capture_sizes()[:6]
+        (64, 128, 192, 256, 384, 512)
+
+    Multiples of 64: every packed length of a 2x2-merging encoder is a multiple of 4, and a bucket
+    must be one too. A 448x448 image with 14-pixel patches is 1024 patches; 16 of them 16384.
+    """
+    return (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision-encoder knobs.
+
+    Example::
+
+        >>> VisionConfig.resolve({"vit_cuda_graph": "full", "vit_capture_sizes": "64,128"}).buckets
+        (64, 128)
+
+    Note: the piecewise backend's own knobs (``cudagraph``, ``compiler``, ``enforce``, ...) stay in
+    ``PiecewiseConfig``; ``compile_vision`` takes both.
+    """
+
+    vit_cuda_graph: str = "off"
+    """``off``: the encoder runs as given. ``piecewise``: piecewise graphs split at the varlen
+    attention. ``full``: whole-encoder graphs keyed by (bucket, cu_seqlens)."""
+
+    vit_capture_sizes: tuple[int, ...] | None = None
+    """Patch-count buckets; ``None`` = ``default_vit_capture_sizes()``. Calls with more patches
+    than the largest run without graphs."""
+
+    vit_max_graphs: int = 32
+    """Whole-encoder graphs kept at once (``full`` mode); the least recently used is released."""
+
+    def __post_init__(self) -> None:
+        if self.vit_cuda_graph not in VIT_GRAPH_MODES:
+            raise ConfigError(f"vit_cuda_graph={self.vit_cuda_graph!r}: expected one of {', '.join(VIT_GRAPH_MODES)} "
+                              "(or 0/1)")
+        if self.vit_capture_sizes is not None:
+            if not self.vit_capture_sizes or any(not _positive_int(s) for s in self.vit_capture_sizes):
+                raise ConfigError(f"vit_capture_sizes={self.vit_capture_sizes!r}: expected positive ints, e.g. (64, 128)")
+            object.__setattr__(self, "vit_capture_sizes", tuple(sorted(set(self.vit_capture_sizes))))
+        if not _positive_int(self.vit_max_graphs):
+            raise ConfigError(f"vit_max_graphs={self.vit_max_graphs!r}: expected a positive integer, e.g. 32")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The patch-count buckets in force, ascending."""
+        return self.vit_capture_sizes if self.vit_capture_sizes is not None else default_vit_capture_sizes()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> VisionConfig:
+        """Defaults overridden by every ``TORCHPCG_VIT_*`` variable that is set."""
+        return cls.resolve(None, environ)
+
+    @classmethod
+    def resolve(cls, options: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> VisionConfig:
+        """Merge ``options`` (highest), the environment, then defaults; validate everything."""
+        environ = os.environ if environ is None else environ
+        merged: dict[str, Any] = {}
+        for name, parse in _PARSERS.items():
+            variable = _ENV_PREFIX + name.upper()
+            if variable in environ:
+                merged[name] = parse(variable, environ[variable])
+        for name, raw in (options or {}).items():
+            if name not in _PARSERS:
+                raise ConfigError(f"unknown vision option {name!r}; known: {', '.join(sorted(_PARSERS))}")
+            merged[name] = _PARSERS[name](name, raw)
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _parse_mode(source: str, raw: Any) -> str:
+    value = str(raw).strip().lower() if isinstance(raw, (str, bool, int)) else raw
+    value = _MODE_ALIASES.get(value, value) if isinstance(value, str) else value
+    if value not in VIT_GRAPH_MODES:
+        raise ConfigError(f"{source}={raw!r}: expected one of off, piecewise, full (or 0 = off, 1 = piecewise)")
+    return value
+
+
+def _parse_int(source: str, raw: Any) -> int:
+    try:
+        value = int(raw.strip()) if isinstance(raw, str) else raw
+    except ValueError:
+        value = None
+    if not _positive_int(value):
+        raise ConfigError(f"{source}={raw!r}: expected a positive integer, e.g. 32")
+    return value
+
+
+def _parse_sizes(source: str, raw: Any) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    items = raw.split(",") if isinstance(raw, str) else raw
+    try:
+        sizes = tuple(_parse_int(source, item) for item in items)
+    except (ConfigError, TypeError):
+        sizes = ()
+    if not sizes:
+        raise ConfigError(f"{source}={raw!r}: expected comma-separated positive ints, e.g. '64,128,256'")
+    return sizes
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "vit_cuda_graph": _parse_mode,
+    "vit_capture_sizes": _parse_sizes,
+    "vit_max_graphs": _parse_int,
+}
+assert set(_PARSERS) == {f.name for f in dataclasses.fields(VisionConfig)}
+
+
+# ---- the encoder's call --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call bound to the encoder's signature: where the patches and boundaries are."""
+
+    arguments: dict[str, Any]  # name -> value, defaults applied
+    bounds: tuple[int, ...]  # cu_seqlens on the host
+    num_patches: int  # P = bounds[-1]
+    token_names: tuple[str, ...]  # tensor arguments with P rows at dim 0
+
+
+class _Signature:
+    """Binds calls to the encoder's forward and finds its token inputs (read once)."""
+
+    def __init__(self, encoder: Callable[..., Any], cu_seqlens_arg: str, token_inputs: Sequence[str] | None) -> None:
+        self.signature = inspect.signature(getattr(encoder, "forward", encoder))
+        if cu_seqlens_arg not in self.signature.parameters:
+            raise ConfigError(f"cu_seqlens_arg={cu_seqlens_arg!r} is not a parameter of the encoder's forward"
+                              f"{self.signature}; pass the name of its image-boundary argument")
+        unknown = sorted(set(token_inputs or ()) - set(self.signature.parameters))
+        if unknown:
+            raise ConfigError(f"token_inputs {unknown} are not parameters of the encoder's forward{self.signature}")
+        self.cu_seqlens_arg = cu_seqlens_arg
+        self.token_inputs = tuple(token_inputs) if token_inputs else None
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> _Call:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        cu_seqlens = arguments[self.cu_seqlens_arg]
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise TorchPCGError(f"{self.cu_seqlens_arg} must be a 1-D tensor [num_images + 1], got "
+                                f"{getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}")
+        bounds = tuple(int(b) for b in cu_seqlens.tolist())  # a device sync when it lives on a GPU
+        num_patches = bounds[-1]
+        if bounds[0] != 0 or any(b > e for b, e in zip(bounds, bounds[1:])):
+            raise TorchPCGError(f"{self.cu_seqlens_arg}={list(bounds[:8])}: expected 0, then non-decreasing offsets")
+        names = self.token_inputs or tuple(
+            name for name, value in arguments.items() if name != self.cu_seqlens_arg
+            and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == num_patches)
+        for name in names:
+            value = arguments[name]
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != num_patches:
+                raise TorchPCGError(f"token input {name!r} has shape {getattr(value, 'shape', None)}, expected "
+                                    f"{num_patches} rows at dim 0 ({self.cu_seqlens_arg}[-1])")
+        if not names:
+            raise TorchPCGError(f"no tensor argument has {num_patches} rows ({self.cu_seqlens_arg}[-1]) at dim 0; "
+                                "pass token_inputs=('patches', ...)")
+        return _Call(arguments, bounds, num_patches, names)
+
+
+# ---- whole-encoder graphs ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Bucket:
+    """Static inputs shared by every graph of one bucket (one image split is replayed at a time)."""
+
+    size: int
+    token_buffers: dict[str, torch.Tensor]  # name -> [bucket, ...]
+    other_buffers: dict[str, torch.Tensor]  # name -> a copy of a non-token tensor input
+    warmed: bool = False
+
+
+@dataclasses.dataclass
+class _KeyedGraph:
+    """One captured encoder graph: its image split, static cu_seqlens and outputs."""
+
+    key: Hashable
+    graph: CudaGraph | EmulatedGraph
+    cu_seqlens: torch.Tensor  # the padded boundaries the graph was captured with; never written again
+    outputs: list[Any]  # flat, in graph memory
+    single: bool  # the encoder returned one value, not a tuple
+
+
+class EncoderGraphs:
+    """A vision encoder replayed as whole CUDA graphs, one per (bucket, image split).
+
+    Call it exactly like the encoder. Each call reads ``cu_seqlens`` on the host (a device sync if
+    it lives on a GPU: keep it on the CPU), pads the patch count P to the smallest bucket B >= P,
+    copies the token inputs (tensors with P rows at dim 0) into the bucket's static buffers with
+    rows P.. zeroed, and replays the graph captured for ``graph_key(B, cu_seqlens + [B])``,
+    capturing it on first use. The encoder sees ``cu_seqlens`` with the padding rows as one more
+    segment, so real rows never attend to padding. Outputs with a token dim keep their real rows
+    (``rows * P / B``) and are cloned (``copy_outputs``).
+
+    Example::
+
+        graphs = torchpcg.vision.EncoderGraphs(vit, capture_sizes=(256, 1024, 4096), max_graphs=16)
+        features = graphs(patches, cu_seqlens, positions)       # same answer as vit(...)
+        graphs.info()   # {'graphs': 1, 'captures': 1, 'replays': 0, 'evictions': 0, ...}
+
+    ``cudagraph``: ``auto`` (real graphs on CUDA, none on CPU), ``cuda``, ``emulate`` (CPU tests) or
+    ``off``. ``compiler``: ``eager`` captures the module as is; ``inductor`` captures
+    ``torch.compile(encoder, dynamic=True)`` (Inductor's own graphs off). A capture that fails (an op
+    that syncs, out of memory) turns graphs off for this encoder, logged (``CaptureError`` under
+    ``enforce``).
+
+    Note: every tensor output must have a dim 0 proportional to the patch count (patch features,
+    merged features); per-image outputs (``[N, ...]``) and pooled ones are not supported (the
+    padding segment would add a row). Non-token tensor inputs are copied into static buffers;
+    non-tensor inputs are part of the key. The encoder must not keep references to its inputs
+    across calls.
+    """
+
+    def __init__(self, encoder: Callable[..., Any], *, capture_sizes: Sequence[int] | None = None,
+                 max_graphs: int | None = None, cudagraph: str = "auto", compiler: str = "eager",
+                 copy_outputs: bool = True, enforce: bool = False, cu_seqlens_arg: str = "cu_seqlens",
+                 token_inputs: Sequence[str] | None = None) -> None:
+        vision = VisionConfig.resolve({k: v for k, v in {"vit_capture_sizes": capture_sizes,
+                                                          "vit_max_graphs": max_graphs}.items() if v is not None})
+        self.config = PiecewiseConfig(cudagraph=cudagraph, compiler=compiler, copy_outputs=copy_outputs,
+                                      enforce=enforce)
+        self.encoder = encoder
+        self.buckets = vision.buckets
+        self.max_graphs = vision.vit_max_graphs
+        self._signature = _Signature(encoder, cu_seqlens_arg, token_inputs)
+        self._run: Callable[..., Any] = encoder if compiler == "eager" else _inductor_compile(encoder)
+        self._graph_mode: str | None = None  # resolved on the first call, from the inputs' device
+        self._device: torch.device | None = None
+        self._disabled = ""  # why graphs are off after a failed capture
+        self._pool: GraphPool | EmulatedPool | None = None
+        self._buckets: dict[int, _Bucket] = {}
+        self._graphs: collections.OrderedDict[Hashable, _KeyedGraph] = collections.OrderedDict()
+        self._counts = dict.fromkeys(("captures", "replays", "evictions", "eager_runs"), 0)
+        self._lock = threading.RLock()
+        log.info("whole-encoder graphs: buckets %s, at most %d graphs, compiler %s", format_sizes(self.buckets),
+                 self.max_graphs, compiler)
+
+    # ---- public -----------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock, torch.no_grad():
+            call = self._signature.bind(args, kwargs)
+            bucket = self.bucket_for(call.num_patches, self._mode(call))
+            if bucket is None:
+                self._counts["eager_runs"] += 1
+                COUNTERS.add("eager_runs")
+                return self._run(**call.arguments)
+            return self._replay(call, bucket)
+
+    def bucket_for(self, num_patches: int, graph_mode: str = "cuda") -> int | None:
+        """Smallest bucket >= ``num_patches``, or None (too many patches, or graphs off)."""
+        if graph_mode == "off" or self._disabled:
+            return None
+        return next((b for b in self.buckets if b >= num_patches), None)
+
+    def graph_key(self, bucket: int, padded_cu_seqlens: tuple[int, ...]) -> Hashable:
+        """The key a graph is stored under: ``(bucket, padded cu_seqlens)``.
+
+        Everything a captured varlen kernel may have baked in is part of the key. Override only to
+        experiment (the tests show that a key of the length alone replays the wrong image split).
+        """
+        return (bucket, padded_cu_seqlens)
+
+    def info(self) -> dict[str, Any]:
+        """Graphs held now, captures, replays, evictions, eager runs, and why graphs are off (if so)."""
+        with self._lock:
+            return {"graphs": len(self._graphs), **self._counts, "max_graphs": self.max_graphs,
+                    "buckets": list(self.buckets), "disabled": self._disabled}
+
+    def keys(self) -> list[Hashable]:
+        """Keys of the graphs held, least recently used first."""
+        with self._lock:
+            return list(self._graphs)
+
+    def clear(self) -> None:
+        """Release every graph and static buffer (they are captured again on demand)."""
+        with self._lock:
+            while self._graphs:
+                self._evict(count=False)
+            self._buckets.clear()
+
+    # ---- one call ---------------------------------------------------------------------------------
+
+    def _mode(self, call: _Call) -> str:
+        if self._graph_mode is None:
+            device = next((call.arguments[n].device for n in call.token_names), None)
+            self._graph_mode = resolve_graph_mode(self.config, device)
+            self._device = device
+        return self._graph_mode
+
+    def _replay(self, call: _Call, bucket: int) -> Any:
+        padded = call.bounds + ((bucket,) if bucket > call.num_patches else ())  # padding rows: one segment
+        key = (self.graph_key(bucket, padded), self._static_signature(call))
+        static = self._bucket(bucket, call)
+        self._copy_inputs(static, call)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, static, call, padded)
+            if entry is None:  # capture failed: graphs are off from now on
+                self._counts["eager_runs"] += 1
+                COUNTERS.add("eager_runs")
+                return self._run(**call.arguments)
+        else:
+            self._graphs.move_to_end(key)
+            entry.graph.replay()
+            self._counts["replays"] += 1
+            COUNTERS.add("replays")
+        COUNTERS.add("graph_calls")
+        COUNTERS.add("real_tokens", call.num_patches)
+        COUNTERS.add("padded_tokens", bucket - call.num_patches)
+        return self._outputs(entry, call.num_patches, bucket)
+
+    def _static_signature(self, call: _Call) -> Hashable:
+        """Non-token inputs that shape the graph: tensor shapes/dtypes and non-tensor values."""
+        parts = []
+        for name, value in call.arguments.items():
+            if name in call.token_names or name == self._signature.cu_seqlens_arg:
+                continue
+            if isinstance(value, torch.Tensor):
+                parts.append((name, tuple(value.shape), value.dtype, value.device))
+            else:
+                try:
+                    hash(value)
+                except TypeError:
+                    value = repr(value)
+                parts.append((name, value))
+        return tuple(parts)
+
+    def _bucket(self, bucket: int, call: _Call) -> _Bucket:
+        static = self._buckets.get(bucket)
+        fresh = static is None or set(static.token_buffers) != set(call.token_names) or any(
+            buf.shape[1:] != call.arguments[n].shape[1:] or buf.dtype != call.arguments[n].dtype
+            for n, buf in static.token_buffers.items())
+        if fresh:
+            with torch.inference_mode(False):  # normal tensors: writable inside and outside inference mode
+                tokens = {n: torch.zeros((bucket, *call.arguments[n].shape[1:]), dtype=call.arguments[n].dtype,
+                                         device=call.arguments[n].device) for n in call.token_names}
+            static = _Bucket(bucket, tokens, {})
+            self._buckets[bucket] = static
+        for name, value in call.arguments.items():  # other tensors: one buffer each, per shape
+            if name in call.token_names or name == self._signature.cu_seqlens_arg or not isinstance(value, torch.Tensor):
+                continue
+            buf = static.other_buffers.get(name)
+            if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+                with torch.inference_mode(False):
+                    static.other_buffers[name] = torch.empty_like(value)
+        return static
+
+    def _copy_inputs(self, static: _Bucket, call: _Call) -> None:
+        num_patches = call.num_patches
+        for name, buf in static.token_buffers.items():
+            buf[:num_patches].copy_(call.arguments[name])  # [P, ...] -> static [B, ...] rows :P
+            if num_patches < static.size:
+                buf[num_patches:].zero_()  # padding rows: zeros, never an earlier call's data
+        for name, buf in static.other_buffers.items():
+            buf.copy_(call.arguments[name])
+
+    def _static_arguments(self, static: _Bucket, call: _Call, cu_seqlens: torch.Tensor) -> dict[str, Any]:
+        arguments = dict(call.arguments)
+        arguments.update(static.token_buffers)
+        arguments.update(static.other_buffers)
+        arguments[self._signature.cu_seqlens_arg] = cu_seqlens
+        return arguments
+
+    def _capture(self, key: Hashable, static: _Bucket, call: _Call, padded: tuple[int, ...]) -> _KeyedGraph | None:
+        cu_source = call.arguments[self._signature.cu_seqlens_arg]
+        cu_seqlens = torch.tensor(padded, dtype=cu_source.dtype)
+        if cu_source.device.type == "cpu" and self._graph_mode == "cuda":
+            cu_seqlens = cu_seqlens.pin_memory()  # an H2D copy of it inside the encoder is capturable
+        cu_seqlens = cu_seqlens.to(cu_source.device)
+        arguments = self._static_arguments(static, call, cu_seqlens)
+        names = list(arguments)
+        structure = {"single": True}
+
+        def forward(*values: Any) -> tuple[Any, ...]:
+            result = self._run(**dict(zip(names, values)))
+            structure["single"] = not isinstance(result, (tuple, list))
+            return tuple(result) if not structure["single"] else (result,)
+
+        try:
+            if self._graph_mode == "cuda" and not static.warmed:
+                forward(*arguments.values())  # lazy inits, cuBLAS workspaces, Inductor compile: outside capture
+                static.warmed = True
+            if self._pool is None or self._pool.retired:
+                self._pool = new_pool(self._graph_mode, self._device)
+            graph = self._pool.capture(forward, list(arguments.values()))
+        except CaptureError:
+            raise  # the process could not be healed: never continue
+        except Exception as exc:  # noqa: BLE001 - an op that cannot be captured, OOM: fall back
+            return self._capture_failed(exc)
+        outputs = graph.release_capture_outputs()
+        entry = _KeyedGraph(key, graph, cu_seqlens, list(outputs), structure["single"])
+        self._graphs[key] = entry
+        self._counts["captures"] += 1
+        COUNTERS.add("captured")
+        COUNTERS.note_capture_size(static.size)
+        log.debug("captured encoder graph for %d patches in %d images at bucket %d", call.num_patches,
+                  len(call.bounds) - 1, static.size)
+        if isinstance(graph, CudaGraph):
+            graph.replay()  # capture records work; this replay computes the outputs
+        while len(self._graphs) > self.max_graphs:
+            self._evict()
+        return entry
+
+    def _capture_failed(self, exc: Exception) -> None:
+        message = f"capturing the vision encoder failed: {type(exc).__name__}: {exc}"
+        if self.config.enforce:
+            raise CaptureError(message + " (enforce=True)") from exc
+        log.warning("%s; it runs without graphs from now on (an op that syncs with the host, e.g. cu_seqlens on "
+                    "the GPU read by .tolist()/.item(), cannot be captured)", message)
+        COUNTERS.add("capture_failures")
+        COUNTERS.add("fallbacks")
+        self._disabled = message
+        self.clear()
+        return None
+
+    def _evict(self, count: bool = True) -> None:
+        """Drop the least recently used graph; its pool memory serves later captures."""
+        key, entry = self._graphs.popitem(last=False)
+        entry.graph.release()
+        if count:
+            self._counts["evictions"] += 1
+            log.debug("evicted encoder graph %s", key)
+
+    def _outputs(self, entry: _KeyedGraph, num_patches: int, bucket: int) -> Any:
+        values = []
+        for value in entry.outputs:
+            if isinstance(value, torch.Tensor) and value.dim():
+                rows = value.shape[0]
+                if (rows * num_patches) % bucket:
+                    raise TorchPCGError(
+                        f"an encoder output has {rows} rows at bucket {bucket}: its real rows for {num_patches} "
+                        f"patches ({rows}*{num_patches}/{bucket}) are not whole; use buckets that are multiples "
+                        "of the encoder's patch group (e.g. 4 for 2x2 merging)")
+                value = value[: rows * num_patches // bucket]
+            if isinstance(value, torch.Tensor) and self.config.copy_outputs:
+                value = value.clone()  # the next replay overwrites graph memory
+            values.append(value)
+        return values[0] if entry.single else tuple(values)
+
+
+def _inductor_compile(encoder: Callable[..., Any]) -> Callable[..., Any]:
+    """The encoder compiled by Inductor for every patch count (captured by us, not by Inductor)."""
+    compiled = torch.compile(encoder, dynamic=True, fullgraph=True,
+                             options={"triton.cudagraphs": False})
+
+    def run(**arguments: Any) -> Any:
+        return compiled(**arguments)
+    return run
+
+
+# ---- piecewise -----------------------------------------------------------------------------------
+
+class PiecewiseEncoder:
+    """``torchpcg.compile`` of a vision encoder: patch-count buckets, ``cu_seqlens`` dynamic.
+
+    The first call finds the token inputs (tensors with ``cu_seqlens[-1]`` rows at dim 0; one host
+    read of ``cu_seqlens``) unless ``token_inputs`` names them, and compiles; later calls only mark
+    the segment inputs (``cu_seqlens`` and any argument named ``*seqlens``) dynamic at dim 0, so
+    the number of images never recompiles, and call the compiled encoder.
+
+    Example::
+
+        encoder = torchpcg.vision.compile_vision(vit, vit_cuda_graph="piecewise", vit_capture_sizes="256,1024")
+        features = encoder(patches, cu_seqlens, positions)
+
+    Attributes: ``encoder`` (the original), ``compiled`` (the ``torchpcg.compile`` wrapper, after
+    the first call), ``config``.
+
+    Note: under ``enforce`` the backend rejects the second dynamic size (the image count); the
+    varlen attention is the only op that sees it, so without enforce nothing runs graphless.
+    """
+
+    def __init__(self, encoder: Callable[..., Any], config: PiecewiseConfig, *, cu_seqlens_arg: str = "cu_seqlens",
+                 token_inputs: Sequence[str] | None = None, segment_inputs: Sequence[str] | None = None) -> None:
+        self.encoder = encoder
+        self.config = config
+        self._signature = _Signature(encoder, cu_seqlens_arg, token_inputs)
+        names = self._signature.signature.parameters
+        self.segment_inputs = tuple(segment_inputs) if segment_inputs is not None else tuple(
+            n for n in names if n == cu_seqlens_arg or n.endswith("seqlens"))
+        self.compiled: StableModel | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            with self._lock:
+                if self.compiled is None:
+                    call = self._signature.bind(args, kwargs)
+                    log.info("vision encoder: token inputs %s, segment inputs %s, buckets %s", list(call.token_names),
+                             list(self.segment_inputs), format_sizes(self.config.buckets))
+                    self.compiled = stable_compile(self.encoder, self.config,
+                                                   token_inputs=dict.fromkeys(call.token_names, 0))
+        bound = self._signature.signature.bind(*args, **kwargs)
+        for name in self.segment_inputs:
+            value = bound.arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() == 1:
+                value = value.detach()  # mark a new tensor object: the caller's keeps no Dynamo marks
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+                bound.arguments[name] = value
+        return self.compiled(*bound.args, **bound.kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "encoder":
+            raise AttributeError(name)
+        return getattr(self.encoder, name)
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+def compile_vision(encoder: Callable[..., Any], config: VisionConfig | None = None, *,
+                   piecewise: PiecewiseConfig | None = None, cu_seqlens_arg: str = "cu_seqlens",
+                   token_inputs: Sequence[str] | None = None, **knobs: Any) -> Callable[..., Any]:
+    """Give a packed-patch vision encoder CUDA graphs as ``vit_cuda_graph`` says.
+
+    Example::
+
+        import torchpcg.vision as vision
+        encoder = vision.compile_vision(vit, vit_cuda_graph="full", vit_max_graphs=16, compiler="eager")
+        features = encoder(patches, cu_seqlens, positions)
+
+    ``knobs`` are ``VisionConfig`` fields (``vit_cuda_graph``, ``vit_capture_sizes``,
+    ``vit_max_graphs``) and ``PiecewiseConfig`` fields (``cudagraph``, ``compiler``, ``enforce``,
+    ...); the environment (``TORCHPCG_VIT_*``, ``TORCHPCG_*``) fills the rest. Returns the encoder
+    itself (``off``), a ``PiecewiseEncoder`` (``piecewise``: buckets ``vit_capture_sizes``, the
+    language model's ``capture_sizes`` do not apply) or an ``EncoderGraphs`` (``full``).
+
+    Note: the encoder must take the packed layout (patches ``[P, ...]``, ``cu_seqlens [N+1]``);
+    encoders that build ``cu_seqlens`` from image grids inside forward (Hugging Face Qwen2-VL's
+    ``grid_thw``) need that step moved out first.
+    """
+    vision_knobs = {k: v for k, v in knobs.items() if k in _PARSERS}
+    other = {k: v for k, v in knobs.items() if k not in _PARSERS}
+    vision = config if config is not None else VisionConfig.resolve()
+    if vision_knobs:
+        vision = dataclasses.replace(vision, **{k: _PARSERS[k](k, v) for k, v in vision_knobs.items()})
+    base = piecewise if piecewise is not None else PiecewiseConfig.resolve()
+    buckets = vision.buckets
+    settings = base.replace(**other, capture_sizes=buckets, max_capture_size=max(buckets))
+    if vision.vit_cuda_graph == "off":
+        log.info("vision encoder runs without graphs (vit_cuda_graph=off)")
+        return encoder
+    if vision.vit_cuda_graph == "piecewise":
+        return PiecewiseEncoder(encoder, settings, cu_seqlens_arg=cu_seqlens_arg, token_inputs=token_inputs)
+    return EncoderGraphs(encoder, capture_sizes=buckets, max_graphs=vision.vit_max_graphs,
+                         cudagraph=settings.cudagraph, compiler=settings.compiler, copy_outputs=settings.copy_outputs,
+                         enforce=settings.enforce, cu_seqlens_arg=cu_seqlens_arg, token_inputs=token_inputs)
