@@ -278,7 +278,7 @@ def _sampled(expr: sympy.Expr, symbol: sympy.Symbol) -> tuple[int, ...] | None:
         return None
     try:
         return tuple(int(expr.subs(symbol, t)) for t in _SAMPLE_TOKENS)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):  # x // (s // 4) at s = 1: not a plain size
         return None
 
 
