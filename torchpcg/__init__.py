@@ -17,6 +17,7 @@ from .errors import CaptureError, ConfigError, PaddingError, RecompileError, Spl
 from .split import register_splitting_op
 from .stable import StableBuffer, StableInputError, compile, watch_recompiles
 from .stats import expect, reset_stats, stats
+from .vision import EncoderGraphs, VisionConfig, compile_vision
 
 __version__ = "0.1.0"
 
