@@ -255,6 +255,7 @@ class _KeyedGraph:
     """One captured encoder graph: its image split, static cu_seqlens and outputs."""
 
     key: Hashable
+    bucket: int
     graph: CudaGraph | EmulatedGraph
     cu_seqlens: torch.Tensor  # the padded boundaries the graph was captured with; never written again
     outputs: list[Any]  # flat, in graph memory
@@ -281,8 +282,8 @@ class EncoderGraphs:
     ``cudagraph``: ``auto`` (real graphs on CUDA, none on CPU), ``cuda``, ``emulate`` (CPU tests) or
     ``off``. ``compiler``: ``eager`` captures the module as is; ``inductor`` captures
     ``torch.compile(encoder, dynamic=True)`` (Inductor's own graphs off). A capture that fails (an op
-    that syncs, out of memory) turns graphs off for this encoder, logged (``CaptureError`` under
-    ``enforce``).
+    that syncs, out of memory, a bucket the encoder rejects) drops its bucket, logged; the call and
+    later ones there run at the next larger bucket or eagerly (``CaptureError`` under ``enforce``).
 
     Note: every tensor output must have a dim 0 proportional to the patch count (patch features,
     merged features); per-image outputs (``[N, ...]``) and pooled ones are not supported (the
@@ -348,7 +349,8 @@ class EncoderGraphs:
                     "buckets": list(self.buckets), "disabled": self._disabled}
 
     def keys(self) -> list[Hashable]:
-        """Keys of the graphs held, least recently used first."""
+        """Keys of the graphs held, least recently used first: ``graph_key(...)``, paired with the
+        shapes and values of the other inputs when the encoder takes any."""
         with self._lock:
             return list(self._graphs)
 
@@ -370,7 +372,10 @@ class EncoderGraphs:
 
     def _replay(self, call: _Call, bucket: int) -> Any:
         padded = call.bounds + ((bucket,) if bucket > call.num_patches else ())  # padding rows: one segment
-        key = (self.graph_key(bucket, padded), self._static_signature(call))
+        key = self.graph_key(bucket, padded)
+        extras = self._static_signature(call)
+        if extras:  # other inputs (tensor shapes, Python values) shape the graph too
+            key = (key, extras)
         static = self._bucket(bucket, call)
         self._copy_inputs(static, call)
         entry = self._graphs.get(key)
@@ -467,9 +472,9 @@ class EncoderGraphs:
         except CaptureError:
             raise  # the process could not be healed: never continue
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured, OOM: fall back
-            return self._capture_failed(exc)
+            return self._capture_failed(static.size, exc)
         outputs = graph.release_capture_outputs()
-        entry = _KeyedGraph(key, graph, cu_seqlens, list(outputs), structure["single"])
+        entry = _KeyedGraph(key, static.size, graph, cu_seqlens, list(outputs), structure["single"])
         self._graphs[key] = entry
         self._counts["captures"] += 1
         COUNTERS.add("captured")
@@ -482,16 +487,21 @@ class EncoderGraphs:
             self._evict()
         return entry
 
-    def _capture_failed(self, exc: Exception) -> None:
-        message = f"capturing the vision encoder failed: {type(exc).__name__}: {exc}"
+    def _capture_failed(self, bucket: int, exc: Exception) -> None:
+        """Drop ``bucket`` (its calls go to the next larger bucket or run eagerly); no buckets left: off."""
+        message = f"capturing the vision encoder at bucket {bucket} failed: {type(exc).__name__}: {exc}"
         if self.config.enforce:
             raise CaptureError(message + " (enforce=True)") from exc
-        log.warning("%s; it runs without graphs from now on (an op that syncs with the host, e.g. cu_seqlens on "
-                    "the GPU read by .tolist()/.item(), cannot be captured)", message)
+        log.warning("%s; bucket %d is dropped (an op that syncs with the host, e.g. cu_seqlens on the GPU read by "
+                    ".tolist(), cannot be captured; keep cu_seqlens on the CPU)", message, bucket)
         COUNTERS.add("capture_failures")
         COUNTERS.add("fallbacks")
-        self._disabled = message
-        self.clear()
+        self.buckets = tuple(b for b in self.buckets if b != bucket)
+        for key in [k for k, entry in self._graphs.items() if entry.bucket == bucket]:
+            self._graphs.pop(key).graph.release()
+        self._buckets.pop(bucket, None)
+        if not self.buckets:
+            self._disabled = message
         return None
 
     def _evict(self, count: bool = True) -> None:

@@ -207,7 +207,8 @@ class PatchMerger(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         rows = h.shape[0] // self.group
-        torch._check(rows * self.group == h.shape[0])  # a whole number of blocks: lets Dynamo prove the view
+        # A whole number of blocks; also lets Dynamo prove the view below for any (unbacked) P.
+        torch._check(rows * self.group == h.shape[0], lambda: "patch count must be a multiple of merge_size**2")
         grouped = self.norm(h).view(rows, self.fc1.in_features)  # [P, hidden] -> [P/4, 4*hidden]
         return self.fc2(F.gelu(self.fc1(grouped)))
 
