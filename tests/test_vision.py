@@ -6,7 +6,11 @@ CUDA graphs and skip without a GPU. Every result is compared with the uncompiled
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,9 +250,28 @@ def test_outputs_are_copies_and_padding_rows_are_zeroed(vit: PackedViT, one_cpu_
     big = pack_images([(4, 4), (4, 4)], vit.config, seed=2)  # 32: fills every row of the bucket
     graphs(big[0] * 1e4, big[1], big[2])
     assert torch.equal(first, kept)  # not overwritten by the next replay
-    static = graphs._buckets[32].token_buffers  # noqa: SLF001
+    static = graphs._buckets[(32, ())].token_buffers  # noqa: SLF001
     graphs(*pack_images([(2, 2)] * 6, vit.config, seed=3))  # 24 of bucket 32
     assert not static["patches"][24:].any() and not static["positions"][24:].any()
+
+
+def test_other_inputs_and_row_layouts_are_part_of_the_key(vit: PackedViT, one_cpu_thread) -> None:
+    class Scaled(torch.nn.Module):
+        def forward(self, patches, cu_seqlens, positions, scale: float = 1.0, bias: torch.Tensor | None = None):
+            out = vit(patches, cu_seqlens, positions) * scale
+            return out if bias is None else out + bias
+
+    graphs = full_graphs(Scaled())
+    patches, cu, positions = pack_images([(4, 4), (2, 6)], vit.config, seed=1)
+    expected = reference(vit, patches, cu, positions)
+    bias = torch.randn(64)
+    calls = [((patches, cu, positions), expected), ((patches, cu, positions, 2.0), 2 * expected),
+             ((patches.double(), cu, positions), expected), ((patches, cu, positions, 1.0, bias), expected + bias)]
+    for _ in range(2):
+        for args, want in calls:
+            torch.testing.assert_close(graphs(*args), want, rtol=1e-5, atol=1e-5)
+    assert graphs.info()["captures"] == 4 and graphs.info()["replays"] == 4
+    torch.testing.assert_close(graphs(patches, cu, positions, 1.0, bias * 3), expected + 3 * bias)  # copied in
 
 
 def test_capture_failure_falls_back_and_enforce_raises(vit: PackedViT, one_cpu_thread) -> None:
@@ -296,6 +319,49 @@ def test_a_bucket_the_encoder_rejects_is_dropped(vit: PackedViT, one_cpu_thread)
     assert graphs.info()["buckets"] == [32] and graphs.info()["eager_runs"] == 1
     torch.testing.assert_close(graphs(*inputs), reference(vit, *inputs), rtol=1e-5, atol=1e-5)
     assert graphs.info()["captures"] == 1 and torchpcg.stats()["capture_failures"] == 1
+
+
+# ---- the bench (CPU smoke, as tests/test_bench_quick.py runs bench/decoder.py) -------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_vit_bench_quick_runs_on_cpu_and_records_every_mode(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.vit", "--device", "cpu", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| images | patches | eager | piecewise | full |" in proc.stdout
+    (json_path,) = tmp_path.glob("*-vit-quick.json")
+    results = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".md").read_text().startswith("# Vision encoder bench")
+    assert {"device", "torch", "commit", "config", "results", "failed", "wrong", "unavailable"} <= set(results)
+    assert results["device"].startswith("cpu") and results["torch"] == torch.__version__
+    assert results["failed"] == {} and results["wrong"] == {} and "full-inductor" in results["unavailable"]
+    rows = results["results"]
+    assert {(r["mode"], r["images"]) for r in rows} == {(m, n) for m in ("eager", "piecewise", "full") for n in (1, 4, 16)}
+    for row in rows:
+        assert row["correct"] and 0 < row["median_ms"] <= row["p90_ms"], row
+    assert results["info"]["full"]["encoder_graphs"]["captures"] == 2  # 16 images: above the largest bucket
+    assert results["info"]["piecewise"]["torchpcg_stats"]["replays"] > 0
+
+
+def test_vit_bench_fails_loudly_when_a_mode_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if str(REPO_ROOT) not in sys.path:
+        monkeypatch.syspath_prepend(str(REPO_ROOT))  # bench/ is a repo script package, not installed
+    from bench import vit as bench_vit
+
+    real_build = bench_vit.build
+
+    def off_by_one(mode, model, settings):
+        runner, holder = real_build(mode, model, settings)
+        return ((lambda *args: runner(*args) + 1.0) if mode == "full" else runner), holder
+
+    monkeypatch.setattr(bench_vit, "build", off_by_one)
+    status = bench_vit.main(["--device", "cpu", "--quick", "--images", "1", "--modes", "eager,full",
+                             "--out", str(tmp_path)])
+    assert status == 1
+    results = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert "full" in results["wrong"] and "eager" not in results["wrong"]
 
 
 # ---- real CUDA graphs (GPU conformance suite) ----------------------------------------------------

@@ -242,12 +242,12 @@ class _Signature:
 
 @dataclasses.dataclass
 class _Bucket:
-    """Static inputs shared by every graph of one bucket (one image split is replayed at a time)."""
+    """Static inputs shared by every graph of one bucket and input layout (one replays at a time)."""
 
     size: int
     token_buffers: dict[str, torch.Tensor]  # name -> [bucket, ...]
     other_buffers: dict[str, torch.Tensor]  # name -> a copy of a non-token tensor input
-    warmed: bool = False
+    warmed: bool = False  # cuda: one eager run on these buffers before the first capture
 
 
 @dataclasses.dataclass
@@ -258,6 +258,7 @@ class _KeyedGraph:
     bucket: int
     graph: CudaGraph | EmulatedGraph
     cu_seqlens: torch.Tensor  # the padded boundaries the graph was captured with; never written again
+    static: _Bucket  # the buffers the graph reads: alive as long as the graph
     outputs: list[Any]  # flat, in graph memory
     single: bool  # the encoder returned one value, not a tuple
 
@@ -307,9 +308,11 @@ class EncoderGraphs:
         self._run: Callable[..., Any] = encoder if compiler == "eager" else _inductor_compile(encoder)
         self._graph_mode: str | None = None  # resolved on the first call, from the inputs' device
         self._device: torch.device | None = None
+        self._first_layout: tuple[Hashable, ...] | None = None
         self._disabled = ""  # why graphs are off after a failed capture
         self._pool: GraphPool | EmulatedPool | None = None
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[tuple[int, Hashable], _Bucket] = {}  # (bucket, input layout) -> buffers
+        self._last_stream: torch.cuda.Stream | None = None
         self._graphs: collections.OrderedDict[Hashable, _KeyedGraph] = collections.OrderedDict()
         self._counts = dict.fromkeys(("captures", "replays", "evictions", "eager_runs"), 0)
         self._lock = threading.RLock()
@@ -373,10 +376,12 @@ class EncoderGraphs:
     def _replay(self, call: _Call, bucket: int) -> Any:
         padded = call.bounds + ((bucket,) if bucket > call.num_patches else ())  # padding rows: one segment
         key = self.graph_key(bucket, padded)
-        extras = self._static_signature(call)
-        if extras:  # other inputs (tensor shapes, Python values) shape the graph too
-            key = (key, extras)
-        static = self._bucket(bucket, call)
+        layout = self._layout(call)
+        if layout:  # other inputs (tensor shapes, Python values) shape the graph too
+            key = (key, layout)
+        if self._graph_mode == "cuda":
+            self._order_streams()
+        static = self._bucket(bucket, layout, call)
         self._copy_inputs(static, call)
         entry = self._graphs.get(key)
         if entry is None:
@@ -395,41 +400,45 @@ class EncoderGraphs:
         COUNTERS.add("padded_tokens", bucket - call.num_patches)
         return self._outputs(entry, call.num_patches, bucket)
 
-    def _static_signature(self, call: _Call) -> Hashable:
-        """Non-token inputs that shape the graph: tensor shapes/dtypes and non-tensor values."""
-        parts = []
+    def _layout(self, call: _Call) -> tuple[Hashable, ...]:
+        """What else shapes a graph: the token inputs' row layout (only when they change from the
+        first one seen), the other tensors' shapes and dtypes, the non-tensor values."""
+        parts: list[Hashable] = []
         for name, value in call.arguments.items():
-            if name in call.token_names or name == self._signature.cu_seqlens_arg:
+            if name == self._signature.cu_seqlens_arg:
                 continue
             if isinstance(value, torch.Tensor):
-                parts.append((name, tuple(value.shape), value.dtype, value.device))
+                shape = tuple(value.shape[1:]) if name in call.token_names else tuple(value.shape)
+                parts.append((name, shape, value.dtype, value.device))
             else:
                 try:
                     hash(value)
                 except TypeError:
                     value = repr(value)
                 parts.append((name, value))
-        return tuple(parts)
+        layout = tuple(parts)
+        if self._first_layout is None:
+            self._first_layout = layout
+        return () if layout == self._first_layout else layout
 
-    def _bucket(self, bucket: int, call: _Call) -> _Bucket:
-        static = self._buckets.get(bucket)
-        fresh = static is None or set(static.token_buffers) != set(call.token_names) or any(
-            buf.shape[1:] != call.arguments[n].shape[1:] or buf.dtype != call.arguments[n].dtype
-            for n, buf in static.token_buffers.items())
-        if fresh:
+    def _bucket(self, bucket: int, layout: Hashable, call: _Call) -> _Bucket:
+        """The static buffers of (bucket, layout), made on first use and kept (graphs read them)."""
+        static = self._buckets.get((bucket, layout))
+        if static is None:
             with torch.inference_mode(False):  # normal tensors: writable inside and outside inference mode
-                tokens = {n: torch.zeros((bucket, *call.arguments[n].shape[1:]), dtype=call.arguments[n].dtype,
-                                         device=call.arguments[n].device) for n in call.token_names}
-            static = _Bucket(bucket, tokens, {})
-            self._buckets[bucket] = static
-        for name, value in call.arguments.items():  # other tensors: one buffer each, per shape
-            if name in call.token_names or name == self._signature.cu_seqlens_arg or not isinstance(value, torch.Tensor):
-                continue
-            buf = static.other_buffers.get(name)
-            if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
-                with torch.inference_mode(False):
-                    static.other_buffers[name] = torch.empty_like(value)
+                tokens = {n: _zeros_like_rows(call.arguments[n], bucket) for n in call.token_names}
+                others = {n: torch.empty_like(v) for n, v in call.arguments.items()
+                          if isinstance(v, torch.Tensor) and n not in tokens and n != self._signature.cu_seqlens_arg}
+            static = _Bucket(bucket, tokens, others)
+            self._buckets[(bucket, layout)] = static
         return static
+
+    def _order_streams(self) -> None:
+        """Back-to-back calls on different streams share static buffers: the new one waits."""
+        stream = torch.cuda.current_stream(self._device)
+        if self._last_stream is not None and self._last_stream != stream:
+            stream.wait_stream(self._last_stream)
+        self._last_stream = stream
 
     def _copy_inputs(self, static: _Bucket, call: _Call) -> None:
         num_patches = call.num_patches
@@ -474,7 +483,7 @@ class EncoderGraphs:
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured, OOM: fall back
             return self._capture_failed(static.size, exc)
         outputs = graph.release_capture_outputs()
-        entry = _KeyedGraph(key, static.size, graph, cu_seqlens, list(outputs), structure["single"])
+        entry = _KeyedGraph(key, static.size, graph, cu_seqlens, static, list(outputs), structure["single"])
         self._graphs[key] = entry
         self._counts["captures"] += 1
         COUNTERS.add("captured")
@@ -499,7 +508,8 @@ class EncoderGraphs:
         self.buckets = tuple(b for b in self.buckets if b != bucket)
         for key in [k for k, entry in self._graphs.items() if entry.bucket == bucket]:
             self._graphs.pop(key).graph.release()
-        self._buckets.pop(bucket, None)
+        for key in [k for k in self._buckets if k[0] == bucket]:
+            del self._buckets[key]
         if not self.buckets:
             self._disabled = message
         return None
@@ -527,6 +537,11 @@ class EncoderGraphs:
                 value = value.clone()  # the next replay overwrites graph memory
             values.append(value)
         return values[0] if entry.single else tuple(values)
+
+
+def _zeros_like_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zeros shaped like ``value`` with ``rows`` rows at dim 0."""
+    return torch.zeros((rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
 
 
 def _inductor_compile(encoder: Callable[..., Any]) -> Callable[..., Any]:
