@@ -144,10 +144,10 @@ def test_capture_failure_falls_back_and_enforce_raises(monkeypatch):
 
     real = Runtime.make_graph
 
-    def failing(self, fn, static_args):
+    def failing(self, fn, static_args, warm=True):
         if self.state.bucket == 4:
             raise torch.cuda.OutOfMemoryError("pretend the pool is full")
-        return real(self, fn, static_args)
+        return real(self, fn, static_args, warm)
 
     monkeypatch.setattr(Runtime, "make_graph", failing)
     compare(model, compiled, 3, atol=1e-5, rtol=1e-5)  # bucket 4 fails -> no graphs this call

@@ -73,7 +73,7 @@ def _with_mix(x):
 
 
 def test_registered_custom_op_is_cut(monkeypatch):
-    monkeypatch.setattr("torchpcg.split._USER_OPS", set())
+    monkeypatch.setattr("torchpcg.split._USER_OPS", {})
     x = _tokens()
     torchpcg.register_splitting_op(mix)
     out, runtime = _plan(_with_mix, x)
@@ -82,7 +82,7 @@ def test_registered_custom_op_is_cut(monkeypatch):
 
 
 def test_split_ops_option_and_env(monkeypatch):
-    monkeypatch.setattr("torchpcg.split._USER_OPS", set())
+    monkeypatch.setattr("torchpcg.split._USER_OPS", {})
     x = _tokens()
     _, runtime = _plan(_with_mix, x, split_ops="pcgtest::mix")
     assert "user split op (pcgtest::mix.default)" in runtime.split.split_pieces[0].reasons

@@ -22,7 +22,8 @@ from .errors import ConfigError, SplitError
 from .layout import expr_of, symbols_of
 from .padding import classify, token_symbol, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
-from .split import SplitGraph, split_graph, split_reason, user_split_ops
+from .full import FullGraphs, full_graph_blockers, written_inputs
+from .split import SplitGraph, capturable_ops, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
 
 __all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options", "mode_options"]
@@ -49,7 +50,8 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     symbol = token_symbol(gm)
     _check_symbols(gm, symbol, config)
     static_names = static_inputs(gm, example_inputs)
-    split = split_graph(gm, split_reasons(gm, config, symbol), written_bases)
+    reasons = split_reasons(gm, config, symbol)
+    split = split_graph(gm, reasons, written_bases)
     _check_split(split, config)
     device = graph_device(gm)
     locator = token_locator(gm, symbol)
@@ -69,6 +71,8 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
                                         max_autotune=config.max_autotune)
         _note_graphless(runner, config, gm)
         runtime.install(runner)
+    if config.cudagraph_mode == "full_and_piecewise" and runtime.graph_mode != "off":
+        _add_full_graphs(runtime, gm, reasons, static_names, config)
     COUNTERS.add("pieces", len(split.compute_pieces))
     COUNTERS.add("split_ops", len(split.split_pieces))
     log.info("piecewise: %d pieces, %d split ops, graphs=%s, buckets=%s, compiled with %s in %.2fs",
@@ -82,6 +86,23 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     for collector in getattr(_collectors, "stack", ()):
         collector.append(runtime)
     return runtime
+
+
+def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str],
+                     static_names: Mapping[str, int], config: PiecewiseConfig) -> None:
+    """Whole-forward graphs for T <= full_max_size when every split op may sit inside a graph."""
+    runtime.full_blockers = full_graph_blockers(reasons, capturable_ops())
+    if runtime.full_blockers:
+        log.warning("cudagraph_mode=full_and_piecewise: %d split op(s) cannot run inside a CUDA graph, so this "
+                    "graph stays piecewise: %s%s (declare an op safe with register_splitting_op(op, capturable=True))",
+                    len(runtime.full_blockers), "; ".join(runtime.full_blockers[:3]),
+                    " ..." if len(runtime.full_blockers) > 3 else "")
+        return
+    runtime.full = FullGraphs(runtime, gm, static_names, written_inputs(gm, list(reasons)), config.full_max_size)
+    if runtime.full.off_reason:
+        runtime.full_blockers = [runtime.full.off_reason]
+        log.warning("cudagraph_mode=full_and_piecewise: %s; this graph stays piecewise", runtime.full.off_reason)
+        runtime.full = None
 
 
 # torch.compile's ``mode`` as the backend reads it. Hugging Face ``CompileConfig`` passes

@@ -14,12 +14,13 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["PiecewiseConfig", "default_capture_sizes", "format_sizes", "CUDAGRAPH_MODES", "COMPILERS"]
+__all__ = ["PiecewiseConfig", "default_capture_sizes", "format_sizes", "CUDAGRAPH_MODES", "GRAPH_MODES", "COMPILERS"]
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "TORCHPCG_"
 CUDAGRAPH_MODES = ("auto", "cuda", "emulate", "off")
+GRAPH_MODES = ("piecewise", "full_and_piecewise")
 COMPILERS = ("inductor", "eager")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -102,6 +103,15 @@ class PiecewiseConfig:
     verify: bool = False
     """On the first use of each bucket, run every piece padded and exact and compare real rows."""
 
+    cudagraph_mode: str = "piecewise"
+    """``piecewise``: graphs between split ops. ``full_and_piecewise``: calls of T <= ``full_max_size``
+    tokens replay one whole-forward graph (split ops inside, no padding) when every split op is
+    capturable; other calls use piecewise graphs."""
+
+    full_max_size: int = 8
+    """Largest token count served by a whole-forward graph in ``full_and_piecewise`` mode; one
+    graph per exact T from 1 to this."""
+
     max_autotune: bool = False
     """Compile pieces with Inductor's max-autotune (slower compile, tuned kernels). Also set by
     ``torch.compile(..., mode="max-autotune")``."""
@@ -110,6 +120,9 @@ class PiecewiseConfig:
         _check_positive("max_capture_size", self.max_capture_size)
         if self.compiler not in COMPILERS:
             raise ConfigError(f"compiler={self.compiler!r}: expected one of {', '.join(COMPILERS)}")
+        _check_positive("full_max_size", self.full_max_size)
+        if self.cudagraph_mode not in GRAPH_MODES:
+            raise ConfigError(f"cudagraph_mode={self.cudagraph_mode!r}: expected one of {', '.join(GRAPH_MODES)}")
         if self.cudagraph not in CUDAGRAPH_MODES:
             raise ConfigError(f"cudagraph={self.cudagraph!r}: expected one of {', '.join(CUDAGRAPH_MODES)}")
         if self.capture_sizes is not None:
@@ -255,6 +268,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "enforce": _parse_bool,
     "debug_dir": _parse_path,
     "verify": _parse_bool,
+    "cudagraph_mode": _parse_choice(GRAPH_MODES),
+    "full_max_size": _parse_int,
     "max_autotune": _parse_bool,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}

@@ -984,8 +984,10 @@ def _written_args(node: fx.Node, name: str) -> list[fx.Node]:
     written: list[fx.Node] = []
     if name == "setitem" or (name.endswith("_") and not name.startswith("_") and name not in NON_WRITING_INPLACE):
         written.append(node.args[0])
-    elif isinstance(node.target, torch._ops.OpOverload):
-        for arg, schema_arg in zip(node.args, node.target._schema.arguments):
+    elif isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        overload = getattr(node.target, "default", node.target)  # a packet: its default overload's schema
+        schema = getattr(overload, "_schema", None)
+        for arg, schema_arg in zip(node.args, schema.arguments if schema is not None else ()):
             if schema_arg.alias_info is not None and schema_arg.alias_info.is_write:
                 written.append(arg)
     written.extend(a for a in _leaves(node.kwargs.get("out")) if isinstance(a, fx.Node))

@@ -133,6 +133,7 @@ class PieceRunner:
         self.storages: dict[int, torch.Tensor] = {}  # token input index -> flat buffer for the largest bucket
         self.buffers: dict[int, torch.Tensor] = {}  # copied input index -> its buffer (fixed shape)
         self.unchained: set[int] = set()  # inputs once chained whose producer changed: always copied
+        self.warm_before_capture = True  # run once outside the graph first (lazy inits, autotuning)
 
     def demote(self, names: Collection[str]) -> None:
         """Static inputs named ``names`` keep moving: copy them on every replay from now on."""
@@ -204,18 +205,24 @@ class PieceRunner:
         _copy_inputs(*self._copy_targets(token_views, copied, num_tokens), args)
         self.runtime.verify(self, static_args, args)
         try:
-            graph = self.runtime.make_graph(self.compiled, static_args)
+            graph = self.runtime.make_graph(self.compiled, static_args, warm=self.warm_before_capture)
         except CaptureError:
             raise  # the process could not be healed: never continue
         except Exception as exc:  # OOM or an op that cannot be captured: fall back, never crash
-            self.runtime.capture_failed(bucket, self.piece.name, exc)
+            self.runtime.capture_failed(bucket, self, exc)
             return self._run_direct(args)
         outputs = graph.release_capture_outputs()
-        self.runtime.own(outputs, token_views.values(), copied.values())
+        # An output that is a read-in-place input (a buffer written inside a full graph) is the
+        # caller's own tensor, not graph memory: never cloned, or the caller would get a new buffer.
+        in_place = {arg.untyped_storage().data_ptr() for spec, arg in zip(self.inputs, static_args)
+                    if spec.kind == _STATIC and isinstance(arg, torch.Tensor)}
+        self.runtime.own([o for o in outputs if not (isinstance(o, torch.Tensor)
+                                                     and o.untyped_storage().data_ptr() in in_place)],
+                         token_views.values(), copied.values())
         captured = _Captured(graph, token_views, copied, chained, _alias_outputs(outputs, copied))
         self.captured[bucket] = captured
         COUNTERS.add("captured")
-        if self.symbol is not None:  # a static graph (no token symbol) has no bucket to report
+        if self.symbol is not None and self.warm_before_capture:  # static graphs and full graphs (exact T) have no bucket
             COUNTERS.note_capture_size(bucket)
         log.debug("captured %s at bucket %d", self.piece.name, bucket)
         if isinstance(graph, CudaGraph):
@@ -419,6 +426,8 @@ class Runtime:
         self._pool: GraphPool | EmulatedPool | None = None
         self._last_stream: torch.cuda.Stream | None = None
         self._drop_after_call: list[tuple[PieceRunner | None, int]] = []  # (runner or all, bucket)
+        self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
+        self.full_blockers: list[str] = []  # why full graphs are off for this graph (explain, logs)
         for piece in split.split_pieces:  # eager split ops: skip nn.Module.__call__ overhead per call
             split.split_gm.__dict__[piece.name] = piece.gm.forward
 
@@ -440,12 +449,21 @@ class Runtime:
                 self._check_static_inputs(args)
                 if self.graph_mode == "cuda":
                     self._order_streams()
-            self.state = CallState(bucket=bucket, num_tokens=num_tokens)
+            full = self.full if bucket is not None else None
+            key = full.key(num_tokens) if full is not None else None
+            if key is not None and full.ready(key, args):
+                self.state = CallState(bucket=key, num_tokens=num_tokens)
+                forward, bucket = full.runner, key
+            else:
+                self.state = CallState(bucket=bucket, num_tokens=num_tokens)
+                forward = self.split.split_gm
             try:
-                outputs = self.split.split_gm(*args)
+                outputs = forward(*args)
             finally:
                 state, self.state = self.state, CallState()
             self._count(state, bucket, num_tokens)
+            if state.used_graphs and forward is not self.split.split_gm:
+                COUNTERS.add("full_graph_calls")
             if state.used_graphs and self.config.copy_outputs:
                 outputs = _clone_owned(outputs, self._owned)  # the next call overwrites graph memory
             return outputs
@@ -499,7 +517,7 @@ class Runtime:
 
     def _demote(self, indices: Collection[int]) -> None:
         names = {self._static_names[self.static_args.index(i)] for i in indices}
-        for runner in self.runners:
+        for runner in self._all_runners():
             runner.demote(names)
         keep = [(i, n) for i, n in zip(self.static_args, self._static_names) if n not in names]
         self.static_args = tuple(i for i, _ in keep)
@@ -527,22 +545,25 @@ class Runtime:
             COUNTERS.add("eager_runs")
 
     def captured_graphs(self) -> int:
-        return sum(len(r.captured) for r in self.runners)
+        return sum(len(r.captured) for r in self._all_runners())
+
+    def _all_runners(self) -> list[PieceRunner]:
+        return self.runners + ([self.full.runner] if self.full is not None else [])
 
     # ---- services for piece runners ------------------------------------------------------------
 
-    def make_graph(self, fn: Callable[..., Any], static_args: list[Any]) -> CudaGraph | EmulatedGraph:
+    def make_graph(self, fn: Callable[..., Any], static_args: list[Any], warm: bool = True) -> CudaGraph | EmulatedGraph:
         """Capture ``fn`` on ``static_args`` into this runtime's pool (a fresh one if it was retired)."""
         if self._pool is None or self._pool.retired:
             self._pool = new_pool(self.graph_mode, self.device)
-        if self.graph_mode == "cuda":
+        if self.graph_mode == "cuda" and warm:
             fn(*static_args)  # warm-up outside the graph: lazy inits, autotuning, cuBLAS workspaces
         return self._pool.capture(fn, static_args)
 
     def verify(self, runner: PieceRunner, static_args: list[Any], args: Sequence[Any]) -> None:
         """Verify mode: padded real rows must equal the exact-size run (first use of a bucket)."""
-        if not self.config.verify or self.symbol is None:
-            return
+        if not self.config.verify or self.symbol is None or (self.full is not None and runner is self.full.runner):
+            return  # a full graph runs at the exact T: nothing is padded
         from .padding import first_difference
         from .errors import PaddingError
 
@@ -554,13 +575,20 @@ class Runtime:
                 f"{node!r} differ from the exact-size run by {amount:.3g}; the op is not row-wise along the token dim. "
                 f"Register it with torchpcg.register_splitting_op(...) or report it as a padding-analysis bug")
 
-    def capture_failed(self, bucket: int, piece_name: str, exc: Exception) -> None:
-        """Drop bucket ``bucket`` everywhere; this and later calls there run without its graphs."""
-        message = f"capturing {piece_name} at bucket {bucket} failed: {type(exc).__name__}: {exc}"
+    def capture_failed(self, bucket: int, runner: PieceRunner, exc: Exception) -> None:
+        """Drop bucket ``bucket`` everywhere; this and later calls there run without its graphs.
+
+        A failed full graph turns full graphs off instead: the piecewise buckets are unaffected.
+        """
+        message = f"capturing {runner.piece.name} at bucket {bucket} failed: {type(exc).__name__}: {exc}"
         if self.config.enforce:
             raise CaptureError(message + " (TORCHPCG_ENFORCE=1)") from exc
-        log.warning("%s; bucket %d is dropped, calls there use the next larger bucket or no graphs", message, bucket)
         COUNTERS.add("capture_failures")
+        if self.full is not None and runner is self.full.runner:
+            self.full.turn_off(message)
+            self.state.bucket = None
+            return
+        log.warning("%s; bucket %d is dropped, calls there use the next larger bucket or no graphs", message, bucket)
         COUNTERS.add("fallbacks")
         if bucket in self.buckets:
             self.buckets.remove(bucket)
@@ -582,7 +610,7 @@ class Runtime:
 
     def _drop(self, runner: PieceRunner | None, bucket: int | None) -> None:
         """Release graphs (of one runner or all; at one bucket or all): they never replay again."""
-        for each in [runner] if runner is not None else self.runners:
+        for each in [runner] if runner is not None else self._all_runners():
             for key in [bucket] if bucket is not None else list(each.captured):
                 captured = each.captured.pop(key, None)
                 if captured is not None:

@@ -18,7 +18,8 @@ from torch.fx.passes.split_module import split_module
 
 from .config import split_op_name
 
-__all__ = ["SplitPiece", "SplitGraph", "split_graph", "split_reason", "register_splitting_op", "user_split_ops"]
+__all__ = ["SplitPiece", "SplitGraph", "split_graph", "split_reason", "register_splitting_op", "user_split_ops",
+           "capturable_ops", "is_capturable", "CAPTURABLE_OPS"]
 
 # Attention: data-dependent over tokens (reads other rows, often a KV cache). Names are 'ns::op'.
 ATTENTION_OPS = frozenset({
@@ -54,12 +55,22 @@ COLLECTIVE_OPS = frozenset({
     "c10d_functional::wait_tensor",
 })
 
+# Split ops that may run inside a CUDA graph at an exact token count (full-decode graphs): no host
+# sync, no allocation outside the graph's pool, fixed addresses. SDPA is a pure function of its
+# inputs; the reference KV-cache attention writes the cache at given positions and never syncs.
+CAPTURABLE_OPS = frozenset(ATTENTION_OPS)
+
 _USER_OPS_LOCK = threading.Lock()
-_USER_OPS: set[str] = set()
+_USER_OPS: dict[str, bool] = {}  # name -> capturable
 
 
-def register_splitting_op(op: Any) -> str:
+def register_splitting_op(op: Any, capturable: bool = False) -> str:
     """Add ``op`` to the ops every piecewise graph is cut at; returns its ``'ns::op'`` name.
+
+    ``capturable=True`` declares the op safe inside a CUDA graph at an exact token count: it never
+    syncs with the host, allocates only through PyTorch's allocator and reads and writes the
+    addresses it is given. Full-decode graphs (``cudagraph_mode="full_and_piecewise"``) need every
+    split op of a model to be capturable.
 
     ``op`` may be an ``OpOverload`` (``torch.ops.mylib.attn.default``), an ``OpOverloadPacket``
     (``torch.ops.mylib.attn``), a ``torch.library.custom_op`` handle or the string ``"mylib::attn"``.
@@ -75,7 +86,7 @@ def register_splitting_op(op: Any) -> str:
     custom = getattr(op, "_opoverload", None)  # torch.library.custom_op handle
     name = split_op_name(custom if custom is not None else op)
     with _USER_OPS_LOCK:
-        _USER_OPS.add(name)
+        _USER_OPS[name] = bool(capturable)
     return name
 
 
@@ -83,6 +94,17 @@ def user_split_ops() -> frozenset[str]:
     """The ops added with ``register_splitting_op`` so far."""
     with _USER_OPS_LOCK:
         return frozenset(_USER_OPS)
+
+
+def capturable_ops() -> frozenset[str]:
+    """Split ops that may run inside a full-decode graph: the built-in ones and those registered so."""
+    with _USER_OPS_LOCK:
+        return CAPTURABLE_OPS | {name for name, capturable in _USER_OPS.items() if capturable}
+
+
+def is_capturable(node: torch.fx.Node, capturable: frozenset[str]) -> bool:
+    """Whether a split node's op is in ``capturable`` (a packet name covers its overloads)."""
+    return node.target in ATTENTION_FUNCTIONS or any(n in capturable for n in _op_names(node.target))
 
 
 @dataclasses.dataclass(frozen=True)

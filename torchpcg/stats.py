@@ -20,6 +20,7 @@ COUNTER_KEYS = (
     "replays",  # graph replays
     "eager_runs",  # calls served without graphs (T above the largest bucket, graphs off, fallbacks)
     "graph_calls",  # calls served with graphs
+    "full_graph_calls",  # of those, calls served by one whole-forward graph (cudagraph_mode="full_and_piecewise")
     "recompiles",  # Dynamo recompiles of a torchpcg-compiled frame after warmup
     "fallbacks",  # logged fallbacks (capture failure, graphless piece, ...)
     "capture_failures",  # captures that failed (OOM or error) and were dropped
@@ -72,7 +73,7 @@ def stats() -> dict[str, Any]:
         ['capture_failures', 'capture_sizes', 'captured']
 
     Keys: ``dynamo_graphs``, ``pieces``, ``split_ops``, ``captured``, ``replays``, ``eager_runs``,
-    ``graph_calls``, ``recompiles``, ``fallbacks``, ``capture_failures``, ``recaptures``,
+    ``graph_calls``, ``full_graph_calls``, ``recompiles``, ``fallbacks``, ``capture_failures``, ``recaptures``,
     ``graphless_pieces``, ``real_tokens``, ``padded_tokens`` (ints) and ``capture_sizes``
     (sorted list of bucket sizes captured at least once).
 

@@ -1,0 +1,129 @@
+"""Whole-forward graphs for decode-sized calls (``cudagraph_mode="full_and_piecewise"``).
+
+In: the Dynamo graph, the reason each split node was cut, and its runtime. Out: ``FullGraphs``,
+which the runtime asks first on a call of T <= ``full_max_size`` tokens: one CUDA graph of the
+whole forward per exact T, split ops captured inside, so a decode step is one replay instead of
+one replay per piece plus an eager op between each.
+
+Correct by construction:
+
+* **Exact T, never padded.** A split op exists because it is not row-wise (attention, a KV-cache
+  write at given positions): padding rows would be attended to or written. A whole graph is kept
+  per exact token count, so every op inside sees only real rows.
+* **Only capturable split ops.** Every split op must be declared capturable (built-in attention,
+  ``register_splitting_op(op, capturable=True)``) or be an ordinary tensor op cut only for padding;
+  collectives, data-dependent and random ops keep a model piecewise (the reasons are logged).
+* **Written inputs read in place.** Inputs a split op writes (a KV cache) are the graph's own
+  tensors, not copies; their addresses are checked on every call, and a moved one turns full
+  graphs off for this model (logged once) instead of writing into a stale tensor.
+* **Side effects once.** T's first call runs piecewise (it warms up every kernel at that exact
+  size); its second call captures without a warm-up run, so a captured op's writes happen once
+  per call, as in eager.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from .padding import REASON_PREFIX, written_bases
+from .runtime import CallState, PieceRunner, Runtime
+from .split import SplitPiece, is_capturable
+
+__all__ = ["FullGraphs", "full_graph_blockers", "written_inputs"]
+
+log = logging.getLogger(__name__)
+
+# Padding categories that cannot sit inside a graph whatever the size: a host sync, a random draw
+# whose offsets the graph would freeze, a second dynamic size; attention ops nobody declared capturable.
+_NOT_CAPTURABLE = ("data-dependent", "random", "second dynamic symbol", "attention")
+
+
+def full_graph_blockers(reasons: Mapping[torch.fx.Node, str], capturable: frozenset[str]) -> list[str]:
+    """Split nodes that keep this graph piecewise, as ``"node: why"``; empty means full graphs work."""
+    blockers = []
+    for node, why in reasons.items():
+        if is_capturable(node, capturable):
+            continue
+        if why.startswith("side effect"):
+            continue  # a write into another piece's value: one graph holds both
+        if why.startswith(REASON_PREFIX) and not why[len(REASON_PREFIX):].startswith(_NOT_CAPTURABLE):
+            continue  # not row-wise, but a plain tensor op at one exact size
+        blockers.append(f"{node.name}: {why}")
+    return blockers
+
+
+def written_inputs(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> list[int]:
+    """Positions of the graph inputs that ``nodes`` write in place (through views)."""
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    found = {placeholders[base] for node in nodes for base in written_bases(node) if base in placeholders}
+    return sorted(found)
+
+
+class FullGraphs:
+    """One whole-forward graph per exact token count up to ``max_size``, beside the piecewise ones.
+
+    The graphs are ``PieceRunner`` captures of the whole split module (inputs classified and copied
+    as for any piece; the pieces inside run their compiled code, the split ops run inside too).
+    """
+
+    def __init__(self, runtime: Runtime, gm: torch.fx.GraphModule, static_names: Mapping[str, int],
+                 written: Sequence[int], max_size: int) -> None:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
+        in_place = {index: name for name, index in static_names.items()}
+        in_place.update({index: placeholders[index].name for index in written})
+        piece = SplitPiece(name="full graph", index=-1, is_split_op=False, reasons=(), node_names=(), gm=gm)
+        self.runtime = runtime
+        self.runner = PieceRunner(piece, self._forward, fake_args, runtime.symbol, runtime,
+                                               static_inputs=in_place)
+        self.runner.warm_before_capture = False  # T's first call, piecewise, was the warm-up
+        self.written = tuple(written)
+        self.written_names = tuple(placeholders[i].name for i in written)
+        self.max_size = max_size
+        self.off_reason = self.runner.graphless_reason
+        self._seen: set[int] = set()  # token counts called once (warm-up done)
+        self._ptrs: tuple[int, ...] | None = None  # written inputs' addresses when graphs were captured
+
+    def key(self, num_tokens: int) -> int | None:
+        """The graph key for a call of ``num_tokens`` tokens, or None when full graphs don't serve it."""
+        if self.off_reason:
+            return None
+        if self.runtime.symbol is None:
+            return 0  # a static graph: its one shape
+        return num_tokens if 1 <= num_tokens <= self.max_size else None
+
+    def ready(self, key: int, args: Sequence[Any]) -> bool:
+        """Whether this call replays (or captures) the full graph of ``key``; else it runs piecewise."""
+        if key not in self._seen:
+            self._seen.add(key)
+            return False
+        ptrs = tuple(args[i].data_ptr() for i in self.written)
+        if self._ptrs is None:
+            self._ptrs = ptrs
+        elif ptrs != self._ptrs:
+            self.turn_off(f"input(s) {', '.join(self.written_names)} written inside the graph changed address; "
+                          f"pass the same tensor on every call (or mark it with torch._dynamo.mark_static_address)")
+            return False
+        return True
+
+    def turn_off(self, reason: str) -> None:
+        """No more full graphs for this model: drop them (at the next call) and say why, once."""
+        if self.off_reason:
+            return
+        self.off_reason = reason
+        log.warning("full-decode graphs off: %s; calls use piecewise graphs", reason)
+        for key in list(self.runner.captured):
+            self.runtime.drop_after_call(self.runner, key)
+
+    def _forward(self, *args: Any) -> Any:
+        """The whole split module with its pieces running their compiled code (no piece graphs)."""
+        runtime = self.runtime
+        saved, runtime.state = runtime.state, CallState()
+        try:
+            return runtime.split.split_gm(*args)
+        finally:
+            runtime.state = saved
