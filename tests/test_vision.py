@@ -274,6 +274,25 @@ def test_other_inputs_and_row_layouts_are_part_of_the_key(vit: PackedViT, one_cp
     torch.testing.assert_close(graphs(patches, cu, positions, 1.0, bias * 3), expected + 3 * bias)  # copied in
 
 
+def test_window_boundaries_are_baked_and_keyed_like_cu_seqlens(vit: PackedViT, one_cpu_thread) -> None:
+    """Qwen2.5-VL style: some blocks attend inside windows (cu_window_seqlens), others per image."""
+    class Windowed(torch.nn.Module):
+        def forward(self, patches, cu_seqlens, positions, cu_window_seqlens):
+            return vit(patches, cu_window_seqlens, positions) + vit(patches, cu_seqlens, positions)
+
+    model, graphs = Windowed(), full_graphs(Windowed())
+    patches, cu, positions = pack_images([(4, 4), (2, 6)], vit.config, seed=1)  # 28 of bucket 32
+    windows = [torch.arange(0, 29, 4, dtype=torch.int32), torch.tensor([0, 8, 16, 28], dtype=torch.int32)]
+    for _ in range(2):
+        for window in windows:
+            torch.testing.assert_close(graphs(patches, cu, positions, window),
+                                       reference(model, patches, cu, positions, window), rtol=1e-5, atol=1e-5)
+    assert graphs.info()["captures"] == 2 and graphs.info()["replays"] == 2
+    assert graphs.keys()[1] == ((32, (0, 16, 28, 32)), (("cu_window_seqlens", (0, 8, 16, 28, 32)),))
+    with pytest.raises(torchpcg.TorchPCGError, match="cu_window_seqlens"):
+        graphs(patches, cu, positions, torch.tensor([0, 8, 16], dtype=torch.int32))  # ends before P = 28
+
+
 def test_capture_failure_falls_back_and_enforce_raises(vit: PackedViT, one_cpu_thread) -> None:
     class FailsOnce(torch.nn.Module):
         def __init__(self) -> None:

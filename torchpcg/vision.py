@@ -193,13 +193,21 @@ class _Call:
     """One call bound to the encoder's signature: where the patches and boundaries are."""
 
     arguments: dict[str, Any]  # name -> value, defaults applied
-    bounds: tuple[int, ...]  # cu_seqlens on the host
-    num_patches: int  # P = bounds[-1]
+    segments: dict[str, tuple[int, ...]]  # cu_seqlens (first) and other boundary inputs, on the host
+    num_patches: int  # P = cu_seqlens[-1]
     token_names: tuple[str, ...]  # tensor arguments with P rows at dim 0
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        return next(iter(self.segments.values()))
 
 
 class _Signature:
-    """Binds calls to the encoder's forward and finds its token inputs (read once)."""
+    """Binds calls to the encoder's forward, reads its boundary inputs and finds its token inputs.
+
+    Boundary (segment) inputs are ``cu_seqlens`` and every other parameter named ``*seqlens``
+    (Qwen2.5-VL's ``cu_window_seqlens``): 1-D offsets from 0 to P.
+    """
 
     def __init__(self, encoder: Callable[..., Any], cu_seqlens_arg: str, token_inputs: Sequence[str] | None) -> None:
         self.signature = inspect.signature(getattr(encoder, "forward", encoder))
@@ -211,21 +219,20 @@ class _Signature:
             raise ConfigError(f"token_inputs {unknown} are not parameters of the encoder's forward{self.signature}")
         self.cu_seqlens_arg = cu_seqlens_arg
         self.token_inputs = tuple(token_inputs) if token_inputs else None
+        self.segment_inputs = (cu_seqlens_arg, *(n for n in self.signature.parameters
+                                                 if n != cu_seqlens_arg and n.endswith("seqlens")))
 
     def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> _Call:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
-        cu_seqlens = arguments[self.cu_seqlens_arg]
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise TorchPCGError(f"{self.cu_seqlens_arg} must be a 1-D tensor [num_images + 1], got "
-                                f"{getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}")
-        bounds = tuple(int(b) for b in cu_seqlens.tolist())  # a device sync when it lives on a GPU
-        num_patches = bounds[-1]
-        if bounds[0] != 0 or any(b > e for b, e in zip(bounds, bounds[1:])):
-            raise TorchPCGError(f"{self.cu_seqlens_arg}={list(bounds[:8])}: expected 0, then non-decreasing offsets")
+        segments = {self.cu_seqlens_arg: self._offsets(self.cu_seqlens_arg, arguments[self.cu_seqlens_arg], None)}
+        num_patches = segments[self.cu_seqlens_arg][-1]
+        for name in self.segment_inputs[1:]:
+            if arguments.get(name) is not None:
+                segments[name] = self._offsets(name, arguments[name], num_patches)
         names = self.token_inputs or tuple(
-            name for name, value in arguments.items() if name != self.cu_seqlens_arg
+            name for name, value in arguments.items() if name not in segments
             and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == num_patches)
         for name in names:
             value = arguments[name]
@@ -235,7 +242,21 @@ class _Signature:
         if not names:
             raise TorchPCGError(f"no tensor argument has {num_patches} rows ({self.cu_seqlens_arg}[-1]) at dim 0; "
                                 "pass token_inputs=('patches', ...)")
-        return _Call(arguments, bounds, num_patches, names)
+        return _Call(arguments, segments, num_patches, names)
+
+    @staticmethod
+    def _offsets(name: str, value: Any, num_patches: int | None) -> tuple[int, ...]:
+        """Host copy of a 1-D boundary tensor, checked: 0, non-decreasing, ending at P."""
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.numel() < 2:
+            raise TorchPCGError(f"{name} must be a 1-D tensor of offsets [segments + 1], got "
+                                f"{getattr(value, 'shape', type(value).__name__)}")
+        offsets = tuple(int(b) for b in value.tolist())  # a device sync when it lives on a GPU
+        if offsets[0] != 0 or any(b > e for b, e in zip(offsets, offsets[1:])) or (
+                num_patches is not None and offsets[-1] != num_patches):
+            end = "" if num_patches is None else f", ending at {num_patches}"
+            raise TorchPCGError(f"{name}={list(offsets[:8])}{'...' if len(offsets) > 8 else ''}: expected 0, then "
+                                f"non-decreasing offsets{end}")
+        return offsets
 
 
 # ---- whole-encoder graphs ------------------------------------------------------------------------
@@ -257,7 +278,7 @@ class _KeyedGraph:
     key: Hashable
     bucket: int
     graph: CudaGraph | EmulatedGraph
-    cu_seqlens: torch.Tensor  # the padded boundaries the graph was captured with; never written again
+    segments: dict[str, torch.Tensor]  # padded boundaries the graph was captured with; never written again
     static: _Bucket  # the buffers the graph reads: alive as long as the graph
     outputs: list[Any]  # flat, in graph memory
     single: bool  # the encoder returned one value, not a tuple
@@ -271,7 +292,9 @@ class EncoderGraphs:
     copies the token inputs (tensors with P rows at dim 0) into the bucket's static buffers with
     rows P.. zeroed, and replays the graph captured for ``graph_key(B, cu_seqlens + [B])``,
     capturing it on first use. The encoder sees ``cu_seqlens`` with the padding rows as one more
-    segment, so real rows never attend to padding. Outputs with a token dim keep their real rows
+    segment, so real rows never attend to padding. Other boundary inputs (parameters named
+    ``*seqlens``, e.g. ``cu_window_seqlens``) are padded the same way and their values are part of
+    the key too. Outputs with a token dim keep their real rows
     (``rows * P / B``) and are cloned (``copy_outputs``).
 
     Example::
@@ -374,11 +397,13 @@ class EncoderGraphs:
         return self._graph_mode
 
     def _replay(self, call: _Call, bucket: int) -> Any:
-        padded = call.bounds + ((bucket,) if bucket > call.num_patches else ())  # padding rows: one segment
-        key = self.graph_key(bucket, padded)
+        pad = (bucket,) if bucket > call.num_patches else ()  # padding rows P..B: one more segment
+        padded = {name: offsets + pad for name, offsets in call.segments.items()}
+        key = self.graph_key(bucket, padded[self._signature.cu_seqlens_arg])
         layout = self._layout(call)
-        if layout:  # other inputs (tensor shapes, Python values) shape the graph too
-            key = (key, layout)
+        extras = tuple((name, offsets) for name, offsets in padded.items() if name != self._signature.cu_seqlens_arg)
+        if extras or layout:  # other boundaries, tensor shapes, Python values shape the graph too
+            key = (key, extras + layout)
         if self._graph_mode == "cuda":
             self._order_streams()
         static = self._bucket(bucket, layout, call)
@@ -401,11 +426,11 @@ class EncoderGraphs:
         return self._outputs(entry, call.num_patches, bucket)
 
     def _layout(self, call: _Call) -> tuple[Hashable, ...]:
-        """What else shapes a graph: the token inputs' row layout (only when they change from the
-        first one seen), the other tensors' shapes and dtypes, the non-tensor values."""
+        """What else shapes a graph and its buffers: the token inputs' row layout, the other tensors'
+        shapes and dtypes, the non-tensor values. Empty while they equal the first call's."""
         parts: list[Hashable] = []
         for name, value in call.arguments.items():
-            if name == self._signature.cu_seqlens_arg:
+            if name in call.segments:
                 continue
             if isinstance(value, torch.Tensor):
                 shape = tuple(value.shape[1:]) if name in call.token_names else tuple(value.shape)
@@ -428,7 +453,7 @@ class EncoderGraphs:
             with torch.inference_mode(False):  # normal tensors: writable inside and outside inference mode
                 tokens = {n: _zeros_like_rows(call.arguments[n], bucket) for n in call.token_names}
                 others = {n: torch.empty_like(v) for n, v in call.arguments.items()
-                          if isinstance(v, torch.Tensor) and n not in tokens and n != self._signature.cu_seqlens_arg}
+                          if isinstance(v, torch.Tensor) and n not in tokens and n not in call.segments}
             static = _Bucket(bucket, tokens, others)
             self._buckets[(bucket, layout)] = static
         return static
@@ -449,20 +474,30 @@ class EncoderGraphs:
         for name, buf in static.other_buffers.items():
             buf.copy_(call.arguments[name])
 
-    def _static_arguments(self, static: _Bucket, call: _Call, cu_seqlens: torch.Tensor) -> dict[str, Any]:
+    def _static_arguments(self, static: _Bucket, call: _Call, segments: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         arguments = dict(call.arguments)
         arguments.update(static.token_buffers)
         arguments.update(static.other_buffers)
-        arguments[self._signature.cu_seqlens_arg] = cu_seqlens
+        arguments.update(segments)
         return arguments
 
-    def _capture(self, key: Hashable, static: _Bucket, call: _Call, padded: tuple[int, ...]) -> _KeyedGraph | None:
-        cu_source = call.arguments[self._signature.cu_seqlens_arg]
-        cu_seqlens = torch.tensor(padded, dtype=cu_source.dtype)
-        if cu_source.device.type == "cpu" and self._graph_mode == "cuda":
-            cu_seqlens = cu_seqlens.pin_memory()  # an H2D copy of it inside the encoder is capturable
-        cu_seqlens = cu_seqlens.to(cu_source.device)
-        arguments = self._static_arguments(static, call, cu_seqlens)
+    def _segment_tensors(self, call: _Call, padded: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """One tensor per boundary input holding its padded offsets, owned by the graph (baked)."""
+        tensors = {}
+        for name, offsets in padded.items():
+            source = call.arguments[name]
+            tensor = torch.tensor(offsets, dtype=source.dtype)
+            if source.device.type == "cpu" and self._graph_mode == "cuda":
+                tensor = tensor.pin_memory()  # an H2D copy of it inside the encoder is capturable
+            tensor = tensor.to(source.device)
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)  # compiler="inductor": any image count, one graph
+            tensors[name] = tensor
+        return tensors
+
+    def _capture(self, key: Hashable, static: _Bucket, call: _Call,
+                 padded: Mapping[str, tuple[int, ...]]) -> _KeyedGraph | None:
+        segments = self._segment_tensors(call, padded)
+        arguments = self._static_arguments(static, call, segments)
         names = list(arguments)
         structure = {"single": True}
 
@@ -483,7 +518,7 @@ class EncoderGraphs:
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured, OOM: fall back
             return self._capture_failed(static.size, exc)
         outputs = graph.release_capture_outputs()
-        entry = _KeyedGraph(key, static.size, graph, cu_seqlens, static, list(outputs), structure["single"])
+        entry = _KeyedGraph(key, static.size, graph, segments, static, list(outputs), structure["single"])
         self._graphs[key] = entry
         self._counts["captures"] += 1
         COUNTERS.add("captured")
@@ -581,9 +616,7 @@ class PiecewiseEncoder:
         self.encoder = encoder
         self.config = config
         self._signature = _Signature(encoder, cu_seqlens_arg, token_inputs)
-        names = self._signature.signature.parameters
-        self.segment_inputs = tuple(segment_inputs) if segment_inputs is not None else tuple(
-            n for n in names if n == cu_seqlens_arg or n.endswith("seqlens"))
+        self.segment_inputs = tuple(segment_inputs) if segment_inputs is not None else self._signature.segment_inputs
         self.compiled: StableModel | None = None
         self._lock = threading.Lock()
 
