@@ -132,6 +132,8 @@ def test_compile_vision_follows_the_switch(vit: PackedViT, monkeypatch: pytest.M
     assert isinstance(full, EncoderGraphs) and full.buckets == (16, 32) and full.max_graphs == 3
     with pytest.raises(ConfigError, match="cu_seqlens_arg"):
         compile_vision(vit, cu_seqlens_arg="boundaries", **EAGER_OPTIONS)
+    with pytest.raises(ConfigError, match="second dynamic size"):
+        compile_vision(vit, enforce=True, **EAGER_OPTIONS)  # piecewise (from the environment) + enforce
 
 
 # ---- piecewise -----------------------------------------------------------------------------------

@@ -679,6 +679,10 @@ def compile_vision(encoder: Callable[..., Any], config: VisionConfig | None = No
         log.info("vision encoder runs without graphs (vit_cuda_graph=off)")
         return encoder
     if vision.vit_cuda_graph == "piecewise":
+        if settings.enforce:
+            raise ConfigError("enforce=True (TORCHPCG_ENFORCE=1) with vit_cuda_graph=piecewise: the image count "
+                              "(cu_seqlens length) is a second dynamic size, which the backend rejects under enforce; "
+                              "use vit_cuda_graph=full or enforce=False for the vision encoder")
         return PiecewiseEncoder(encoder, settings, cu_seqlens_arg=cu_seqlens_arg, token_inputs=token_inputs)
     return EncoderGraphs(encoder, capture_sizes=buckets, max_graphs=vision.vit_max_graphs,
                          cudagraph=settings.cudagraph, compiler=settings.compiler, copy_outputs=settings.copy_outputs,
