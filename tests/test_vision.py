@@ -426,11 +426,11 @@ def test_cuda_piecewise_equals_eager(compiler: str, dtype: torch.dtype) -> None:
 def test_cuda_full_graphs_equal_eager(compiler: str, dtype: torch.dtype) -> None:
     model = cuda_vit(dtype)
     graphs = EncoderGraphs(model, capture_sizes=CUDA_BUCKETS, max_graphs=4, cudagraph="cuda", compiler=compiler)
-    for seed, grids in enumerate(CUDA_CALLS + CUDA_CALLS):
+    for seed, grids in enumerate(CUDA_CALLS + CUDA_CALLS[1:4]):  # 5 splits with graphs, then 3 of them again
         inputs = cuda_inputs(model, grids, seed)
         torch.testing.assert_close(graphs(*inputs), reference(model, *inputs), **tolerance(dtype))
     info = graphs.info()
-    assert info["graphs"] == 4 and info["evictions"] > 0 and info["eager_runs"] == 2 and info["replays"] > 0
+    assert info["graphs"] == 4 and info["evictions"] == 1 and info["eager_runs"] == 1 and info["replays"] == 3
     assert not info["disabled"]
 
 
