@@ -109,3 +109,52 @@ def llava_image(prefix: int, suffix: int, seed: int, device: str = "cpu",
                      torch.randint(0, IMAGE_TOKEN, (suffix,), generator=generator)])[None]
     pixels = torch.randn(1, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=generator)
     return {"input_ids": ids.to(device), "pixel_values": pixels.to(device=device, dtype=dtype)}
+
+
+# ---- generate() recipes ------------------------------------------------------------------------------
+
+GREEDY = {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": False}
+RECIPES = ("forward", "compile_config", "torchpcg")
+"""The three ways docs/models.md shows: (a) ``model.forward = torch.compile(model.forward,
+backend="piecewise")``; (b) ``generate(cache_implementation="static",
+compile_config=CompileConfig(backend="piecewise"))``; (c) ``model.forward =
+torchpcg.compile(model.forward)``."""
+
+
+def compile_config(**fields: Any) -> Any:
+    """``CompileConfig(backend="piecewise", **fields)`` that also compiles off CUDA (CPU tests).
+
+    transformers compiles inside generate() only on cuda/xpu/tpu/neuron unless the config's
+    ``_compile_all_devices`` flag is set (its own tests use it; present in 5.17 and 5.24).
+    """
+    config = transformers.CompileConfig(backend="piecewise", **fields)
+    config._compile_all_devices = True
+    return config
+
+
+class Recipe:
+    """One generate() recipe applied to one model; ``generate(ids)`` runs greedy decoding with it."""
+
+    def __init__(self, name: str, model: Any, options: dict[str, Any] | None = None) -> None:
+        import torchpcg
+
+        if name not in RECIPES:
+            raise ValueError(f"Recipe(name={name!r}): expected one of {RECIPES}")
+        self.name = name
+        self.model = model
+        self.forward = None
+        if name == "forward":
+            self.forward = torch.compile(model.forward, backend="piecewise", options=options)
+        elif name == "torchpcg":
+            self.forward = torchpcg.compile(model.forward, **(options or {}))
+
+    def generate(self, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        settings = {**GREEDY, **kwargs}
+        if self.name == "compile_config":  # piecewise options come from TORCHPCG_* (mode + options is refused)
+            return self.model.generate(ids, cache_implementation="static", compile_config=compile_config(),
+                                       **settings)
+        self.model.forward = self.forward  # an instance attribute: nn.Module.__call__ uses it
+        try:
+            return self.model.generate(ids, **settings)
+        finally:
+            del self.model.forward
