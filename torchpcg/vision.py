@@ -24,7 +24,7 @@ Knobs (field = ``options`` key = ``TORCHPCG_`` + upper-case name; a bad value ra
 
 =========================  ==================================================  ==============
 ``vit_cuda_graph``         ``off`` / ``0``, ``piecewise`` / ``1``, ``full``     ``off``
-``vit_capture_sizes``      comma list of patch-count buckets                    see below
+``vit_capture_sizes``      comma list of patch-count buckets                    64 ... 16384
 ``vit_max_graphs``         whole-encoder graphs kept (LRU), positive int        32
 =========================  ==================================================  ==============
 
@@ -669,6 +669,9 @@ def compile_vision(encoder: Callable[..., Any], config: VisionConfig | None = No
     """
     vision_knobs = {k: v for k, v in knobs.items() if k in _PARSERS}
     other = {k: v for k, v in knobs.items() if k not in _PARSERS}
+    if {"capture_sizes", "max_capture_size"} & set(other):
+        raise ConfigError("capture_sizes / max_capture_size are the language model's buckets; the vision encoder's "
+                          "are vit_capture_sizes (TORCHPCG_VIT_CAPTURE_SIZES)")
     vision = config if config is not None else VisionConfig.resolve()
     if vision_knobs:
         vision = dataclasses.replace(vision, **{k: _PARSERS[k](k, v) for k, v in vision_knobs.items()})
