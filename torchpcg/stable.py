@@ -840,6 +840,10 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
     """
     if dynamic_dim not in DYNAMIC_DIM_MODES:
         raise ConfigError(f"dynamic_dim={dynamic_dim!r}: expected one of {', '.join(DYNAMIC_DIM_MODES)}")
+    from . import vlm  # a vision-language model: its language model is compiled, the vision tower stays eager
+    if vlm.is_vlm(model):
+        return vlm.compile_vlm(model, config, backend=backend, stable_kwargs=stable_kwargs, token_inputs=token_inputs,
+                               inference_mode=inference_mode, dynamic_dim=dynamic_dim, fullgraph=fullgraph, **knobs)
     resolved = _resolve_config(config, backend, knobs)
     compile_kwargs: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph}
     if backend == "piecewise":  # registered by `import torchpcg`
