@@ -300,6 +300,8 @@ def run_mode(mode: Mode, ctx: BenchContext, workload: Workload, settings: Settin
         print(outcome.info["traceback"], file=sys.stderr)
     outcome.info.update(ctx.info)
     outcome.info.update(_torchpcg_stats(mode.name))
+    if hasattr(ctx.kv_cache, "_dynamo_static_input_type"):  # marked by reduce-overhead: later modes see it plain
+        del ctx.kv_cache._dynamo_static_input_type
     try:
         ctx.kv_cache[:, :, : settings.context].copy_(workload.prefix)  # the next mode starts from the same cache
     except RuntimeError:
@@ -400,7 +402,7 @@ def _reset_torchpcg_stats() -> None:
 
 def _torchpcg_stats(mode_name: str) -> dict[str, Any]:
     torchpcg = sys.modules.get("torchpcg")
-    if mode_name != "piecewise" or torchpcg is None or not hasattr(torchpcg, "stats"):
+    if not mode_name.startswith("piecewise") or torchpcg is None or not hasattr(torchpcg, "stats"):
         return {}
     return {"torchpcg_stats": torchpcg.stats()}
 

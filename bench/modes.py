@@ -93,8 +93,12 @@ def build_inductor(ctx: BenchContext) -> Runner:
     return _bind(compiled, ctx.kv_cache)
 
 
-def build_reduce_overhead(ctx: BenchContext) -> Runner:
+def build_reduce_overhead(ctx: BenchContext, mark_cache: bool = True) -> Runner:
+    """CUDA graph trees. The KV cache is marked static (what Hugging Face StaticCache does), so
+    Inductor records graphs despite the cache being a mutated input; unmarked, it skips them."""
     _require_cuda(ctx, "mode='reduce-overhead' (CUDA graph trees)")
+    if mark_cache:
+        torch._dynamo.mark_static_address(ctx.kv_cache)  # bench/decoder.py unmarks it after the mode
     compiled = torch.compile(ctx.model, mode="reduce-overhead")
     skips = _CudagraphSkipLog.attach()
     ctx.info["cudagraph_skip_messages"] = skips.messages  # filled while compiling; empty = graphs used
@@ -125,14 +129,24 @@ def build_inductor_cudagraph(ctx: BenchContext) -> Runner:
     return graphs
 
 
-def build_piecewise(ctx: BenchContext) -> Runner:
+def build_reduce_overhead_unmarked(ctx: BenchContext) -> Runner:
+    return build_reduce_overhead(ctx, mark_cache=False)
+
+
+def build_piecewise_full_decode(ctx: BenchContext) -> Runner:
+    """Piecewise above full_max_size, one whole-forward graph per exact T up to it (attention inside)."""
+    _require_cuda(ctx, "full-decode CUDA graphs")
+    return build_piecewise(ctx, cudagraph_mode="full_and_piecewise")
+
+
+def build_piecewise(ctx: BenchContext, **knobs: Any) -> Runner:
     try:
         import torchpcg
     except Exception as err:  # noqa: BLE001 - any import problem makes the mode unavailable
         raise ModeUnavailable(f"import torchpcg failed: {type(err).__name__}: {err}") from err
     if "piecewise" not in torch._dynamo.list_backends(exclude_tags=()):
         raise ModeUnavailable("torchpcg did not register the 'piecewise' torch.compile backend")
-    options = dict(ctx.piecewise_options)
+    options = {**ctx.piecewise_options, **knobs}
     stable = hasattr(torchpcg, "compile")
     if stable:
         compiled = torchpcg.compile(ctx.model, **options)  # marks the token dim itself, from any first T
@@ -158,14 +172,20 @@ def build_piecewise(ctx: BenchContext) -> Runner:
 MODES: tuple[Mode, ...] = (
     Mode("eager", "the uncompiled model", build_eager),
     Mode("inductor", "torch.compile default: Inductor, dynamic token dim, no CUDA graphs", build_inductor),
-    Mode("reduce-overhead", "torch.compile(mode='reduce-overhead'): CUDA graph trees, one graph per distinct T",
+    Mode("reduce-overhead", "torch.compile(mode='reduce-overhead'): CUDA graph trees, one graph per distinct T; "
+         "KV cache marked with mark_static_address (as Hugging Face StaticCache does)",
          build_reduce_overhead, needs_cuda=True, warm_calls=3, setup_may_fail=True),
+    Mode("reduce-overhead-unmarked", "the same without marking the cache: Inductor skips graphs for the mutated input",
+         build_reduce_overhead_unmarked, needs_cuda=True, warm_calls=3, setup_may_fail=True),
     Mode("eager-cudagraph", "one whole-model CUDA graph per bucket of the eager model, T padded up to the bucket",
          build_eager_cudagraph, needs_cuda=True, may_break_cuda=True, setup_may_fail=True),
     Mode("inductor-cudagraph", "one whole-model CUDA graph per bucket of the Inductor-compiled model, "
          "attention inside: the decode upper bound", build_inductor_cudagraph, needs_cuda=True, may_break_cuda=True,
          setup_may_fail=True),
     Mode("piecewise", "torchpcg: torch.compile(backend='piecewise'), graphs between attention ops", build_piecewise),
+    Mode("piecewise-full-decode", "torchpcg with cudagraph_mode='full_and_piecewise': one whole-forward graph "
+         "(attention inside) per exact T up to full_max_size, piecewise above", build_piecewise_full_decode,
+         needs_cuda=True),
 )
 MODE_NAMES: tuple[str, ...] = tuple(mode.name for mode in MODES)
 

@@ -132,6 +132,7 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
         lines += [f"![latency vs tokens]({plot_name})", ""]
     lines += ["## Latency per call, median ms", "", *_latency_table(results, names, "median_ms"), ""]
     lines += ["## Setup, memory, mixed traffic", "", *_setup_table(results, names), ""]
+    lines += _ratio_section(results)
     lines += ["## Speedup over eager (median)", "", *_speedup_table(results, names), ""]
     lines += ["## Latency per call, p90 ms", "", *_latency_table(results, names, "p90_ms"), ""]
     lines += _notes(results, names)
@@ -206,6 +207,57 @@ def _setup_table(results: dict[str, Any], names: list[str]) -> list[str]:
                  _num(results["mixed"].get(name), 3), worst, status]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+# The whole-model graph is the decode upper bound; the others are what a user would otherwise run.
+_UPPER_BOUND = "inductor-cudagraph"
+_OTHERS = ("eager", "inductor", "reduce-overhead", "reduce-overhead-unmarked", "eager-cudagraph")
+
+
+def ratios(results: dict[str, Any], name: str) -> dict[str, dict[Any, float]]:
+    """``name``'s median over the upper bound and over the best other mode, per T and for mixed traffic."""
+    rows = _rows_by_mode(results)
+    out: dict[str, dict[Any, float]] = {"vs_upper_bound": {}, "vs_best_other": {}}
+    for num_tokens in results["config"]["tokens"]:
+        mine = rows.get((name, num_tokens))
+        if mine is None:
+            continue
+        bound = rows.get((_UPPER_BOUND, num_tokens))
+        if bound:
+            out["vs_upper_bound"][num_tokens] = mine["median_ms"] / bound["median_ms"]
+        others = [rows[(o, num_tokens)]["median_ms"] for o in _OTHERS if (o, num_tokens) in rows]
+        if others:
+            out["vs_best_other"][num_tokens] = mine["median_ms"] / min(others)
+    mixed = results.get("mixed", {})
+    if mixed.get(name):
+        if mixed.get(_UPPER_BOUND):
+            out["vs_upper_bound"]["mixed"] = mixed[name] / mixed[_UPPER_BOUND]
+        others = [mixed[o] for o in _OTHERS if mixed.get(o)]
+        if others:
+            out["vs_best_other"]["mixed"] = mixed[name] / min(others)
+    return out
+
+
+def _ratio_section(results: dict[str, Any]) -> list[str]:
+    """torchpcg's modes as a fraction of the whole-model graph and of the best other mode (lower is better)."""
+    mine = [n for n in ("piecewise", "piecewise-full-decode") if n in results["modes"]]
+    if not mine or not any((_UPPER_BOUND, t) in _rows_by_mode(results) for t in results["config"]["tokens"]):
+        return []
+    found = {n: ratios(results, n) for n in mine}
+    keys = [*results["config"]["tokens"], "mixed"]
+    header = " | ".join(f"{n} / {_UPPER_BOUND} | {n} / best other" for n in mine)
+    lines = ["## torchpcg vs the others (median ratio, lower is better)", "",
+             f"| T | {header} |", "|---:|" + "---:|" * (2 * len(mine))]
+    for key in keys:
+        cells = []
+        for n in mine:
+            for kind in ("vs_upper_bound", "vs_best_other"):
+                value = found[n][kind].get(key)
+                cells.append("-" if value is None else f"{value:.2f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Best other = the fastest of {', '.join(f'`{o}`' for o in _OTHERS)} at that T.")
+    return lines + [""]
 
 
 def _num(value: float | None, digits: int) -> str:

@@ -22,7 +22,9 @@ def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[
             sizes: Iterable[int] | None = None, *, progress: bool = True) -> dict[str, Any]:
     """Call ``compiled(*make_inputs(B))`` for every bucket B, largest first; return a summary.
 
-    Largest first so smaller buckets reuse the memory pool of larger ones. ``sizes`` defaults to
+    Largest first so smaller buckets reuse the memory pool of larger ones. With
+    ``cudagraph_mode="full_and_piecewise"`` it also captures the whole-forward graph of every T up to
+    ``full_max_size`` (two calls each: warm-up, capture). ``sizes`` defaults to
     the buckets of the compiled model (``compiled.config`` for ``torchpcg.compile`` models, else
     the ``options=`` of a ``torch.compile(..., backend="piecewise")`` model merged with the
     environment, as the backend itself resolves them).
@@ -36,17 +38,21 @@ def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[
     Returns ``{"sizes": [...], "seconds": float}``.
     """
     start = time.perf_counter()
-    order = sorted(set(sizes), reverse=True) if sizes is not None else None
-    if order is None:
-        config = getattr(compiled, "config", None)
-        if not isinstance(config, PiecewiseConfig):
-            config = PiecewiseConfig.resolve(compile_options(compiled))
-        order = sorted(config.buckets, reverse=True)
+    config = getattr(compiled, "config", None)
+    if not isinstance(config, PiecewiseConfig):
+        config = PiecewiseConfig.resolve(compile_options(compiled))
+    order = sorted(set(sizes) if sizes is not None else config.buckets, reverse=True)
+    # Full-decode graphs: one per exact T; T's first call is its warm-up, the second captures it.
+    full = list(range(config.full_max_size, 0, -1)) if config.cudagraph_mode == "full_and_piecewise" else []
     done: list[int] = []
-    bar = _progress(len(order), progress)
+    bar = _progress(len(order) + len(full), progress)
     for size in order:
         compiled(*make_inputs(size))
         done.append(size)
+        bar(size)
+    for size in full:
+        for _ in range(2 - (size in done)):
+            compiled(*make_inputs(size))
         bar(size)
     seconds = time.perf_counter() - start
     log.info("captured %d buckets in %.2fs", len(done), seconds)

@@ -112,6 +112,12 @@ class PiecewiseConfig:
     """Largest token count served by a whole-forward graph in ``full_and_piecewise`` mode; one
     graph per exact T from 1 to this."""
 
+    skip_module_guards: bool = False
+    """``torchpcg.compile`` only: drop Dynamo's per-call guards on the model's parameters and buffers
+    (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``). Saves their check on every call; only
+    for models whose parameters keep their dtype, shape and device after compiling (a moved
+    parameter is still caught by address)."""
+
     max_autotune: bool = False
     """Compile pieces with Inductor's max-autotune (slower compile, tuned kernels). Also set by
     ``torch.compile(..., mode="max-autotune")``."""
@@ -270,6 +276,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "verify": _parse_bool,
     "cudagraph_mode": _parse_choice(GRAPH_MODES),
     "full_max_size": _parse_int,
+    "skip_module_guards": _parse_bool,
     "max_autotune": _parse_bool,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}

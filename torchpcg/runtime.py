@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+import operator
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -43,7 +44,7 @@ from .layout import Layout, evaluate, expr_of, symbols_of
 from .split import SplitGraph, SplitPiece
 from .stats import COUNTERS
 
-__all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode", "InputKind"]
+__all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode", "InputKind", "direct_forward"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class CallState:
     bucket: int | None = None  # None: this call runs without graphs
     num_tokens: int = 0
     used_graphs: bool = False
+    replays: int = 0  # added to the process counters once, when the call ends
     # data_ptr of a real-rows view handed out by a piece -> that graph output at full bucket size.
     # A later piece captured at the same bucket reads such an input in place instead of copying it.
     graph_outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -157,7 +159,7 @@ class PieceRunner:
                 return self._run_direct(args)
         _copy_inputs(plan.zero_whole, plan.copies, args)
         captured.graph.replay()
-        COUNTERS.add("replays")
+        state.replays += 1
         state.used_graphs = True
         state.graph_outputs.update(plan.registry)
         return _with_aliases(plan.outputs, captured.aliases, args, self.single_output) if captured.aliases else plan.outputs
@@ -419,6 +421,7 @@ class Runtime:
         self.largest_bucket = max(self.buckets)
         self.static_args = tuple(static_args)  # indices of read-in-place tensors among the call's args
         self._static_names = tuple(static_names)  # their names, for the log line when one moves
+        self._static_getter = _getter(self.static_args)  # args -> those tensors, one C call
         self._static_ptrs: tuple[int, ...] | None = None  # their addresses when the graphs were captured
         self._moves: dict[int, int] = {}  # static arg index -> times it moved
         self._owned: set[int] = set()  # storage addresses of graph outputs and static buffers
@@ -429,7 +432,8 @@ class Runtime:
         self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
         self.full_blockers: list[str] = []  # why full graphs are off for this graph (explain, logs)
         for piece in split.split_pieces:  # eager split ops: skip nn.Module.__call__ overhead per call
-            split.split_gm.__dict__[piece.name] = piece.gm.forward
+            split.split_gm.__dict__[piece.name] = direct_forward(piece.gm)
+        self.forward = direct_forward(split.split_gm)  # the split module's generated code, called directly
 
     def install(self, runner: PieceRunner) -> None:
         """Replace a compute submodule of the split module with its runner."""
@@ -456,13 +460,13 @@ class Runtime:
                 forward, bucket = full.runner, key
             else:
                 self.state = CallState(bucket=bucket, num_tokens=num_tokens)
-                forward = self.split.split_gm
+                forward = self.forward
             try:
                 outputs = forward(*args)
             finally:
                 state, self.state = self.state, CallState()
             self._count(state, bucket, num_tokens)
-            if state.used_graphs and forward is not self.split.split_gm:
+            if state.used_graphs and forward is not self.forward:
                 COUNTERS.add("full_graph_calls")
             if state.used_graphs and self.config.copy_outputs:
                 outputs = _clone_owned(outputs, self._owned)  # the next call overwrites graph memory
@@ -493,7 +497,7 @@ class Runtime:
         """
         if not self.static_args:
             return
-        ptrs = tuple(args[i].data_ptr() for i in self.static_args)
+        ptrs = tuple(map(_data_ptr, self._static_getter(args)))
         if ptrs == self._static_ptrs:
             return
         if self._static_ptrs is not None and self.captured_graphs():
@@ -512,7 +516,7 @@ class Runtime:
             self._drop(None, None)
             if demoted:
                 self._demote(demoted)
-                ptrs = tuple(args[i].data_ptr() for i in self.static_args)
+                ptrs = tuple(map(_data_ptr, self._static_getter(args)))
         self._static_ptrs = ptrs
 
     def _demote(self, indices: Collection[int]) -> None:
@@ -522,6 +526,7 @@ class Runtime:
         keep = [(i, n) for i, n in zip(self.static_args, self._static_names) if n not in names]
         self.static_args = tuple(i for i, _ in keep)
         self._static_names = tuple(n for _, n in keep)
+        self._static_getter = _getter(self.static_args)
 
     def own(self, *groups: Any) -> None:
         """Note tensors whose memory belongs to graphs: final outputs there are cloned."""
@@ -537,6 +542,8 @@ class Runtime:
         self._last_stream = stream
 
     def _count(self, state: CallState, bucket: int | None, num_tokens: int) -> None:
+        if state.replays:
+            COUNTERS.add("replays", state.replays)
         if state.used_graphs:
             COUNTERS.add("graph_calls")
             COUNTERS.add("real_tokens", num_tokens)
@@ -615,6 +622,27 @@ class Runtime:
                 captured = each.captured.pop(key, None)
                 if captured is not None:
                     captured.graph.release()
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def direct_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """``gm``'s generated ``forward``, bound: no ``nn.Module.__call__`` (hooks, ~5 us) and no lazy
+    recompile check per call. Generated once here if ``gm`` is a lazy graph module."""
+    real_recompile = getattr(gm, "real_recompile", None)
+    if real_recompile is not None:
+        real_recompile()
+    return gm.forward
+
+
+def _getter(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``args -> tuple(args[i] for i in indices)``, without a Python loop (itemgetter of one index
+    returns the item itself, not a tuple)."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda args: (args[only],)
+    return operator.itemgetter(*indices) if indices else (lambda args: ())
 
 
 def _clone_owned(outputs: Any, owned: set[int]) -> Any:

@@ -733,6 +733,8 @@ class StableModel:
                 value = value.detach()
                 layout.replace(arguments, name, value)  # type: ignore[union-attr]
                 mark_token_dim(value, dim, mode)
+        if not self._stable:
+            return
         device = self._device(arguments)
         for name, tree in self._stable.items():
             arguments[name] = tree.fill(arguments.get(name), num_tokens, device)
@@ -845,15 +847,30 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
         return vlm.compile_vlm(model, config, backend=backend, stable_kwargs=stable_kwargs, token_inputs=token_inputs,
                                inference_mode=inference_mode, dynamic_dim=dynamic_dim, fullgraph=fullgraph, **knobs)
     resolved = _resolve_config(config, backend, knobs)
-    compile_kwargs: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph}
-    if backend == "piecewise":  # registered by `import torchpcg`
-        compile_kwargs["options"] = resolved.to_dict()
-    compiled = torch.compile(model, **compile_kwargs)
+    def compile_model() -> Callable[..., Any]:
+        kwargs: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph}
+        if backend == "piecewise":  # registered by `import torchpcg`
+            kwargs["options"] = {**resolved.to_dict(), **_guard_filter(resolved)}  # torch.compile pops the filter
+        return torch.compile(model, **kwargs)
+
+    compiled = compile_model()
     return StableModel(model, compiled, resolved, stable_kwargs=dict(stable_kwargs or {}),
-                       recompile=lambda: torch.compile(model, **compile_kwargs),
+                       recompile=compile_model,
                        token_inputs=token_inputs, inference_mode=inference_mode, dynamic_dim=dynamic_dim,
                        # Piecewise: room for the largest bucket up front; otherwise grow with traffic.
                        initial_tokens=resolved.largest_bucket if backend == "piecewise" else 1)
+
+
+def _guard_filter(config: PiecewiseConfig) -> dict[str, Any]:
+    """``{"guard_filter_fn": ...}`` for ``skip_module_guards``, where this torch has the filter."""
+    if not config.skip_module_guards:
+        return {}
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip is None:
+        log.warning("skip_module_guards=1 needs torch.compiler.skip_guard_on_all_nn_modules_unsafe "
+                    "(torch >= 2.7); torch %s checks every guard", torch.__version__)
+        return {}
+    return {"guard_filter_fn": skip}
 
 
 def _resolve_config(config: PiecewiseConfig | None, backend: Any, knobs: Mapping[str, Any]) -> PiecewiseConfig:

@@ -1,0 +1,150 @@
+"""Where a decode step's time goes: host time per call and GPU idle time, per mode, from torch.profiler.
+
+In: the decoder bench's model flags (`python -m bench.profile_decode --help`). Out: a JSON record
+(--out) and a Markdown table on stdout with, per mode and T: the host time to issue one call
+(perf_counter around the call, the GPU idle before it), the GPU busy time (union of kernel
+intervals), the GPU idle time inside the call (its kernel span minus busy), kernels and graph
+launches per call.
+
+Example::
+
+    python -m bench.profile_decode --tokens 1,8 --out bench/results/profile.json   # GPU
+    python -m bench.profile_decode --quick --out /tmp/p.json                       # CPU smoke
+
+Note: one process, modes built one after another on one model and KV cache, as bench/decoder.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import decoder
+from bench.modes import MODES, BenchContext, ModeUnavailable
+
+__all__ = ["main", "profile_mode"]
+
+DEFAULT_MODES = ("piecewise", "piecewise-full-decode", "inductor-cudagraph")
+
+
+def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.device, calls: int) -> dict[str, Any]:
+    """Host and GPU timings of ``calls`` calls at ``num_tokens`` (synchronized between calls)."""
+    ids, positions = make_inputs(num_tokens)
+    for _ in range(5):
+        runner(ids, positions)
+    decoder.measure.synchronize(device)
+    host = []
+    for _ in range(calls):  # issue time only: the GPU is idle when the call starts
+        decoder.measure.synchronize(device)
+        start = time.perf_counter()
+        runner(ids, positions)
+        host.append((time.perf_counter() - start) * 1e6)
+    decoder.measure.synchronize(device)
+    record: dict[str, Any] = {"tokens": num_tokens, "host_us_median": statistics.median(host),
+                              "host_us_p90": sorted(host)[int(0.9 * (len(host) - 1))]}
+    if device.type != "cuda":
+        return record
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    windows = []
+    with torch.profiler.profile(activities=activities) as prof:
+        for index in range(calls):
+            torch.cuda.synchronize(device)
+            with torch.profiler.record_function(f"call_{index}"):
+                runner(ids, positions)
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    calls_cpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("call_"))
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = [e.time_range.start for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")]
+    for index, (start, _) in enumerate(calls_cpu):
+        end = calls_cpu[index + 1][0] if index + 1 < len(calls_cpu) else float("inf")
+        mine = [k for k in kernels if start <= k[0] < end]
+        if not mine:
+            continue
+        busy, cursor = 0.0, mine[0][0]
+        for k_start, k_end in mine:
+            busy += max(0.0, k_end - max(k_start, cursor))
+            cursor = max(cursor, k_end)
+        span = cursor - mine[0][0]
+        windows.append({"busy": busy, "idle": span - busy, "span": span, "kernels": len(mine),
+                        "graph_launches": sum(start <= t < end for t in launches)})
+    for key in ("busy", "idle", "span", "kernels", "graph_launches"):
+        record[f"gpu_{key}{'_us' if key in ('busy', 'idle', 'span') else ''}_median"] = (
+            statistics.median(w[key] for w in windows) if windows else None)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, emulated graphs")
+    p.add_argument("--tokens", default="1,8", help="comma list of T")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma list of bench modes")
+    p.add_argument("--calls", type=int, default=50, help="profiled calls per (mode, T)")
+    p.add_argument("--out", type=Path, required=True, help="JSON output path")
+    args = p.parse_args(argv)
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    names = [n.strip() for n in args.modes.split(",") if n.strip()]
+    unknown = sorted(set(names) - {m.name for m in MODES})
+    if unknown:
+        print(f"--modes: unknown {unknown}; choose from {[m.name for m in MODES]}", file=sys.stderr)
+        return 2
+    flags = ["--quick"] if args.quick else []
+    settings = decoder.resolve_settings(decoder.parse_args(flags + ["--tokens", args.tokens, "--no-progress"]))
+    results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
+                               if settings.device.type == "cuda" else "cpu", "commit": decoder.commit_of(settings),
+                               "model": dataclasses.asdict(settings.model_config), "dtype": str(settings.dtype),
+                               "calls": args.calls, "modes": {}}
+    with torch.no_grad():
+        model, kv_cache = decoder.build_model(settings)
+        decoder.prefill(model, kv_cache, settings)
+        ctx = BenchContext(model=model, kv_cache=kv_cache, device=settings.device,
+                           buckets=decoder.default_buckets(settings),
+                           scratch_position=settings.model_config.max_seq_len - 1,
+                           make_inputs=decoder.InputMaker(settings, seed_offset=4), tokens=tokens,
+                           piecewise_options=settings.piecewise_options)
+        for mode in decoder.run_order(tuple(names)):
+            try:
+                runner = mode.build(dataclasses.replace(ctx, info={}))
+                results["modes"][mode.name] = [profile_mode(runner, ctx.make_inputs, t, settings.device, args.calls)
+                                               for t in tokens]
+                del runner
+            except ModeUnavailable as err:
+                results["modes"][mode.name] = {"unavailable": str(err)}
+            if hasattr(kv_cache, "_dynamo_static_input_type"):
+                del kv_cache._dynamo_static_input_type
+            decoder.free_memory(settings.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Profile of one call, {results['device']}, torch {results['torch']}, commit `{results['commit']}`, "
+             f"median of {results['calls']} calls", "",
+             "| mode | T | host µs to issue | GPU busy µs | GPU idle µs in call | kernels | graph launches |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in results["modes"].items():
+        if isinstance(rows, dict):
+            lines.append(f"| {name} | - | n/a: {rows['unavailable']} | | | | |")
+            continue
+        for row in rows:
+            def cell(key: str) -> str:
+                value = row.get(key)
+                return "-" if value is None else f"{value:.0f}"
+            lines.append(f"| {name} | {row['tokens']} | {cell('host_us_median')} | {cell('gpu_busy_us_median')} | "
+                         f"{cell('gpu_idle_us_median')} | {cell('gpu_kernels_median')} | "
+                         f"{cell('gpu_graph_launches_median')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
