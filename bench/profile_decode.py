@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="1,8", help="comma list of T")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma list of bench modes")
     p.add_argument("--calls", type=int, default=50, help="profiled calls per (mode, T)")
+    p.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra torchpcg knob for the piecewise modes (repeatable), e.g. skip_module_guards=1")
     p.add_argument("--out", type=Path, required=True, help="JSON output path")
     args = p.parse_args(argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
@@ -97,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--modes: unknown {unknown}; choose from {[m.name for m in MODES]}", file=sys.stderr)
         return 2
     flags = ["--quick"] if args.quick else []
+    for item in args.piecewise_option:
+        flags += ["--piecewise-option", item]
     settings = decoder.resolve_settings(decoder.parse_args(flags + ["--tokens", args.tokens, "--no-progress"]))
     results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
                                if settings.device.type == "cuda" else "cpu", "commit": decoder.commit_of(settings),
                                "model": dataclasses.asdict(settings.model_config), "dtype": str(settings.dtype),
-                               "calls": args.calls, "modes": {}}
+                               "calls": args.calls, "piecewise_options": {k: str(v) for k, v in
+                                                                          settings.piecewise_options.items()},
+                               "modes": {}}
     with torch.no_grad():
         model, kv_cache = decoder.build_model(settings)
         decoder.prefill(model, kv_cache, settings)
