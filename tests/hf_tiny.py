@@ -132,6 +132,13 @@ def compile_config(**fields: Any) -> Any:
     return config
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name generate() and forward take a cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class Recipe:
     """One generate() recipe applied to one model; ``generate(ids)`` runs greedy decoding with it."""
 

@@ -54,6 +54,30 @@ def test_generate_equals_eager_token_for_token(name, recipe, piecewise_env, one_
     assert "forward" not in model.__dict__  # the recipe put the original forward back
 
 
+def test_compile_config_with_your_own_static_cache_keeps_one_graph(one_cpu_thread):
+    """The serving form of recipe (b): one StaticCache reset per request, options without a mode.
+
+    transformers makes a new StaticCache per generate() otherwise: new addresses, so graphs that
+    read the cache in place are captured again (``recaptures``). With one cache: one Dynamo graph,
+    captured once, replayed by every request.
+    """
+    model = hf_tiny.causal_lm("llama")
+    config = hf_tiny.compile_config(mode=None, options=CPU_OPTIONS)  # options need mode=None
+    cache = transformers.StaticCache(config=model.config, max_cache_len=96)
+    captured = None
+    for length, seed in ((7, 0), (12, 1), (5, 2)):
+        ids = hf_tiny.text_ids(length, seed)
+        with torch.no_grad():
+            expected = model.generate(ids, **hf_tiny.GREEDY)
+        cache.reset()  # in place: the addresses graphs read stay the same
+        got = model.generate(ids, compile_config=config, **{hf_tiny.cache_kwarg(model): cache}, **hf_tiny.GREEDY)
+        assert torch.equal(got, expected), f"prompt {length}"
+        captured = captured or torchpcg.stats()["captured"]
+    stats = torchpcg.stats()
+    assert stats["dynamo_graphs"] == 1 and stats["recaptures"] == 0 and stats["captured"] == captured
+    assert stats["graph_calls"] == 3 * 31  # every decode step (transformers runs prefill uncompiled)
+
+
 def test_compile_config_mode_reaches_the_backend(piecewise_env):
     """transformers forwards CompileConfig.mode to the backend: an unknown one is our ConfigError."""
     model = hf_tiny.causal_lm("llama")
