@@ -122,3 +122,18 @@ def test_enforce_fails_without_graphs_or_without_split_attention():
             torch.no_grad():
         compiled(**request)
     assert "forward" not in model.model.language_model.__dict__  # removed even when the call raised
+
+
+def test_qwen3_vl_batches_of_several_sequences_fall_back_loudly(one_cpu_thread):
+    """The deepstack buffer holds one sequence: B > 1 runs the language model eagerly, logged and
+    counted (right answers, no graphs); under enforce it is an error."""
+    model = hf_tiny.qwen3_vl()
+    compiled = torchpcg.compile(model, **KNOBS)
+    batch = {"input_ids": torch.cat([hf_tiny.text_ids(9, 1), hf_tiny.text_ids(9, 2)])}
+    _assert_logits_equal(model, compiled, batch, "batch of 2")
+    _assert_logits_equal(model, compiled, hf_tiny.qwen3_vl_image(3, 4, seed=0), "then one image request")
+    stats = torchpcg.stats()
+    assert stats["fallbacks"] == 1 and stats["eager_runs"] == 1 and stats["graph_calls"] == 1
+    strict = torchpcg.compile(model, enforce=True, **KNOBS)
+    with pytest.raises(torchpcg.ConfigError, match="batch size 2"), torch.no_grad():
+        strict(**batch)

@@ -42,7 +42,7 @@ from .backend import collect_runtimes
 from .config import PiecewiseConfig
 from .errors import CaptureError, ConfigError, SplitError
 from .layers import find_transformer_layers, is_vision_path
-from .split import split_reason
+from .split import split_reason, user_split_ops
 from .stats import COUNTERS
 
 __all__ = ["CompiledVLM", "LanguageModelSpec", "compile_vlm", "is_vlm", "language_model_spec"]
@@ -163,8 +163,11 @@ def _dense_deepstack(self: nn.Module, hidden_states: torch.Tensor, visual_pos_ma
     """Deepstack as a row-wise add: ``visual_embeds`` [B, S, H] holds zeros off image tokens.
 
     Replaces ``hidden[mask] += feats`` (a data-dependent scatter) while CompiledVLM runs; equal to
-    it value for value (x + 0 == x).
+    it value for value (x + 0 == x). With a mask (an eager fallback call passes the model's own
+    arguments) it is the model's own method.
     """
+    if visual_pos_masks is not None:
+        return type(self)._deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds)
     return hidden_states + visual_embeds.to(hidden_states.dtype)
 
 
@@ -174,19 +177,22 @@ class _Router:
     """Runs in place of the language model's forward: stabilises the inputs, calls the compiled one."""
 
     def __init__(self, text: nn.Module, spec: LanguageModelSpec, compiled: Callable[..., Any],
-                 config: PiecewiseConfig, check: _EnforceCheck | None) -> None:
+                 check: _EnforceCheck | None) -> None:
         self.text = text
         self.spec = spec
-        self.compiled = compiled
-        self.config = config
+        self.compiled = compiled  # the StableModel of _LanguageModelCall
         self.check = check
+        self.text_forward = text.forward  # the original (taken before CompiledVLM installs this router)
         self.signature = inspect.signature(text.forward)
         self.embed = _input_embeddings(text)
+        self.logged: set[str] = set()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # VLMs call their language model with keywords; bind positionals the same way
-            kwargs = dict(self.signature.bind_partial(*args, **kwargs).arguments)
-            kwargs.update(kwargs.pop("kwargs", {}))
+            kwargs = self._keywords(args, kwargs)
+        batch = _batch_size(kwargs)
+        if self.spec.deepstack_layers and batch != 1:
+            return self._run_eager(kwargs, f"batch size {batch}: the deepstack buffer holds one sequence")
         input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
@@ -204,6 +210,25 @@ class _Router:
         if self.check is None:
             return self.compiled(inputs_embeds=embeds, **kwargs)
         return self.check.run(self.compiled, embeds.shape[1], inputs_embeds=embeds, **kwargs)
+
+    def _run_eager(self, kwargs: dict[str, Any], reason: str) -> Any:
+        """The language model's own forward, uncompiled: logged once, counted; an error under enforce."""
+        message = f"{type(self.text).__name__}: {reason}; this call runs the language model without graphs"
+        if self.check is not None:
+            raise ConfigError(message + " (TORCHPCG_ENFORCE=1)")
+        if reason not in self.logged:
+            self.logged.add(reason)
+            log.warning("%s", message)
+        COUNTERS.add("fallbacks")
+        COUNTERS.add("eager_runs")
+        return self.text_forward(**kwargs)
+
+    def _keywords(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        arguments = dict(self.signature.bind_partial(*args, **kwargs).arguments)
+        for name, param in self.signature.parameters.items():
+            if param.kind == inspect.Parameter.VAR_KEYWORD and name in arguments:
+                arguments.update(arguments.pop(name))
+        return arguments
 
     def _dense_deepstack(self, embeds: torch.Tensor, masks: torch.Tensor | None,
                          features: list[torch.Tensor] | None) -> torch.Tensor | None:
@@ -239,6 +264,14 @@ class _Router:
         if positions.shape[0] == 4 and (cache is not None or kwargs.get("attention_mask") is not None):
             return positions[1:]
         return positions
+
+
+def _batch_size(kwargs: Mapping[str, Any]) -> int:
+    for name in ("inputs_embeds", "input_ids"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    return 1
 
 
 def _own_layout(tensor: torch.Tensor) -> torch.Tensor:
@@ -286,9 +319,10 @@ class _EnforceCheck:
 def attention_layers(split: Any, layer_class: type) -> set[int]:
     """Indices of the decoder layers (instances of ``layer_class``) whose attention is a split op."""
     found: set[int] = set()
+    user_ops = user_split_ops()
     for piece in split.split_pieces:
         for node in piece.gm.graph.nodes:
-            why = split_reason(node, _user_ops(), split_collectives=False)
+            why = split_reason(node, user_ops, split_collectives=False)
             if not why or not why.startswith(("attention", "user split op")):
                 continue
             for path, cls in (node.meta.get("nn_module_stack") or {}).values():
@@ -296,12 +330,6 @@ def attention_layers(split: Any, layer_class: type) -> set[int]:
                 if index and isinstance(cls, type) and issubclass(cls, layer_class):
                     found.add(int(index.group(1)))
     return found
-
-
-def _user_ops() -> frozenset[str]:
-    from .split import user_split_ops
-
-    return user_split_ops()
 
 
 # ---- the wrapper users get -------------------------------------------------------------------------
@@ -435,7 +463,7 @@ def compile_vlm(model: nn.Module, config: PiecewiseConfig | None = None, *, back
                                     dynamic_dim="backed" if dynamic_dim == "auto" else dynamic_dim, **knobs)
     resolved = language_model.config
     check = _EnforceCheck(spec, resolved) if resolved.enforce and backend == "piecewise" else None
-    router = _Router(text, spec, language_model, resolved, check)
+    router = _Router(text, spec, language_model, check)
     log.info("%s: compiling its language model %s (%d layers, deepstack %d, mrope %s); vision tower eager",
              type(model).__name__, spec.path, spec.num_layers, spec.deepstack_layers, spec.mrope)
     return CompiledVLM(model, spec, language_model, router)
