@@ -274,7 +274,9 @@ class _CudagraphSkipLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if "cudagraph" in message and message not in self.messages:
+        # "skipping cudagraphs due to ...": graphs were not recorded. Other cudagraph warnings (one
+        # graph per distinct size) are not a skip.
+        if "skipping cudagraph" in message.lower() and message not in self.messages:
             self.messages.append(message)
 
     @classmethod
