@@ -42,6 +42,9 @@ __all__ = [
     "RecompileError",
     "PaddingError",
     "StableInputError",
+    "compile_vision",
+    "EncoderGraphs",
+    "VisionConfig",
 ]
 
 _register_backend()
