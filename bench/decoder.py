@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from bench import measure, report
+from bench.cli import names_from, positive_ints
 from bench.modes import MODE_NAMES, MODES, BenchContext, Mode, ModeUnavailable, Runner
 from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
 
@@ -91,15 +92,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, emulated graphs, 3 token counts")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="output directory")
-    p.add_argument("--modes", type=_names, default=None, help=f"comma list from {','.join(MODE_NAMES)} (default all)")
-    p.add_argument("--tokens", type=_ints, default=None, help="comma list of T (default 1,2,4,...,1024; quick 1,4,16)")
+    p.add_argument("--modes", type=names_from(MODE_NAMES), default=None, help=f"comma list from {','.join(MODE_NAMES)} (default all)")
+    p.add_argument("--tokens", type=positive_ints, default=None, help="comma list of T (default 1,2,4,...,1024; quick 1,4,16)")
     p.add_argument("--device", default=None, help="cuda (default) or cpu (default with --quick)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="bfloat16 (default) or float32 (quick)")
     p.add_argument("--context", type=int, default=None, help="tokens already cached (default 128; quick 32)")
     group = p.add_argument_group("model (default: reference_config(); quick: DecoderConfig())")
     for flag, field in _MODEL_FLAGS.items():
         group.add_argument(f"--{flag}", type=int, default=None, dest=field, help=f"DecoderConfig.{field}")
-    p.add_argument("--capture-sizes", type=_ints, default=None,
+    p.add_argument("--capture-sizes", type=positive_ints, default=None,
                    help="buckets for piecewise and whole-model graphs (default piecewise's; quick 1,2,4,8)")
     p.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra torchpcg option, repeatable (e.g. compiler=eager)")
@@ -117,24 +118,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 _MODEL_FLAGS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_heads", "kv-heads": "num_kv_heads",
                 "intermediate": "intermediate_size", "vocab": "vocab_size", "max-seq-len": "max_seq_len"}
-
-
-def _ints(raw: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(item) for item in raw.split(",") if item.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r}: expected comma-separated positive ints, e.g. 1,4,16") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"{raw!r}: expected comma-separated positive ints, e.g. 1,4,16")
-    return values
-
-
-def _names(raw: str) -> tuple[str, ...]:
-    names = tuple(item.strip() for item in raw.split(",") if item.strip())
-    unknown = [n for n in names if n not in MODE_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown modes {unknown}; choose from {','.join(MODE_NAMES)}")
-    return names
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from bench import measure
+from bench.cli import names_from, positive_ints
 from bench.report import device_name
 from torchpcg.models.vit import PackedViT, ViTConfig, pack_images, vit_reference_config
 
@@ -90,12 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny ViT, fp32, emulated graphs on CPU")
     p.add_argument("--device", default=None, help="cuda (default) or cpu (default with --quick)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="bfloat16 (default) or float32 (quick)")
-    p.add_argument("--images", type=_ints, default=None, help="comma list of image counts (default 1,4,16)")
+    p.add_argument("--images", type=positive_ints, default=None, help="comma list of image counts (default 1,4,16)")
     p.add_argument("--grid", default=None, help="patches per image as ROWSxCOLS (default 16x16, a 224px image "
                                                 "with 14px patches; quick 4x4)")
-    p.add_argument("--modes", type=_modes, default=None, help=f"comma list from {','.join(MODES)} (default all)")
+    p.add_argument("--modes", type=names_from(MODES), default=None, help=f"comma list from {','.join(MODES)} (default all)")
     p.add_argument("--layers", type=int, default=None, help="ViT blocks (default 32; quick 2)")
-    p.add_argument("--capture-sizes", type=_ints, default=None, help="patch buckets (default torchpcg's ViT schedule)")
+    p.add_argument("--capture-sizes", type=positive_ints, default=None, help="patch buckets (default torchpcg's ViT schedule)")
     p.add_argument("--compiler", choices=("inductor", "eager"), default=None,
                    help="piecewise piece compiler (default inductor; quick eager)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per (mode, images) (default 5; quick 1)")
@@ -106,24 +107,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
-
-
-def _ints(raw: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(item) for item in raw.split(",") if item.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"{raw!r}: expected comma-separated positive ints, e.g. 1,4,16")
-    return values
-
-
-def _modes(raw: str) -> tuple[str, ...]:
-    names = tuple(item.strip() for item in raw.split(",") if item.strip())
-    unknown = [n for n in names if n not in MODES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown modes {unknown}; choose from {','.join(MODES)}")
-    return names
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
