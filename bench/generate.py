@@ -11,6 +11,8 @@ mode               what runs
                    ``compile_config=CompileConfig()`` (Inductor, ``mode="reduce-overhead"``, decode only)
 ``forward``        recipe (a): ``model.forward = torch.compile(model.forward, backend="piecewise")``
 ``compile_config`` recipe (b): ``cache_implementation="static"``, ``CompileConfig(backend="piecewise")``
+``compile_config-  recipe (b) as served: one ``StaticCache`` passed to every call, ``reset()`` in place
+own-cache``        (transformers otherwise builds a new cache per call, so the graphs are captured again)
 ``torchpcg``       recipe (c): ``model.forward = torchpcg.compile(model.forward)``
 =================  ===================================================================================
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -46,7 +49,7 @@ from typing import Any
 
 import torch
 
-MODES = ("eager", "hf-compile", "forward", "compile_config", "torchpcg")
+MODES = ("eager", "hf-compile", "forward", "compile_config", "compile_config-own-cache", "torchpcg")
 SIZES = {  # random-weight configs; "1b" is a Llama-3.2-1B-like shape
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),
@@ -164,6 +167,17 @@ def make_mode(name: str, model: Any, settings: Settings) -> Callable[[torch.Tens
             os.environ.update({f"TORCHPCG_{k.upper()}": v for k, v in CPU_PIECEWISE.items()})
         config = compile_config(backend="piecewise")
         return lambda ids: model.generate(ids, cache_implementation="static", compile_config=config, **greedy)
+    if name == "compile_config-own-cache":
+        if on_cpu:
+            os.environ.update({f"TORCHPCG_{k.upper()}": v for k, v in CPU_PIECEWISE.items()})
+        config = compile_config(backend="piecewise")
+        cache = transformers.StaticCache(config=model.config, max_cache_len=settings.prompt_len + settings.new_tokens)
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+        def generate_with_cache(ids: torch.Tensor) -> torch.Tensor:
+            cache.reset()  # in place: the graphs keep reading the same addresses
+            return model.generate(ids, compile_config=config, **{cache_name: cache}, **greedy)
+        return generate_with_cache
     if name == "forward":
         return with_forward(torch.compile(model.forward, backend="piecewise", options=options))
     if name == "torchpcg":
