@@ -317,19 +317,26 @@ class _EnforceCheck:
 
 
 def attention_layers(split: Any, layer_class: type) -> set[int]:
-    """Indices of the decoder layers (instances of ``layer_class``) whose attention is a split op."""
+    """Indices of the decoder layers (instances of ``layer_class``) whose attention is a split op.
+
+    The layer of a split node is read from Dynamo's ``nn_module_stack`` (its entry of class
+    ``layer_class``, e.g. ``L['self'].text.layers.3`` or ``...layers[3]``: the last integer).
+    Where Dynamo recorded no stack, the attention split nodes count for layers 0, 1, ... in order.
+    """
     found: set[int] = set()
+    unplaced = 0
     user_ops = user_split_ops()
     for piece in split.split_pieces:
         for node in piece.gm.graph.nodes:
             why = split_reason(node, user_ops, split_collectives=False)
             if not why or not why.startswith(("attention", "user split op")):
                 continue
-            for path, cls in (node.meta.get("nn_module_stack") or {}).values():
-                index = re.search(r"(?:^|\.)(\d+)$", str(path))
-                if index and isinstance(cls, type) and issubclass(cls, layer_class):
-                    found.add(int(index.group(1)))
-    return found
+            indices = [int(re.findall(r"\d+", str(path))[-1]) for path, cls in
+                       (node.meta.get("nn_module_stack") or {}).values()
+                       if isinstance(cls, type) and issubclass(cls, layer_class) and re.search(r"\d", str(path))]
+            found.update(indices)
+            unplaced += not indices
+    return found or set(range(unplaced))
 
 
 # ---- the wrapper users get -------------------------------------------------------------------------
