@@ -86,6 +86,7 @@ def test_llava_text_only_warmup_then_image_requests(one_cpu_thread):
     model = hf_tiny.llava()
     compiled = torchpcg.compile(model, **KNOBS)
     warm_ids = hf_tiny.text_ids(32, 0)
+    # capture() calls with grad mode on, the requests below run under no_grad: no recompile either
     summary = torchpcg.capture(compiled, lambda n: (warm_ids[:, :n],), progress=False)
     assert summary["sizes"] == [32, 16, 8, 4, 2, 1]
     captured = torchpcg.stats()["captured"]

@@ -345,8 +345,9 @@ class CompiledVLM:
     """What ``torchpcg.compile(vlm)`` returns: call it (and ``.generate``) like the model.
 
     Each call installs the compiled language model as ``<spec.path>.forward`` (plus the dense
-    deepstack add for Qwen3-VL), runs the original model, and removes them again; the vision tower
-    and everything around the language model run eagerly. Calls are serialised (one lock), like
+    deepstack add for Qwen3-VL), runs the original model under ``torch.no_grad()``
+    (``inference_mode=True``: ``torch.inference_mode()``), and removes them again; the vision
+    tower and everything around the language model run eagerly. Calls are serialised (one lock), like
     ``StableModel`` calls, because the static buffers are shared.
 
     Attributes: ``model`` (the VLM), ``spec`` (``LanguageModelSpec``), ``language_model`` (the
@@ -357,7 +358,8 @@ class CompiledVLM:
     language model is compiled already, and Dynamo must not trace the wrapper.
     """
 
-    def __init__(self, model: nn.Module, spec: LanguageModelSpec, language_model: Any, router: _Router) -> None:
+    def __init__(self, model: nn.Module, spec: LanguageModelSpec, language_model: Any, router: _Router,
+                 inference_mode: bool = False) -> None:
         self.model = model
         self.spec = spec
         self.language_model = language_model
@@ -365,6 +367,7 @@ class CompiledVLM:
         self._router = router
         self._text = model.get_submodule(spec.path)
         self._deepstack = types.MethodType(_dense_deepstack, self._text) if spec.deepstack_layers else None
+        self._grad_mode = torch.inference_mode if inference_mode else torch.no_grad
         self._lock = threading.RLock()
         self._depth = 0
         self._saved: dict[str, Any] = {}
@@ -378,7 +381,9 @@ class CompiledVLM:
         return self.language_model.recompiles
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self._installed():
+        # The whole model under no_grad, as torchpcg.compile runs its model: embeddings computed by
+        # the eager part must not require grad on one call and not on the next (a guard).
+        with self._installed(), self._grad_mode():
             return self.model(*args, **kwargs)
 
     forward = __call__
@@ -386,7 +391,7 @@ class CompiledVLM:
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``model.generate(...)`` with the compiled language model (transformers' auto-compile off)."""
         kwargs.setdefault("disable_compile", True)
-        with self._installed():
+        with self._installed(), self._grad_mode():
             return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -473,4 +478,4 @@ def compile_vlm(model: nn.Module, config: PiecewiseConfig | None = None, *, back
     router = _Router(text, spec, language_model, check)
     log.info("%s: compiling its language model %s (%d layers, deepstack %d, mrope %s); vision tower eager",
              type(model).__name__, spec.path, spec.num_layers, spec.deepstack_layers, spec.mrope)
-    return CompiledVLM(model, spec, language_model, router)
+    return CompiledVLM(model, spec, language_model, router, inference_mode=inference_mode)
