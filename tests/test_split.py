@@ -166,3 +166,27 @@ def test_functional_collectives(one_rank_group, split_collectives):
         assert any("all_reduce" in r for r in reasons) and any("wait_tensor" in r for r in reasons)
     else:
         assert reasons == []
+
+
+def test_nodes_touching_cpu_tensors_of_a_cuda_graph_run_eagerly():
+    """A CPU op in a captured piece runs once at capture (its value frozen); a pageable CPU -> GPU
+    copy cannot be captured at all. Fake CUDA tensors: the rule is read from shapes, no GPU needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from torchpcg.backend import split_reasons
+    from torchpcg.config import PiecewiseConfig
+
+    def f(x, length):  # x on CUDA, length a host-side counter (a cache's cumulative_length)
+        offset = length.to(x.device)
+        return torch.relu(x + offset) * 2
+
+    mode = FakeTensorMode()
+    with mode:
+        x, length = torch.empty(4, 8, device="cuda"), torch.empty((), dtype=torch.long)
+    gm = torch.fx.symbolic_trace(f)
+    FakeTensorProp(gm, mode).propagate(x, length)
+    for node in gm.graph.nodes:
+        node.meta["example_value"] = node.meta.get("val")
+    reasons = {node.name: why for node, why in split_reasons(gm, PiecewiseConfig(), None).items()}
+    assert list(reasons) == ["to"] and reasons["to"].startswith("host tensor")

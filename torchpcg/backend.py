@@ -23,7 +23,7 @@ from .layout import expr_of, symbols_of
 from .padding import classify, token_symbol, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .full import FullGraphs, full_graph_blockers, written_inputs
-from .split import SplitGraph, capturable_ops, split_graph, split_reason, user_split_ops
+from .split import SplitGraph, capturable_ops, host_tensor_reason, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
 
 __all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options", "mode_options"]
@@ -131,6 +131,12 @@ def split_reasons(gm: torch.fx.GraphModule, config: PiecewiseConfig,
     # Static graphs too: writes into graph inputs and data-dependent ops are cut whatever the shapes.
     for node, why in classify(gm, symbol).items():
         reasons.setdefault(node, why)
+    device = graph_device(gm)
+    if device is not None and device.type == "cuda":  # host work cannot live inside a CUDA graph
+        for node in gm.graph.nodes:
+            why = host_tensor_reason(node)
+            if why:
+                reasons.setdefault(node, why)
     return reasons
 
 

@@ -30,7 +30,8 @@ from .stable import describe_callable
 log = logging.getLogger(__name__)
 
 # "merged": a tiny compute piece between two split ops that split.py folds into them (run eagerly).
-REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "side effect", "merged", "other")
+REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "side effect", "host tensor", "merged",
+                     "other")
 
 
 def reason_category(reason: str) -> str:
@@ -47,6 +48,8 @@ def reason_category(reason: str) -> str:
         return "merged"
     if reason.startswith("side effect"):
         return "side effect"
+    if reason.startswith("host tensor"):
+        return "host tensor"
     return "other"
 
 

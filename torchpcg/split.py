@@ -19,7 +19,7 @@ from torch.fx.passes.split_module import split_module
 from .config import split_op_name
 
 __all__ = ["SplitPiece", "SplitGraph", "split_graph", "split_reason", "register_splitting_op", "user_split_ops",
-           "capturable_ops", "is_capturable", "CAPTURABLE_OPS"]
+           "capturable_ops", "is_capturable", "CAPTURABLE_OPS", "host_tensor_reason"]
 
 # Attention: data-dependent over tokens (reads other rows, often a KV cache). Names are 'ns::op'.
 ATTENTION_OPS = frozenset({
@@ -161,6 +161,34 @@ def split_reason(node: torch.fx.Node, user_ops: Iterable[str], split_collectives
     if split_collectives and (any(n in COLLECTIVE_OPS for n in names) or _is_collective_function(target)):
         return f"collective ({_pretty(target)})"
     return None
+
+
+def host_tensor_reason(node: torch.fx.Node) -> str | None:
+    """Why a node of a CUDA graph must run eagerly because it touches a CPU tensor, or None.
+
+    A CUDA graph replays device work only: a CPU op inside a captured piece runs once, at capture,
+    and its result is frozen; a CPU -> GPU copy of a pageable tensor cannot even be captured. Cache
+    bookkeeping kept on the host (a ``cumulative_length`` counter) is the usual case.
+    """
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    out = [v for v in _leaves(node.meta.get("example_value", node.meta.get("val")))
+           if isinstance(v, torch.Tensor)]
+    if not out:
+        return None  # sizes and other scalars: nothing is executed on either device
+    ins = [v for arg in _leaves((node.args, node.kwargs)) if isinstance(arg, torch.fx.Node)
+           for v in _leaves(arg.meta.get("example_value", arg.meta.get("val"))) if isinstance(v, torch.Tensor)]
+    if any(t.device.type == "cpu" for t in out + ins):
+        return f"host tensor ({_pretty(node.target)} reads or makes a CPU tensor; a CUDA graph would freeze it)"
+    return None
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value]
 
 
 def _tagged_unsafe(target: Any) -> bool:

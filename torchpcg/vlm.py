@@ -389,8 +389,19 @@ class CompiledVLM:
     forward = __call__
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate(...)`` with the compiled language model (transformers' auto-compile off)."""
+        """``model.generate(...)`` with the compiled language model (transformers' auto-compile off).
+
+        Unless the caller brings a cache (``past_key_values``, ``cache_implementation`` or the
+        model's generation config), generation uses a static cache: its length is fixed, so prefill
+        and every decode step share the graphs. The default dynamic cache adds a second dynamic
+        size (the cache length) that Dynamo ties to the token count at prefill (transformers 5.17
+        then fails to compile: "marked as dynamic but your code specialized it").
+        """
         kwargs.setdefault("disable_compile", True)
+        brought = "past_key_values" in kwargs or "cache_implementation" in kwargs or \
+            getattr(getattr(self.model, "generation_config", None), "cache_implementation", None)
+        if not brought:
+            kwargs["cache_implementation"] = "static"
         with self._installed(), self._grad_mode():
             return self.model.generate(*args, **kwargs)
 
