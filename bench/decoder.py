@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from bench import measure, report
-from bench.cli import names_from, positive_ints
+from bench.cli import DEFAULT_TOL, DTYPES, UsageError, names_from, positive_ints
 from bench.modes import MODE_NAMES, MODES, BenchContext, Mode, ModeUnavailable, Runner
 from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
 
@@ -41,10 +41,6 @@ ATTENTION_OP = "torchpcg_models::kv_attention"
 QUICK_CAPTURE_SIZES = (1, 2, 4, 8)  # 16 is above the largest bucket: the fallback path runs too
 QUICK_SKIPPED = {"inductor": "skipped by --quick: a cold CPU Inductor compile takes 5-30 s on 2 cores; "
                             "pass --modes to run it"}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# ||out-ref|| / ||ref||. bf16: the Inductor-vs-eager level; on the 16-layer reference decoder plain
-# torch.compile (no graphs at all) measured rel_err 0.019-0.023 on an H100 (2026-11-23), so 2e-2 failed it.
-DEFAULT_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 METHOD = (
     "latency: per call, torch.cuda.synchronize(); perf_counter; call; synchronize; perf_counter "
     "(host overhead included), after `warmup` untimed calls; median and p90 (linear) of `repeats`. "
@@ -57,10 +53,6 @@ METHOD = (
 
 
 # ---- settings ------------------------------------------------------------------------------------
-
-class UsageError(ValueError):
-    """Flags that cannot work together; main() prints it and exits 2."""
-
 
 @dataclasses.dataclass(frozen=True)
 class Settings:

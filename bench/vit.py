@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from bench import measure
-from bench.cli import names_from, positive_ints
+from bench.cli import DEFAULT_TOL, DTYPES, UsageError, names_from, positive_ints
 from bench.report import device_name
 from torchpcg.models.vit import PackedViT, ViTConfig, pack_images, vit_reference_config
 
@@ -52,16 +52,10 @@ MODES = ("eager", "piecewise", "full", "full-inductor")
 DEFAULT_IMAGES = (1, 4, 16)
 QUICK_IMAGES = (1, 4, 16)
 QUICK_CAPTURE_SIZES = (16, 64, 128)  # 16 images of 4x4 = 256 patches: above the largest, eager path
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}  # ||out-ref|| / ||ref||
 METHOD = ("latency: per call, synchronize; perf_counter; call; synchronize; perf_counter (host overhead included), "
           "after `warmup` untimed calls; median and p90 of `repeats`. first_call_ms: the first call of a mode at an "
           "image count (compile and capture included). correctness: each mode's output vs eager on the same inputs, "
           "rel_err = ||out-ref||/||ref|| in float64.")
-
-
-class UsageError(ValueError):
-    """Flags that cannot work together; main() prints it and exits 2."""
 
 
 @dataclasses.dataclass(frozen=True)
