@@ -105,3 +105,13 @@ def test_bench_generate_runs_on_cpu(tmp_path, monkeypatch, one_cpu_thread):
     for row in modes.values():
         assert row["tokens_per_s"] > 0 and row["same_tokens_as_eager"] is True, row
     assert result["env"]["torch"] == torch.__version__ and result["config"]["new_tokens"] == 2
+
+
+def test_generate_on_the_wrapper_points_to_the_recipe_instead_of_running_eager():
+    """StableModel forwards attributes to the model; its generate() would call the uncompiled model."""
+    model = hf_tiny.causal_lm("llama")
+    compiled = torchpcg.compile(model, cudagraph="emulate", compiler="eager")
+    with pytest.raises(torchpcg.ConfigError, match=r"model\.forward = torchpcg\.compile\(model\.forward\)"):
+        compiled.generate(hf_tiny.text_ids(5, 0, "cpu"), max_new_tokens=2)
+    assert compiled.config.compiler == "eager"  # other attributes still reach the wrapper and the model
+    assert compiled.dtype == model.dtype

@@ -773,6 +773,11 @@ class StableModel:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name in ("model",):
             raise AttributeError(name)
+        if name == "generate" and hasattr(self.model, "generate"):
+            raise ConfigError(
+                f"torchpcg.compile({describe_callable(self.model)}).generate would be the model's own generate(), "
+                "which calls the uncompiled model: compile the bound forward instead, "
+                "model.forward = torchpcg.compile(model.forward), then call model.generate(...) (docs/models.md)")
         return getattr(self.model, name)
 
     def __repr__(self) -> str:
