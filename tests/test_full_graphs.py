@@ -138,3 +138,14 @@ def test_full_graphs_on_cuda(compiler):
     stats = torchpcg.stats()
     assert stats["full_graph_calls"] >= 5 and stats["capture_failures"] == 0 and stats["recompiles"] == 0
     torch.randint(0, 10, (4,), device="cuda")  # the CUDA generator is out of capture mode
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_explain_says_whether_full_graphs_serve_the_model(capturable):
+    torchpcg.register_splitting_op("torchpcg_full_tests::mix", capturable=capturable)
+    report = torchpcg.explain(_Mixer().eval(), torch.randn(4, 16), options=FULL)
+    full = report.to_dict()["graphs"][0]["full_graphs"]
+    if capturable:
+        assert full.startswith("T <= 4") and "full-decode graphs: T <= 4" in str(report)
+    else:
+        assert full.startswith("off: ") and "torchpcg_full_tests::mix" in full

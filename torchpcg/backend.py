@@ -71,7 +71,7 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
                                         max_autotune=config.max_autotune)
         _note_graphless(runner, config, gm)
         runtime.install(runner)
-    if config.cudagraph_mode == "full_and_piecewise" and runtime.graph_mode != "off":
+    if config.cudagraph_mode == "full_and_piecewise":
         _add_full_graphs(runtime, gm, reasons, static_names, config)
     COUNTERS.add("pieces", len(split.compute_pieces))
     COUNTERS.add("split_ops", len(split.split_pieces))
@@ -98,6 +98,8 @@ def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mappin
                     len(runtime.full_blockers), "; ".join(runtime.full_blockers[:3]),
                     " ..." if len(runtime.full_blockers) > 3 else "")
         return
+    if runtime.graph_mode == "off":
+        return  # nothing to capture (explain, cudagraph="off"): the blockers above are the answer
     runtime.full = FullGraphs(runtime, gm, static_names, written_inputs(gm, list(reasons)), config.full_max_size)
     if runtime.full.off_reason:
         runtime.full_blockers = [runtime.full.off_reason]

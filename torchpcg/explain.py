@@ -83,6 +83,7 @@ class GraphPlan:
     buckets: tuple[int, ...]
     graph_mode: str  # "cuda", "emulate" or "off": what a real run of this config would use
     num_dynamo_nodes: int
+    full_graphs: str = ""  # cudagraph_mode="full_and_piecewise": "T <= 8", or "off: <why>"; "" in piecewise mode
 
     @property
     def compute_pieces(self) -> tuple[PiecePlan, ...]:
@@ -115,6 +116,7 @@ class GraphPlan:
             "buckets": list(self.buckets),
             "largest_bucket": self.largest_bucket,
             "graph_mode": self.graph_mode,
+            "full_graphs": self.full_graphs,
             "num_dynamo_nodes": self.num_dynamo_nodes,
             "num_compute_pieces": len(self.compute_pieces),
             "num_split_ops": len(self.split_pieces),
@@ -148,7 +150,7 @@ class GraphPlan:
         return "\n".join([
             f"token count symbol: {self.token_symbol or 'none (static shapes: one graph, no buckets)'}",
             f"buckets: {buckets}; largest {self.largest_bucket}",
-            f"graph mode: {self.graph_mode}",
+            f"graph mode: {self.graph_mode}" + (f"; full-decode graphs: {self.full_graphs}" if self.full_graphs else ""),
             f"{len(self.compute_pieces)} compute pieces, {len(self.split_pieces)} split ops ({counts})",
             f"static input buffers at bucket {self.largest_bucket}: {format_bytes(self.static_buffer_bytes)}",
         ])
@@ -244,7 +246,12 @@ def plan_of(runtime: Any, graph_mode: str | None = None) -> GraphPlan:
     nodes = sum(p.num_nodes for p in pieces)
     symbol = str(runtime.symbol) if runtime.symbol is not None else None
     buckets = tuple(runtime.buckets) if runtime.symbol is not None else ()
-    return GraphPlan(tuple(pieces), symbol, buckets, graph_mode or runtime.graph_mode, nodes)
+    full = ""
+    if runtime.full_blockers:
+        full = "off: " + "; ".join(runtime.full_blockers[:3]) + (" ..." if len(runtime.full_blockers) > 3 else "")
+    elif runtime.config.cudagraph_mode == "full_and_piecewise":
+        full = f"T <= {runtime.config.full_max_size}, one whole-forward graph per exact T"
+    return GraphPlan(tuple(pieces), symbol, buckets, graph_mode or runtime.graph_mode, nodes, full)
 
 
 def _inputs_from_compute_pieces(split_gm: torch.fx.GraphModule, compute: set[str]) -> dict[str, set[int]]:
