@@ -135,3 +135,31 @@ def test_emulated_pool_refuses_capture_after_retirement():
     graph.release()
     with pytest.raises(AssertionError, match="released graph"):
         graph.replay()
+
+
+class _Positions3D(torch.nn.Module):
+    """mrope-style positions [3, B, T], passed contiguous on one call and as an expanded view on another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x) + pos.sum(0)[..., None].float()
+        return F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None])[:, 0]
+
+
+def test_broadcast_token_input_is_copied_into_its_static_buffer():
+    """A graph compiled for an expanded (stride-0) input has a stride-0 static buffer: copy_ into it
+    used to raise 'more than one element of the written-to tensor refers to a single memory location'."""
+    model = _Positions3D().eval()
+    compiled = torchpcg.compile(model, **EMULATE, capture_sizes=(4, 8, 16), token_inputs={"x": 1, "pos": 2})
+    calls = [(13, False), (5, True), (6, True), (14, False), (3, True)]
+    with torch.no_grad():
+        for num_tokens, expanded in calls:
+            base = torch.arange(num_tokens).view(1, 1, -1)
+            pos = base.expand(3, 1, -1) if expanded else base.repeat(3, 1, 1)
+            x = torch.randn(1, num_tokens, 8)
+            torch.testing.assert_close(compiled(x, pos), model(x, pos))
+    stats = torchpcg.stats()
+    assert stats["graph_calls"] == len(calls) and stats["capture_failures"] == 0

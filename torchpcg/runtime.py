@@ -101,7 +101,7 @@ class _ReplayPlan:
     """Everything one replay at (bucket, T) touches, built once: the hot path only copies and replays."""
 
     zero_whole: tuple[torch.Tensor, ...]  # multi-token-dim buffers ([T, T] masks): zeroed, then copied
-    copies: tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]  # (input, dst, padding rows or None)
+    copies: tuple[tuple[int, torch.Tensor, torch.Tensor | None, tuple[int, ...]], ...]  # see _copy_inputs
     outputs: Any  # the packed real-rows outputs handed to the next op
     registry: tuple[tuple[int, torch.Tensor], ...]  # (data_ptr of a real view, full output) for chaining
 
@@ -177,14 +177,14 @@ class PieceRunner:
             layout = self.inputs[index].layout
             if len(layout.token_dims) != 1:  # e.g. [T, T]: zero everything, then write the real block
                 zero_whole.append(view)
-                copies.append((index, layout.real_rows(view, num_tokens), None))
+                copies.append((index, *_writable(layout.real_rows(view, num_tokens)), None))
                 continue
             dim = layout.token_dims[0]
             real = evaluate(layout.sizes[dim], layout.symbol, num_tokens)
             pad = view.narrow(dim, real, view.size(dim) - real) if view.size(dim) > real else None
-            copies.append((index, view.narrow(dim, 0, real), pad))
-        copies.extend((index, buffer, None) for index, buffer in copied.items())
-        return tuple(zero_whole), tuple(copies)
+            copies.append((index, *_writable(view.narrow(dim, 0, real)), pad))
+        copies.extend((index, *_writable(buffer), None) for index, buffer in copied.items())
+        return tuple(zero_whole), tuple((i, dst, pad, dims) for i, dst, dims, pad in copies)
 
     def _plan(self, captured: _Captured, num_tokens: int, args: Sequence[Any]) -> _ReplayPlan | None:
         """Build (once per T) what a replay touches; None if a chained input no longer matches."""
@@ -348,13 +348,34 @@ def _with_aliases(outputs: Any, aliases: Sequence[tuple[int, int, tuple[int, ...
     return values[0] if single else tuple(values)
 
 
-def _copy_inputs(zero_whole: Sequence[torch.Tensor], copies: Sequence[tuple[int, torch.Tensor, torch.Tensor | None]],
+def _writable(dst: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``dst`` narrowed to one element along its broadcast (stride-0) dims, and those dims.
+
+    An input compiled as an expanded view (mrope positions ``pos.expand(3, B, T)``) gets a static
+    buffer with the same stride-0 dims; ``copy_`` refuses to write such a view (several elements
+    share one address). Every element along such a dim is the same, in the buffer and in the
+    caller's tensor (Dynamo guards the strides), so one element is copied.
+    """
+    dims = tuple(d for d in range(dst.dim()) if dst.stride(d) == 0 and dst.size(d) > 1)
+    for d in dims:
+        dst = dst.narrow(d, 0, 1)
+    return dst, dims
+
+
+def _copy_inputs(zero_whole: Sequence[torch.Tensor],
+                 copies: Sequence[tuple[int, torch.Tensor, torch.Tensor | None, tuple[int, ...]]],
                  args: Sequence[Any]) -> None:
-    """Fill a graph's static inputs: rows :T (or the whole buffer) from the call, rows T.. zero."""
+    """Fill a graph's static inputs: rows :T (or the whole buffer) from the call, rows T.. zero.
+
+    ``copies``: (input index, destination, padding rows or None, broadcast dims of the destination
+    that the source is narrowed along, see ``_writable``; empty nearly always).
+    """
     for view in zero_whole:
         view.zero_()
-    for index, dst, padding in copies:
+    for index, dst, padding, broadcast in copies:
         src = args[index]
+        for d in broadcast:
+            src = src.narrow(d, 0, 1)
         if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():
             dst.copy_(src)  # [T, ...] -> static [B, ...] rows :T; or a copied input into its buffer
         if padding is not None:
