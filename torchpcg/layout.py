@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import sympy
 import torch
 
-__all__ = ["Layout", "expr_of", "symbols_of", "evaluate"]
+__all__ = ["Layout", "expr_of", "symbols_of", "evaluate", "leaves"]
+
+
+def leaves(value: object) -> Iterator[object]:
+    """Tensors, sym numbers and other leaves inside nested tuples/lists/dicts/slices (FX args, example values)."""
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        for item in value:
+            yield from leaves(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from leaves(item)
+    elif isinstance(value, slice):
+        yield from leaves((value.start, value.stop, value.step))
+    else:
+        yield value
 
 
 def expr_of(value: Any) -> sympy.Expr | int:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sympy
 import torch
 import torch.fx as fx
 from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+from .layout import leaves
 
 __all__ = [
     "REASON_PREFIX",
@@ -222,24 +224,10 @@ def _expr(size: object) -> sympy.Expr:
     return sympy.sympify(size)
 
 
-def _leaves(value: object) -> Iterator[object]:
-    """Tensors, sym numbers and other leaves inside nested tuples/lists/dicts/slices."""
-    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
-        for item in value:
-            yield from _leaves(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _leaves(item)
-    elif isinstance(value, slice):
-        yield from _leaves((value.start, value.stop, value.step))
-    else:
-        yield value
-
-
 def _free_symbols(value: object) -> set[sympy.Symbol]:
     """Every sympy symbol in the sizes of the tensors (and in the sym numbers) inside value."""
     symbols: set[sympy.Symbol] = set()
-    for leaf in _leaves(value):
+    for leaf in leaves(value):
         if isinstance(leaf, torch.Tensor):
             for size in leaf.shape:
                 symbols |= _expr(size).free_symbols
@@ -400,7 +388,7 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
 
 def _input_tensors(node: fx.Node) -> list[torch.Tensor]:
     values = _value(tuple(node.args) + tuple(node.kwargs.values()))
-    return [leaf for leaf in _leaves(values) if isinstance(leaf, torch.Tensor)]
+    return [leaf for leaf in leaves(values) if isinstance(leaf, torch.Tensor)]
 
 
 def _dims(dim: object, ndim: int) -> set[int] | None:
@@ -436,7 +424,7 @@ Handler = Callable[[fx.Node, str, sympy.Symbol], "str | None"]
 
 def _check_pointwise(node: fx.Node, name: str, symbol: sympy.Symbol) -> str | None:
     """Elementwise: safe unless the token count itself is used as a value (``x / s``)."""
-    for leaf in _leaves(_value(tuple(node.args[1:]) + tuple(node.kwargs.values()))):
+    for leaf in leaves(_value(tuple(node.args[1:]) + tuple(node.kwargs.values()))):
         if isinstance(leaf, (torch.SymInt, torch.SymFloat)) and _varies(_expr(leaf), symbol):
             return "token count used as a value"
     source = _value(node.args[0])
@@ -589,7 +577,7 @@ def _check_matmul(node: fx.Node, name: str, symbol: sympy.Symbol) -> str | None:
         return "reduction over the token dim"
     if name == "linear" and token_dims(right, symbol):
         return "matmul with a token-dim weight"
-    out_tokens = sum(len(token_dims(t, symbol)) for t in _leaves(node.meta.get("example_value")))
+    out_tokens = sum(len(token_dims(t, symbol)) for t in leaves(node.meta.get("example_value")))
     if out_tokens > max(len(token_dims(left, symbol)), len(token_dims(right, symbol))):
         return "token x token matmul"
     return None
@@ -646,7 +634,7 @@ def _check_conv(node: fx.Node, name: str, symbol: sympy.Symbol) -> str | None:
 
 def _check_cat(node: fx.Node, name: str, symbol: sympy.Symbol) -> str | None:
     """cat along the token dim puts padding rows of the first input between real rows."""
-    tensors = [t for t in _leaves(_value(node.args[0])) if isinstance(t, torch.Tensor)]
+    tensors = [t for t in leaves(_value(node.args[0])) if isinstance(t, torch.Tensor)]
     dim = _arg(node, 1, "dim", node.kwargs.get("axis", 0))
     for tensor in tensors:
         if tensor.ndim and _hits(_dims(dim, tensor.ndim), tensor, symbol):
@@ -726,7 +714,7 @@ def _check_embedding(node: fx.Node, name: str, symbol: sympy.Symbol) -> str | No
 
 def _check_factory(node: fx.Node, name: str, symbol: sympy.Symbol) -> str | None:
     """Factories may take the token count as a size, never as a value (start, fill, steps)."""
-    values = _leaves(_factory_values(node, name))
+    values = leaves(_factory_values(node, name))
     if any(isinstance(v, (torch.SymInt, torch.SymFloat)) and _varies(_expr(v), symbol) for v in values):
         return "token count used as a value"
     return None
@@ -956,7 +944,7 @@ def _check_forms(node: fx.Node, name: str, symbol: sympy.Symbol) -> str | None:
     inputs = _input_tensors(node)
     if name == "getitem" and not isinstance(_value(node.args[0]), torch.Tensor):
         inputs = []  # picking one tensor of a tuple: only the picked one (the output) matters
-    outputs = [t for t in _leaves(node.meta.get("example_value")) if isinstance(t, torch.Tensor)]
+    outputs = [t for t in leaves(node.meta.get("example_value")) if isinstance(t, torch.Tensor)]
     for tensor in inputs + outputs:
         for d in token_dims(tensor, symbol):
             size = _shape(tensor)[d]
@@ -975,7 +963,7 @@ def _touches(node: fx.Node, symbol: sympy.Symbol) -> bool:
 
 
 def _has_tensors(node: fx.Node) -> bool:
-    outputs = _leaves(node.meta.get("example_value"))
+    outputs = leaves(node.meta.get("example_value"))
     return bool(_input_tensors(node)) or any(isinstance(t, torch.Tensor) for t in outputs)
 
 
@@ -990,7 +978,7 @@ def _written_args(node: fx.Node, name: str) -> list[fx.Node]:
         for arg, schema_arg in zip(node.args, schema.arguments if schema is not None else ()):
             if schema_arg.alias_info is not None and schema_arg.alias_info.is_write:
                 written.append(arg)
-    written.extend(a for a in _leaves(node.kwargs.get("out")) if isinstance(a, fx.Node))
+    written.extend(a for a in leaves(node.kwargs.get("out")) if isinstance(a, fx.Node))
     return [a for a in written if isinstance(a, fx.Node)]
 
 
@@ -1019,7 +1007,7 @@ def _input_name(node: fx.Node) -> str:
 
 def _symbol_source(node: fx.Node, symbol: sympy.Symbol) -> str:
     """Where Dynamo first saw a symbol (``L['past'].size()[2]``), for error messages."""
-    for leaf in _leaves((node.meta.get("example_value"), _value(tuple(node.args)))):
+    for leaf in leaves((node.meta.get("example_value"), _value(tuple(node.args)))):
         shape_env = getattr(getattr(leaf, "fake_mode", None), "shape_env", None)
         if shape_env is None and isinstance(leaf, torch.SymInt):
             shape_env = leaf.node.shape_env
@@ -1128,8 +1116,8 @@ def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
 def _real_row_difference(node: fx.Node, exact: object, padded: object, symbol: sympy.Symbol,
                          num_tokens: int, rtol: float, atol: float) -> float | None:
     """Max abs difference of the real rows of two results of one node, or None if they match."""
-    wants, gots = list(_leaves(exact)), list(_leaves(padded))
-    examples = list(_leaves(node.meta.get("example_value")))
+    wants, gots = list(leaves(exact)), list(leaves(padded))
+    examples = list(leaves(node.meta.get("example_value")))
     if len(examples) != len(wants):
         examples = [None] * len(wants)  # no fake metadata: fall back to the exact shapes
     differences = [

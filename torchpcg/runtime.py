@@ -101,7 +101,7 @@ class _ReplayPlan:
     """Everything one replay at (bucket, T) touches, built once: the hot path only copies and replays."""
 
     zero_whole: tuple[torch.Tensor, ...]  # multi-token-dim buffers ([T, T] masks): zeroed, then copied
-    copies: tuple[tuple[int, torch.Tensor, torch.Tensor | None, tuple[int, ...]], ...]  # see _copy_inputs
+    copies: tuple[tuple[int, torch.Tensor, tuple[int, ...], torch.Tensor | None], ...]  # see _copy_inputs
     outputs: Any  # the packed real-rows outputs handed to the next op
     registry: tuple[tuple[int, torch.Tensor], ...]  # (data_ptr of a real view, full output) for chaining
 
@@ -170,7 +170,7 @@ class PieceRunner:
 
     def _copy_targets(self, token_views: dict[int, torch.Tensor], copied: dict[int, torch.Tensor],
                       num_tokens: int) -> tuple[
-            tuple[torch.Tensor, ...], tuple[tuple[int, torch.Tensor, torch.Tensor | None], ...]]:
+            tuple[torch.Tensor, ...], tuple[tuple[int, torch.Tensor, tuple[int, ...], torch.Tensor | None], ...]]:
         """Where each input goes at T: (buffers zeroed whole, (input, rows :T or buffer, rows T:))."""
         copies, zero_whole = [], []
         for index, view in token_views.items():
@@ -184,7 +184,7 @@ class PieceRunner:
             pad = view.narrow(dim, real, view.size(dim) - real) if view.size(dim) > real else None
             copies.append((index, *_writable(view.narrow(dim, 0, real)), pad))
         copies.extend((index, *_writable(buffer), None) for index, buffer in copied.items())
-        return tuple(zero_whole), tuple((i, dst, pad, dims) for i, dst, dims, pad in copies)
+        return tuple(zero_whole), tuple(copies)
 
     def _plan(self, captured: _Captured, num_tokens: int, args: Sequence[Any]) -> _ReplayPlan | None:
         """Build (once per T) what a replay touches; None if a chained input no longer matches."""
@@ -363,16 +363,16 @@ def _writable(dst: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def _copy_inputs(zero_whole: Sequence[torch.Tensor],
-                 copies: Sequence[tuple[int, torch.Tensor, torch.Tensor | None, tuple[int, ...]]],
+                 copies: Sequence[tuple[int, torch.Tensor, tuple[int, ...], torch.Tensor | None]],
                  args: Sequence[Any]) -> None:
     """Fill a graph's static inputs: rows :T (or the whole buffer) from the call, rows T.. zero.
 
-    ``copies``: (input index, destination, padding rows or None, broadcast dims of the destination
-    that the source is narrowed along, see ``_writable``; empty nearly always).
+    ``copies``: (input index, destination, broadcast dims of the destination that the source is
+    narrowed along (see ``_writable``; empty nearly always), padding rows or None).
     """
     for view in zero_whole:
         view.zero_()
-    for index, dst, padding, broadcast in copies:
+    for index, dst, broadcast, padding in copies:
         src = args[index]
         for d in broadcast:
             src = src.narrow(d, 0, 1)

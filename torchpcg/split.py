@@ -17,6 +17,7 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from .config import split_op_name
+from .layout import leaves
 
 __all__ = ["SplitPiece", "SplitGraph", "split_graph", "split_reason", "register_splitting_op", "user_split_ops",
            "capturable_ops", "is_capturable", "CAPTURABLE_OPS", "host_tensor_reason"]
@@ -172,23 +173,14 @@ def host_tensor_reason(node: torch.fx.Node) -> str | None:
     """
     if node.op not in ("call_function", "call_method", "call_module"):
         return None
-    out = [v for v in _leaves(node.meta.get("example_value", node.meta.get("val")))
-           if isinstance(v, torch.Tensor)]
+    out = [v for v in leaves(node.meta.get("example_value", node.meta.get("val"))) if isinstance(v, torch.Tensor)]
     if not out:
         return None  # sizes and other scalars: nothing is executed on either device
-    ins = [v for arg in _leaves((node.args, node.kwargs)) if isinstance(arg, torch.fx.Node)
-           for v in _leaves(arg.meta.get("example_value", arg.meta.get("val"))) if isinstance(v, torch.Tensor)]
+    ins = [v for arg in leaves((node.args, node.kwargs)) if isinstance(arg, torch.fx.Node)
+           for v in leaves(arg.meta.get("example_value", arg.meta.get("val"))) if isinstance(v, torch.Tensor)]
     if any(t.device.type == "cpu" for t in out + ins):
         return f"host tensor ({_pretty(node.target)} reads or makes a CPU tensor; a CUDA graph would freeze it)"
     return None
-
-
-def _leaves(value: Any) -> list[Any]:
-    if isinstance(value, (tuple, list)):
-        return [leaf for item in value for leaf in _leaves(item)]
-    if isinstance(value, dict):
-        return [leaf for item in value.values() for leaf in _leaves(item)]
-    return [value]
 
 
 def _tagged_unsafe(target: Any) -> bool:
