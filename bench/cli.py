@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Collection
+import subprocess
+import sys
+from pathlib import Path
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["positive_ints", "names_from", "UsageError", "DTYPES", "DEFAULT_TOL"]
+__all__ = ["positive_ints", "names_from", "UsageError", "DTYPES", "DEFAULT_TOL", "exit_status", "git_commit"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # ||out-ref|| / ||ref||. bf16: the Inductor-vs-eager level; on the 16-layer reference decoder plain
@@ -38,3 +42,24 @@ def names_from(choices: Collection[str]) -> Callable[[str], tuple[str, ...]]:
             raise argparse.ArgumentTypeError(f"unknown modes {unknown}; choose from {','.join(choices)}")
         return names
     return parse
+
+
+def exit_status(results: Mapping[str, Any]) -> int:
+    """1 (and the reasons on stderr) when a mode failed or disagreed with eager, else 0."""
+    bad = {**results["failed"], **results["wrong"]}
+    if bad:
+        print("\nBENCH FAILED: " + "; ".join(f"{m}: {r}" for m, r in bad.items()), file=sys.stderr)
+        return 1
+    return 0
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD's short hash in ``root`` (+'-dirty' when tracked files differ), or None without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import gc
 import random
-import subprocess
 import sys
 import time
 import traceback
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from bench import measure, report
-from bench.cli import DEFAULT_TOL, DTYPES, UsageError, names_from, positive_ints
+from bench.cli import DEFAULT_TOL, DTYPES, UsageError, exit_status, git_commit, names_from, positive_ints
 from bench.modes import MODE_NAMES, MODES, BenchContext, Mode, ModeUnavailable, Runner
 from torchpcg.models.decoder import DecoderConfig, FlatDecoder, reference_config
 
@@ -449,14 +448,7 @@ def _run(settings: Settings) -> dict[str, Any]:
 
 def commit_of(settings: Settings) -> str:
     """HEAD's hash (+'-dirty' when tracked files differ), else --commit, else 'unknown'."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return settings.commit or "unknown"
+    return git_commit(REPO_ROOT) or settings.commit or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,11 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(results, settings.out_dir, quick=settings.quick)
     print(report.markdown(results))
     print("\n" + "\n".join(f"wrote {path}" for path in paths))
-    bad = {**results["failed"], **results["wrong"]}
-    if bad:
-        print("\nBENCH FAILED: " + "; ".join(f"{m}: {r}" for m, r in bad.items()), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(results)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import datetime
 import gc
 import json
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 
 from bench import measure
-from bench.cli import DEFAULT_TOL, DTYPES, UsageError, names_from, positive_ints
+from bench.cli import DEFAULT_TOL, DTYPES, UsageError, exit_status, git_commit, names_from, positive_ints
 from bench.report import device_name
 from torchpcg.models.vit import PackedViT, ViTConfig, pack_images, vit_reference_config
 
@@ -258,14 +257,7 @@ def _free(device: torch.device) -> None:
 
 
 def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return git_commit(REPO_ROOT) or "unknown"
 
 
 # ---- the record ----------------------------------------------------------------------------------
@@ -337,11 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write(results, settings.out_dir, settings.quick)
     print(markdown(results))
     print("\n".join(f"wrote {path}" for path in paths))
-    bad = {**results["failed"], **results["wrong"]}
-    if bad:
-        print("\nBENCH FAILED: " + "; ".join(f"{m}: {r}" for m, r in bad.items()), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(results)
 
 
 if __name__ == "__main__":
