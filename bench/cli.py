@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,10 @@ def exit_status(results: Mapping[str, Any]) -> int:
 
 
 def git_commit(root: Path) -> str | None:
-    """HEAD's short hash in ``root`` (+'-dirty' when tracked files differ), or None without git."""
+    """$BENCH_COMMIT if set, else HEAD's short hash in ``root`` (+'-dirty' when tracked files
+    differ), or None without git. Set BENCH_COMMIT where the tree was copied with a stale .git."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip()

@@ -447,8 +447,11 @@ def _run(settings: Settings) -> dict[str, Any]:
 
 
 def commit_of(settings: Settings) -> str:
-    """HEAD's hash (+'-dirty' when tracked files differ), else --commit, else 'unknown'."""
-    return git_commit(REPO_ROOT) or settings.commit or "unknown"
+    """--commit, else HEAD's hash (+'-dirty' when tracked files differ; see cli.git_commit), else 'unknown'.
+
+    --commit wins: a copied tree (the GPU machine's) can carry a stale .git.
+    """
+    return settings.commit or git_commit(REPO_ROOT) or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,9 @@ Note: one process, modes built one after another on one model and KV cache, as b
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
+import pstats
 import json
 import statistics
 import sys
@@ -34,7 +36,29 @@ __all__ = ["main", "profile_mode"]
 DEFAULT_MODES = ("piecewise", "piecewise-full-decode", "inductor-cudagraph")
 
 
-def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.device, calls: int) -> dict[str, Any]:
+def host_breakdown(runner: Any, ids: torch.Tensor, positions: torch.Tensor, device: torch.device, calls: int,
+                   top: int = 25) -> list[dict[str, Any]]:
+    """cProfile of ``calls`` calls: the ``top`` functions by own (exclusive) host time, per call.
+
+    cProfile adds a fixed cost per Python call, so Python-heavy rows read high; use it to rank
+    where host time goes, and the un-profiled ``host_us`` for the total.
+    """
+    decoder.measure.synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        runner(ids, positions)
+    profiler.disable()
+    decoder.measure.synchronize(device)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (prim calls, calls, tottime, cumtime, callers)
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [{"function": f"{Path(file).name}:{line}({name})" if file != "~" else name,
+             "calls_per_call": n / calls, "own_us_per_call": own / calls * 1e6, "cum_us_per_call": cum / calls * 1e6}
+            for (file, line, name), (_, n, own, cum, _) in rows]
+
+
+def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.device, calls: int,
+                 breakdown: bool = False) -> dict[str, Any]:
     """Host and GPU timings of ``calls`` calls at ``num_tokens`` (synchronized between calls)."""
     ids, positions = make_inputs(num_tokens)
     for _ in range(5):
@@ -49,6 +73,8 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
     decoder.measure.synchronize(device)
     record: dict[str, Any] = {"tokens": num_tokens, "host_us_median": statistics.median(host),
                               "host_us_p90": sorted(host)[int(0.9 * (len(host) - 1))]}
+    if breakdown:
+        record["host_breakdown"] = host_breakdown(runner, ids, positions, device, calls)
     if device.type != "cuda":
         return record
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -90,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=50, help="profiled calls per (mode, T)")
     p.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra torchpcg knob for the piecewise modes (repeatable), e.g. skip_module_guards=1")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also run cProfile over the calls and report the functions with the most own host time")
     p.add_argument("--out", type=Path, required=True, help="JSON output path")
     args = p.parse_args(argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
@@ -119,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode in decoder.run_order(tuple(names)):
             try:
                 runner = mode.build(dataclasses.replace(ctx, info={}))
-                results["modes"][mode.name] = [profile_mode(runner, ctx.make_inputs, t, settings.device, args.calls)
+                results["modes"][mode.name] = [profile_mode(runner, ctx.make_inputs, t, settings.device, args.calls,
+                                                                            args.breakdown)
                                                for t in tokens]
                 del runner
             except ModeUnavailable as err:
@@ -149,6 +178,14 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['tokens']} | {cell('host_us_median')} | {cell('gpu_busy_us_median')} | "
                          f"{cell('gpu_idle_us_median')} | {cell('gpu_kernels_median')} | "
                          f"{cell('gpu_graph_launches_median')} |")
+    for name, rows in results["modes"].items():
+        for row in rows if isinstance(rows, list) else []:
+            if "host_breakdown" not in row:
+                continue
+            lines += ["", f"Host time by function (cProfile, own time), {name}, T={row['tokens']}:", "",
+                      "| function | calls per call | own µs per call | cumulative µs per call |", "|---|---:|---:|---:|"]
+            lines += [f"| `{r['function']}` | {r['calls_per_call']:.1f} | {r['own_us_per_call']:.1f} | "
+                      f"{r['cum_us_per_call']:.1f} |" for r in row["host_breakdown"]]
     return "\n".join(lines)
 
 
