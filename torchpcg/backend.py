@@ -100,7 +100,8 @@ def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mappin
         return
     if runtime.graph_mode == "off":
         return  # nothing to capture (explain, cudagraph="off"): the blockers above are the answer
-    runtime.full = FullGraphs(runtime, gm, static_names, written_inputs(gm, list(reasons)), config.full_max_size)
+    runtime.full = FullGraphs(runtime, gm, static_names, written_inputs(gm, list(reasons)), config.full_max_size,
+                              compiler=config.compiler, max_autotune=config.max_autotune)
     if runtime.full.off_reason:
         runtime.full_blockers = [runtime.full.off_reason]
         log.warning("cudagraph_mode=full_and_piecewise: %s; this graph stays piecewise", runtime.full.off_reason)

@@ -476,8 +476,10 @@ class Runtime:
                     self._order_streams()
             full = self.full if bucket is not None else None
             key = full.key(num_tokens) if full is not None else None
-            if key is not None and full.ready(key, args):
-                self.state = CallState(bucket=key, num_tokens=num_tokens)
+            route = full.route(key, args) if key is not None else None
+            if route is not None:  # the whole forward: its graph, or (T's first call) its code as warm-up
+                self.state = CallState(bucket=key if route == "replay" else None,  # full.REPLAY
+                                       num_tokens=num_tokens)
                 forward, bucket = full.runner, key
             else:
                 self.state = CallState(bucket=bucket, num_tokens=num_tokens)
@@ -612,6 +614,8 @@ class Runtime:
         if self.config.enforce:
             raise CaptureError(message + " (TORCHPCG_ENFORCE=1)") from exc
         COUNTERS.add("capture_failures")
+        if self.graph_mode == "cuda" and isinstance(exc, torch.OutOfMemoryError):
+            self._release_cached_memory()
         if self.full is not None and runner is self.full.runner:
             self.full.turn_off(message)
             self.state.bucket = None
@@ -622,6 +626,14 @@ class Runtime:
             self.buckets.remove(bucket)
         self.state.bucket = None  # the rest of this call runs without graphs
         self.drop_after_call(None, bucket)
+
+    def _release_cached_memory(self) -> None:
+        """After a capture ran out of memory: later captures go to a fresh pool, and what the failed
+        one cached is given back. A private pool's free blocks stay reserved while the pool lives
+        and count against the process's limit, so the next, smaller bucket would fail too."""
+        if self._pool is not None:
+            self._pool.retire()  # graphs already captured keep their memory; the unused rest can go
+        torch.cuda.empty_cache()
 
     def drop_after_call(self, runner: PieceRunner | None, bucket: int | None) -> None:
         """Drop graphs at ``bucket`` (of ``runner``, or of all runners) when the next call starts.

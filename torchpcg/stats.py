@@ -18,7 +18,8 @@ COUNTER_KEYS = (
     "split_ops",  # split pieces (ops run eagerly between graph replays)
     "captured",  # (piece, bucket) graphs captured (real or emulated)
     "replays",  # graph replays
-    "eager_runs",  # calls served without graphs (T above the largest bucket, graphs off, fallbacks)
+    "eager_runs",  # calls served without graphs (T above the largest bucket, graphs off, fallbacks, and
+    # in full_and_piecewise mode the first call of each T <= full_max_size: the full graph's warm-up)
     "graph_calls",  # calls served with graphs
     "full_graph_calls",  # of those, calls served by one whole-forward graph (cudagraph_mode="full_and_piecewise")
     "recompiles",  # Dynamo recompiles of a torchpcg-compiled frame after warmup

@@ -1,0 +1,116 @@
+"""Host time to issue one KV-cache attention call, per implementation (GPU; decode shapes).
+
+Piecewise graphs run the attention op eagerly between replays, so its host time is paid once per
+layer and call. This measures variants of the reference op (torchpcg.models.attention) at the
+bench decoder's shapes: 16 heads of 128, cache of 128 slots, T = 1 and 8, bf16.
+
+    python scripts/attention_host_cost.py            # prints a Markdown table
+
+Host time = wall time of ``calls`` back-to-back calls / calls, with the GPU faster than the host
+(checked: the GPU time of one call is printed beside it).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from torchpcg.models.attention import KV_ATTENTION_OP, _kv_attention_impl
+
+
+def _bool_mask(positions: torch.Tensor, slots: int) -> torch.Tensor:
+    return (torch.arange(slots, device=positions.device)[None, :] <= positions[:, None])[None, None]
+
+
+def _float_mask(positions: torch.Tensor, slots: int, dtype: torch.dtype) -> torch.Tensor:
+    allowed = _bool_mask(positions, slots)
+    return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
+
+
+def premasked(q, k, v, cache, layer, positions, mask):
+    """The mask comes in (computed once per forward, in a compiled piece); one SDPA call."""
+    cache[layer, 0].index_copy_(0, positions, k)
+    cache[layer, 1].index_copy_(0, positions, v)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], cache[layer, 0].transpose(0, 1)[None],
+                                         cache[layer, 1].transpose(0, 1)[None], attn_mask=mask,
+                                         scale=1.0 / math.sqrt(q.shape[-1]))
+    return out[0].transpose(0, 1)
+
+
+def premasked_one_write(q, k, v, cache, layer, positions, mask):
+    """As premasked, with k and v written by one index_copy_ over the stacked pair."""
+    cache[layer].index_copy_(1, positions, torch.stack((k, v)))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], cache[layer, 0].transpose(0, 1)[None],
+                                         cache[layer, 1].transpose(0, 1)[None], attn_mask=mask,
+                                         scale=1.0 / math.sqrt(q.shape[-1]))
+    return out[0].transpose(0, 1)
+
+
+def host_us(fn, calls: int = 200) -> tuple[float, float]:
+    """(host µs per call, GPU µs per call)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return statistics.median(samples), begin.elapsed_time(end) * 1e3 / calls
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtype, heads, dim, slots, layers = torch.bfloat16, 16, 128, 128, 16
+    cache = torch.zeros(layers, 2, slots, heads, dim, dtype=dtype, device="cuda")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; host µs per call (GPU µs per call)\n")
+    print("| T | op (torch.ops, today) | impl called directly | mask passed in (bool) | mask passed in (float) "
+          "| float mask, one cache write |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for num_tokens in (1, 8):
+            q, k, v = (torch.randn(num_tokens, heads, dim, dtype=dtype, device="cuda") for _ in range(3))
+            positions = torch.arange(40, 40 + num_tokens, device="cuda")
+            bool_mask, float_mask = _bool_mask(positions, slots), _float_mask(positions, slots, dtype)
+            rows = [
+                host_us(lambda: KV_ATTENTION_OP(q, k, v, cache, 3, positions)),
+                host_us(lambda: _kv_attention_impl(q, k, v, cache, 3, positions)),
+                host_us(lambda: premasked(q, k, v, cache, 3, positions, bool_mask)),
+                host_us(lambda: premasked(q, k, v, cache, 3, positions, float_mask)),
+                host_us(lambda: premasked_one_write(q, k, v, cache, 3, positions, float_mask)),
+            ]
+            reference = KV_ATTENTION_OP(q, k, v, cache, 3, positions)
+            for fn in (premasked, premasked_one_write):
+                torch.testing.assert_close(fn(q, k, v, cache, 3, positions, float_mask), reference)
+            print(f"| {num_tokens} | " + " | ".join(f"{h:.1f} ({g:.1f})" for h, g in rows) + " |")
+    small = torch.zeros(1, 2048, dtype=dtype, device="cuda")
+    other = torch.ones_like(small)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        small.add_(1)
+        graph.capture_end()
+    torch.cuda.synchronize()
+    print(f"\nbaselines, host µs: small.add_(1) {host_us(lambda: small.add_(1))[0]:.1f}; "
+          f"small.copy_(other) {host_us(lambda: small.copy_(other))[0]:.1f}; "
+          f"replay of a one-kernel graph {host_us(graph.replay)[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
