@@ -43,12 +43,12 @@ def host_breakdown(runner: Any, ids: torch.Tensor, positions: torch.Tensor, devi
     cProfile adds a fixed cost per Python call, so Python-heavy rows read high; use it to rank
     where host time goes, and the un-profiled ``host_us`` for the total.
     """
-    decoder.measure.synchronize(device)
     profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
+    for _ in range(calls):  # the GPU idle before each call, as for host_us: no launch queue back-pressure
+        decoder.measure.synchronize(device)
+        profiler.enable()
         runner(ids, positions)
-    profiler.disable()
+        profiler.disable()
     decoder.measure.synchronize(device)
     stats = pstats.Stats(profiler).stats  # (file, line, name) -> (prim calls, calls, tottime, cumtime, callers)
     rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
