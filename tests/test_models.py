@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from torchpcg.models import KV_ATTENTION_OP, DecoderConfig, FlatDecoder, kv_attention, reference_config
+from torchpcg.models.attention import attention_bias
 
 
 def naive_kv_attention(
@@ -54,6 +55,22 @@ def test_kv_attention_matches_naive_loop(num_heads: int, num_kv_heads: int, num_
     torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)  # only layer 1 at positions changed
     expected = naive_kv_attention(q, expected_cache, 1, positions)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_attention_with_the_bias_passed_in_equals_the_mask_made_inside(dtype: torch.dtype) -> None:
+    q, k, v, cache, positions = random_attention_inputs(6, 4, 2, start=5, dtype=dtype)
+    inside_cache, outside_cache = cache.clone(), cache.clone()
+    inside = kv_attention(q, k, v, inside_cache, 2, positions)
+    outside = kv_attention(q, k, v, outside_cache, 2, positions, attention_bias(positions, cache.shape[2], dtype))
+    torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+    torch.testing.assert_close(outside_cache, inside_cache, rtol=0, atol=0)
+
+
+def test_attention_bias_is_zero_up_to_each_position() -> None:
+    bias = attention_bias(torch.tensor([0, 3]), 5, torch.float32)
+    inf = float("-inf")
+    torch.testing.assert_close(bias, torch.tensor([[0, inf, inf, inf, inf], [0, 0, 0, 0, inf]]))
 
 
 def test_kv_attention_bf16_close_to_fp32() -> None:

@@ -11,6 +11,15 @@ Example:
     >>> cache = torch.zeros(1, 2, 16, 2, 8)
     >>> q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     >>> out = kv_attention(q, k, v, cache, 0, torch.arange(3))  # [3, 4, 8]
+    >>> bias = attention_bias(torch.arange(3), 16, q.dtype)  # [3, 16]: the same, mask made by the caller
+    >>> out = kv_attention(q, k, v, cache, 0, torch.arange(3), bias)
+
+The optional ``bias`` ([T, max_seq_len], 0 where a token may attend, -inf elsewhere) is the causal
+mask made outside the op. The reference decoder makes it in compiled code, before the op: under
+piecewise graphs the op runs eagerly once per layer, so every tensor op inside it costs host
+time on each call, and the mask is four of them. Measured on an H200 (T=1, bf16, 16 heads of
+128; ``python scripts/attention_host_cost.py``): 203 µs to issue the op with the mask made
+inside and two cache writes, 73 µs with the bias passed in and one write.
 
 Note: one sequence per call (no batching of several sequences, no paging);
 q, k, v and the cache share one dtype (no casting); positions past
@@ -25,12 +34,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kv_attention", "KV_ATTENTION_OP"]
+__all__ = ["kv_attention", "KV_ATTENTION_OP", "attention_bias"]
 
 
 # Explicit schema: inference would type `layer` as SymInt; it is a plain layer index.
 _SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, int layer, Tensor positions) -> Tensor"
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, int layer, Tensor positions, Tensor? bias=None) -> Tensor"
 )
 
 
@@ -47,6 +56,7 @@ def _kv_attention_impl(
     kv_cache: torch.Tensor,
     layer: int,
     positions: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write k, v at `positions`, then attend causally over cache[layer, :, :pos+1]."""
     _write_cache(k, v, kv_cache, layer, positions)
@@ -54,7 +64,9 @@ def _kv_attention_impl(
         return torch.empty_like(q)
     keys = kv_cache[layer, 0]  # [S, Hkv, D], all max_seq_len slots; the mask hides future ones
     values = kv_cache[layer, 1]
-    out = _causal_attention(q, keys, values, positions).transpose(0, 1)  # [T, Hq, D]
+    if bias is None:
+        bias = attention_bias(positions, keys.shape[0], q.dtype)
+    out = _causal_attention(q, keys, values, bias).transpose(0, 1)  # [T, Hq, D]
     return _like_q(out, q)
 
 
@@ -69,6 +81,7 @@ def _kv_attention_fake(
     kv_cache: torch.Tensor,
     layer: int,
     positions: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return torch.empty_like(q)
 
@@ -76,27 +89,31 @@ def _kv_attention_fake(
 def _write_cache(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int, positions: torch.Tensor
 ) -> None:
-    """kv_cache[layer, 0/1, positions] = k/v; index_copy_ along the sequence dim."""
-    kv_cache[layer, 0].index_copy_(0, positions, k)  # index_copy_ checks dtypes match
-    kv_cache[layer, 1].index_copy_(0, positions, v)
+    """kv_cache[layer, 0/1, positions] = k/v: one index_copy_ along the sequence dim of both."""
+    kv_cache[layer].index_copy_(1, positions, torch.stack((k, v)))  # index_copy_ checks dtypes match
 
 
-def _causal_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """q [T, Hq, D] over keys/values [S, Hkv, D] -> [Hq, T, D]; token t sees keys 0..positions[t]."""
+def attention_bias(positions: torch.Tensor, slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """The causal mask as an additive bias [T, slots]: 0 where slot <= positions[t], else -inf.
+
+    Row-wise along T (row t reads only positions[t]), so it may be computed in a padded graph.
+    """
+    allowed = torch.arange(slots, device=positions.device)[None, :] <= positions[:, None]
+    return torch.zeros((), dtype=dtype, device=positions.device).masked_fill(~allowed, float("-inf"))
+
+
+def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D] over keys/values [S, Hkv, D] with bias [T, S] -> [Hq, T, D]."""
     num_groups = q.shape[1] // keys.shape[1]
     if num_groups > 1:
         keys, values = _repeat_kv(keys, num_groups), _repeat_kv(values, num_groups)  # [S, Hq, D]
-    key_index = torch.arange(keys.shape[0], device=q.device)
-    mask = (key_index[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S], True = may attend
     # SDPA computes the softmax in float32 for bf16/fp16 inputs on every backend
     # (fused kernels accumulate in fp32; the math path upcasts).
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],  # [1, Hq, T, D]
         keys.transpose(0, 1)[None],  # [1, Hq, S, D]
         values.transpose(0, 1)[None],
-        attn_mask=mask,
+        attn_mask=bias[None, None].to(q.dtype),  # [1, 1, T, S]; no copy when the dtype matches
         scale=1.0 / math.sqrt(q.shape[-1]),
     )
     return out[0]  # [Hq, T, D]
@@ -120,4 +137,4 @@ def _like_q(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 KV_ATTENTION_OP = torch.ops.torchpcg_models.kv_attention
-kv_attention = KV_ATTENTION_OP  # call as kv_attention(q, k, v, kv_cache, layer, positions)
+kv_attention = KV_ATTENTION_OP  # call as kv_attention(q, k, v, kv_cache, layer, positions[, bias])

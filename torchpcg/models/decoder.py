@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpcg.models.attention import kv_attention
+from torchpcg.models.attention import attention_bias, kv_attention
 
 __all__ = ["DecoderConfig", "FlatDecoder", "reference_config"]
 
@@ -144,8 +144,10 @@ class Attention(nn.Module):
         q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # [T, Hq, D]
         k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)  # [T, Hkv, D]
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        # The mask is made here, in compiled code, not inside the eagerly run op (host time per layer).
+        bias = attention_bias(positions, kv_cache.shape[2], q.dtype)
         # contiguous(): the op's inputs are the split boundary; dense rows copy cleanly into static buffers.
-        out = kv_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, self.layer_index, positions)
+        out = kv_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, self.layer_index, positions, bias)
         return self.o_proj(out.flatten(-2))  # [T, H]
 
 
