@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -76,6 +79,7 @@ class Settings:
     commit: str | None
     progress: bool
     argv: tuple[str, ...]  # the flags of this run, for the record
+    isolate: bool = False  # each mode in its own process (run_isolated)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=None, help="max rel_err vs eager (default 3e-2 bf16, 1e-4 fp32)")
     p.add_argument("--commit", default=None, help="commit to record when git is unavailable")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars on stderr")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each mode in its own Python process (nothing left over from earlier modes: Dynamo "
+                        "caches, graph pools, Python objects); results merged into one report")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -140,6 +147,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         repeats=args.repeats if args.repeats is not None else (3 if quick else 30),
         mixed_calls=args.mixed_calls, seed=args.seed, tol=args.tol or DEFAULT_TOL[dtype],
         out_dir=args.out, commit=args.commit, progress=not args.no_progress, argv=tuple(args.argv),
+        isolate=args.isolate,
     )
     _check_fits(settings)
     return settings
@@ -446,6 +454,60 @@ def _run(settings: Settings) -> dict[str, Any]:
     return report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit, params)
 
 
+_PER_MODE_FLAGS = ("--modes", "--out", "--commit")  # flags (with a value) that run_isolated sets per child
+
+
+def run_isolated(settings: Settings) -> dict[str, Any]:
+    """Each mode in a fresh ``python -m bench.decoder`` process, in run order; one merged record.
+
+    In one process every mode inherits what the earlier ones left: the model's Dynamo cache
+    entries, graph pools, and millions of Python objects that the garbage collector walks during
+    timed calls. A fresh process per mode measures each as a user who runs only that mode would.
+    The Inductor cache on disk is shared, so later modes may compile faster (setup_s).
+    """
+    child_flags, skip = [], False
+    for flag in settings.argv:
+        if skip:
+            skip = False
+        elif flag in _PER_MODE_FLAGS:
+            skip = True
+        elif flag != "--isolate" and not flag.startswith(tuple(f + "=" for f in _PER_MODE_FLAGS)):
+            child_flags.append(flag)
+    commit = commit_of(settings)
+    merged: dict[str, Any] | None = None
+    crashed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in run_order(settings.modes):
+            out = Path(tmp) / mode.name
+            command = [sys.executable, "-m", "bench.decoder", *child_flags, "--modes", mode.name, "--out", str(out),
+                       "--commit", commit]
+            print(f"[isolate] {mode.name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+            done = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, check=False)
+            found = sorted(out.glob("*.json"))
+            if not found:
+                crashed[mode.name] = f"its process exited with {done.returncode} and wrote no results"
+                continue
+            child = json.loads(found[0].read_text())
+            merged = child if merged is None else _merge(merged, child)
+    if merged is None:
+        raise SystemExit("python -m bench.decoder --isolate: no mode wrote results")
+    merged["failed"].update(crashed)
+    merged["argv"] = list(settings.argv)
+    merged["method"] += " Each mode ran in its own process (--isolate)."
+    merged["complete"] = all(name in merged["modes"] or name in merged["failed"] for name in settings.modes)
+    return merged
+
+
+def _merge(merged: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged["results"] += child["results"]
+    for key in ("mixed", "setup_s", "memory_mb", "unavailable", "failed", "wrong", "info", "modes"):
+        merged[key].update(child[key])
+    order = {name: i for i, name in enumerate(MODE_NAMES)}  # the report's tables list modes in table order
+    merged["results"].sort(key=lambda row: (order[row["mode"]], row["tokens"]))
+    merged["modes"] = dict(sorted(merged["modes"].items(), key=lambda item: order[item[0]]))
+    return merged
+
+
 def commit_of(settings: Settings) -> str:
     """--commit, else HEAD's hash (+'-dirty' when tracked files differ; see cli.git_commit), else 'unknown'.
 
@@ -461,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m bench.decoder: error: {err}", file=sys.stderr)
         return 2
 
-    results = run(settings)
+    results = run_isolated(settings) if settings.isolate else run(settings)
     paths = report.write(results, settings.out_dir, quick=settings.quick)
     print(report.markdown(results))
     print("\n" + "\n".join(f"wrote {path}" for path in paths))

@@ -113,3 +113,20 @@ def test_mixed_traffic_is_seeded_and_goes_above_the_largest_bucket() -> None:
 def test_context_too_long_for_the_cache_is_a_clear_error() -> None:
     with pytest.raises(decoder.UsageError, match="max_seq_len"):
         decoder.resolve_settings(decoder.parse_args(["--quick", "--context", "250", "--tokens", "16"]))
+
+
+@pytest.mark.slow
+def test_isolate_runs_each_mode_in_its_own_process_and_merges_them(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.decoder", "--quick", "--no-progress", "--isolate", "--modes", "eager,piecewise",
+         "--tokens", "1,4", "--repeats", "2", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("[isolate] ") == 2
+    results = _results(tmp_path)
+    assert [(row["mode"], row["tokens"]) for row in results["results"]] == [
+        ("eager", 1), ("eager", 4), ("piecewise", 1), ("piecewise", 4)]
+    assert all(row["correct"] for row in results["results"]) and results["complete"]
+    assert set(results["setup_s"]) == {"eager", "piecewise"} and "--isolate" in results["argv"]
+    assert results["method"].endswith("(--isolate).")
