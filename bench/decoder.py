@@ -489,6 +489,8 @@ def run_isolated(settings: Settings) -> dict[str, Any]:
                 continue
             child = json.loads(found[0].read_text())
             merged = child if merged is None else _merge(merged, child)
+            merged["complete"] = False
+            report.write(merged, settings.out_dir, quick=settings.quick)  # a run cut off keeps the modes done
     if merged is None:
         raise SystemExit("python -m bench.decoder --isolate: no mode wrote results")
     merged["failed"].update(crashed)

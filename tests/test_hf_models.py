@@ -131,3 +131,36 @@ def test_torchpcg_compile_falls_back_to_backed_dims_for_hf_mask_code():
     assert compiled.dynamic_dim == "backed"
     stats = torchpcg.stats()
     assert stats["recompiles"] == 0 and stats["dynamo_graphs"] == 1 and stats["replays"] > 0
+
+
+def _serve_full(model, device: str, compiler: str, atol: float) -> list:
+    """Plain torch.compile in full_and_piecewise mode, fresh tensors per call, T=1 in the mix."""
+    options = {"cudagraph_mode": "full_and_piecewise", "full_max_size": 4, "compiler": compiler,
+               "max_capture_size": MAX}
+    if device == "cpu":
+        options["cudagraph"] = "emulate"
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torch.compile(model, backend="piecewise", options=options)
+        with torch.no_grad():
+            for length in (5, 1, 1, 3, 3, 2, 2, 9, 4, 4, 1, 40, 3):
+                ids = torch.randint(0, 128, (1, length), device=device)
+                expected = model(input_ids=ids, use_cache=False).logits
+                got = compiled(input_ids=ids, use_cache=False).logits
+                torch.testing.assert_close(got, expected, atol=atol, rtol=atol, msg=lambda m: f"S={length}: {m}")
+    stats = torchpcg.stats()
+    assert stats["full_graph_calls"] >= 4 and stats["capture_failures"] == 0 and stats["recompiles"] == 0, stats
+    return runtimes
+
+
+def test_hf_model_full_graphs_emulated():
+    runtimes = _serve_full(_model("llama"), "cpu", "eager", 1e-5)
+    assert any(r.full is not None for r in runtimes)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_hf_model_full_graphs_on_real_graphs(name):
+    """What a newcomer runs: a stock model, the default call, Inductor, fresh tensors; the full
+    graphs run one Inductor compile of the whole graph."""
+    runtimes = _serve_full(_model(name, "cuda", torch.bfloat16), "cuda", "inductor", 2e-2)
+    assert any(r.full is not None and r.full.whole_graph for r in runtimes)
