@@ -43,3 +43,19 @@ def test_skip_module_guards_equals_eager_and_still_sees_moved_weights():
         compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
     stats = torchpcg.stats()
     assert stats["recompiles"] == 0 and stats["recaptures"] == 1
+
+
+def test_each_piece_copies_only_what_no_earlier_graph_made():
+    """Per call, the reference decoder copies input_ids and positions into the first piece and each
+    attention output into the piece after it; everything else (residual stream, rotary tables, the
+    causal mask made once per forward) is read in place from the graph that made it."""
+    num_layers = 3
+    model = tiny_decoder(num_layers=num_layers)
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+        for _ in range(2):  # capture, then replay
+            compare(model, compiled, 3, atol=1e-5, rtol=1e-5)
+    (runtime,) = runtimes
+    copies = [len(plan.copies) for runner in runtime.runners for captured in runner.captured.values()
+              for plan in captured.plans.values()]
+    assert len(copies) == num_layers + 1 and copies == [2] + [1] * num_layers, copies

@@ -137,15 +137,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``bias``: the causal mask (``attention_bias``), made once per forward by the model; made here if None."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [T, Hq*D], [T, Hkv*D] x2
         q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # [T, Hq, D]
         k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)  # [T, Hkv, D]
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        # The mask is made here, in compiled code, not inside the eagerly run op (host time per layer).
-        bias = attention_bias(positions, kv_cache.shape[2], q.dtype)
+        if bias is None:  # made in compiled code, not inside the eagerly run op (host time per layer)
+            bias = attention_bias(positions, kv_cache.shape[2], q.dtype)
         # contiguous(): the op's inputs are the split boundary; dense rows copy cleanly into static buffers.
         out = kv_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, self.layer_index, positions, bias)
         return self.o_proj(out.flatten(-2))  # [T, H]
@@ -176,9 +178,10 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else MLP(config)
 
     def forward(
-        self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_norm(h), positions, kv_cache, cos, sin)
+        h = h + self.self_attn(self.input_norm(h), positions, kv_cache, cos, sin, bias)
         return h + self.mlp(self.post_attention_norm(h))
 
 
@@ -235,8 +238,9 @@ class FlatDecoder(nn.Module):
         """input_ids, positions [T] int64 -> logits [T, vocab]; writes the tokens' k/v into kv_cache."""
         h = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary(positions)  # [T, D/2] each, shared by all layers
+        bias = attention_bias(positions, kv_cache.shape[2], h.dtype)  # [T, S], shared too (see attention_bias)
         for layer in self.layers:
-            h = layer(h, positions, kv_cache, cos, sin)
+            h = layer(h, positions, kv_cache, cos, sin, bias)
             h = self._add_deepstack(h, input_deepstack_embeds, layer.self_attn.layer_index)
         return self.lm_head(self.norm(h))
 

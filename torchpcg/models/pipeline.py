@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchpcg.models.attention import attention_bias
 from torchpcg.models.decoder import FlatDecoder
 
 __all__ = ["PipelineStage", "split_stages", "PROXY_KEYS"]
@@ -78,10 +79,11 @@ class PipelineStage(nn.Module):
         else:
             h = inputs["residual"] + inputs["hidden_states"]  # the add the previous stage left out
         cos, sin = self.rotary(positions)
+        bias = attention_bias(positions, kv_cache.shape[2], h.dtype)
         for layer in self.layers[:-1]:
-            h = layer(h, positions, kv_cache, cos, sin)
+            h = layer(h, positions, kv_cache, cos, sin, bias)
         last = self.layers[-1]
-        residual = h + last.self_attn(last.input_norm(h), positions, kv_cache, cos, sin)
+        residual = h + last.self_attn(last.input_norm(h), positions, kv_cache, cos, sin, bias)
         hidden_states = last.mlp(last.post_attention_norm(residual))
         if not self.is_last:
             return {"hidden_states": hidden_states, "residual": residual}

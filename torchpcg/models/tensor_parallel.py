@@ -29,6 +29,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from torchpcg.models.attention import attention_bias
 from torchpcg.models.decoder import Attention, DecoderConfig, DecoderLayer, FlatDecoder, RMSNorm, Rotary
 
 __all__ = ["TPFlatDecoder", "shard_rows", "shard_columns"]
@@ -52,9 +53,10 @@ class TPAttention(Attention):
         self.group = group
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        partial = super().forward(x, positions, kv_cache, cos, sin)  # [T, H]: this rank's heads' share
+        partial = super().forward(x, positions, kv_cache, cos, sin, bias)  # [T, H]: this rank's heads' share
         return funcol.all_reduce(partial, "sum", self.group)
 
 
@@ -142,8 +144,9 @@ class TPFlatDecoder(nn.Module):
         """input_ids, positions [T] int64 -> full logits [T, vocab] on every rank; writes local k/v."""
         h = self.embed_tokens(input_ids)  # [T, H], replicated
         cos, sin = self.rotary(positions)
+        bias = attention_bias(positions, kv_cache.shape[2], h.dtype)
         for layer in self.layers:
-            h = layer(h, positions, kv_cache, cos, sin)
+            h = layer(h, positions, kv_cache, cos, sin, bias)
         return self.lm_head(self.norm(h))
 
 
