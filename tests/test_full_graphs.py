@@ -48,19 +48,24 @@ def test_full_graphs_equal_eager_and_serve_small_calls(entry):
     assert stats["eager_runs"] == 1 + warmups and stats["recompiles"] == 0
 
 
-def test_side_effects_happen_once_inside_a_full_graph():
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_side_effects_happen_once_inside_a_full_graph(compiler):
+    """T's first call (the warm-up, no graph), its capture and its replays each write once. With
+    Inductor the full graphs run one compile of the whole Dynamo graph, split ops inside."""
     model, reference = SideEffects().eval(), SideEffects().eval()
     reference.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, backend="piecewise", dynamic=True,
-                             options={"cudagraph": "emulate", "compiler": "eager", **FULL})
-    cache, ref_cache = torch.zeros(16), torch.zeros(16)
-    with torch.no_grad():
-        for num_tokens in (2, 2, 2, 3, 3, 8):
-            x = torch.randn(num_tokens, 16)
-            torch.testing.assert_close(compiled(x, cache), reference(x, ref_cache))
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torch.compile(model, backend="piecewise", dynamic=True,
+                                 options={"cudagraph": "emulate", "compiler": compiler, **FULL})
+        cache, ref_cache = torch.zeros(16), torch.zeros(16)
+        with torch.no_grad():
+            for num_tokens in (2, 2, 2, 3, 3, 8):
+                x = torch.randn(num_tokens, 16)
+                torch.testing.assert_close(compiled(x, cache), reference(x, ref_cache))
     assert int(model.calls) == int(reference.calls) == 6
     torch.testing.assert_close(cache, ref_cache)
     assert torchpcg.stats()["full_graph_calls"] == 3  # T=2 twice, T=3 once; T=8 is piecewise
+    assert [r.full.whole_graph for r in runtimes] == [compiler == "inductor"]
 
 
 def test_written_input_that_moves_turns_full_graphs_off(caplog):
@@ -131,25 +136,6 @@ def test_sdpa_model_gets_full_graphs():
             x = torch.randn(num_tokens, 16)
             torch.testing.assert_close(compiled(x), model(x))
     assert torchpcg.stats()["full_graph_calls"] == 2
-
-
-def test_inductor_compiles_the_whole_graph_once_for_full_graphs():
-    """With Inductor the full graphs run one compile of the whole Dynamo graph (split ops inside),
-    warmed by T's first call; side effects still happen once per call."""
-    model, reference = SideEffects().eval(), SideEffects().eval()
-    reference.load_state_dict(model.state_dict())
-    with torchpcg.backend.collect_runtimes() as runtimes:
-        compiled = torch.compile(model, backend="piecewise", dynamic=True,
-                                 options={"cudagraph": "emulate", "compiler": "inductor", **FULL})
-        cache, ref_cache = torch.zeros(16), torch.zeros(16)
-        with torch.no_grad():
-            for num_tokens in (2, 2, 2, 3, 3, 8):
-                x = torch.randn(num_tokens, 16)
-                torch.testing.assert_close(compiled(x, cache), reference(x, ref_cache))
-    assert [r.full.whole_graph for r in runtimes] == [True]
-    assert int(model.calls) == int(reference.calls) == 6
-    torch.testing.assert_close(cache, ref_cache)
-    assert torchpcg.stats()["full_graph_calls"] == 3
 
 
 @pytest.mark.cuda
