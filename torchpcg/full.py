@@ -38,12 +38,10 @@ import torch.fx
 
 from .compilers import compile_piece
 from .padding import REASON_PREFIX, written_bases
-from .runtime import CallState, PieceRunner, Runtime
+from .runtime import FULL_REPLAY, FULL_WARM, CallState, PieceRunner, Runtime
 from .split import SplitPiece, is_capturable
 
-__all__ = ["FullGraphs", "full_graph_blockers", "written_inputs", "WARM", "REPLAY"]
-
-WARM, REPLAY = "warm", "replay"  # FullGraphs.route: run the whole forward without a graph, or its graph
+__all__ = ["FullGraphs", "full_graph_blockers", "written_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +110,12 @@ class FullGraphs:
         return num_tokens if 1 <= num_tokens <= self.max_size else None
 
     def route(self, key: int, args: Sequence[Any]) -> str | None:
-        """How this call runs: ``WARM`` (T's first call: the whole forward, no graph), ``REPLAY`` (its
-        graph, captured on the first such call) or None (piecewise: full graphs went off)."""
+        """How this call runs: ``FULL_WARM`` (T's first call: the whole forward, no graph),
+        ``FULL_REPLAY`` (its graph, captured on the first such call) or None (piecewise: full graphs
+        went off)."""
         if key not in self._seen:
             self._seen.add(key)
-            return WARM
+            return FULL_WARM
         ptrs = tuple(args[i].data_ptr() for i in self.written)
         if self._ptrs is None:
             self._ptrs = ptrs
@@ -124,7 +123,7 @@ class FullGraphs:
             self.turn_off(f"input(s) {', '.join(self.written_names)} written inside the graph changed address; "
                           f"pass the same tensor on every call (or mark it with torch._dynamo.mark_static_address)")
             return None
-        return REPLAY
+        return FULL_REPLAY
 
     def turn_off(self, reason: str) -> None:
         """No more full graphs for this model: drop them (at the next call) and say why, once."""

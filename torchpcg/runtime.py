@@ -58,6 +58,9 @@ class InputKind:
 _TOKEN, _STATIC, _COPIED, _SYMINT, _CONST = (InputKind.TOKEN, InputKind.STATIC, InputKind.COPIED,
                                              InputKind.SYMINT, InputKind.CONST)
 STATIC_GRAPH_BUCKET = 0  # bucket key of graphs without a token symbol (one static shape)
+# How a call that full graphs serve runs (full.FullGraphs.route): the whole forward's compiled code
+# without a graph (T's first call, the warm-up), or its graph (captured on the first such call).
+FULL_WARM, FULL_REPLAY = "warm", "replay"
 
 
 def resolve_graph_mode(config: PiecewiseConfig, device: torch.device | None) -> str:
@@ -478,8 +481,7 @@ class Runtime:
             key = full.key(num_tokens) if full is not None else None
             route = full.route(key, args) if key is not None else None
             if route is not None:  # the whole forward: its graph, or (T's first call) its code as warm-up
-                self.state = CallState(bucket=key if route == "replay" else None,  # full.REPLAY
-                                       num_tokens=num_tokens)
+                self.state = CallState(bucket=key if route == FULL_REPLAY else None, num_tokens=num_tokens)
                 forward, bucket = full.runner, key
             else:
                 self.state = CallState(bucket=bucket, num_tokens=num_tokens)
