@@ -23,8 +23,8 @@ Correct by construction:
 **One compile of the whole graph.** With ``compiler="inductor"`` the full graphs run the Dynamo
 graph compiled by Inductor as one piece (split ops inside, as opaque calls), not the chain of
 pieces: Inductor fuses across the split points (the residual add and norm around attention), so a
-decode step launches the kernels a whole-model compile does (309 instead of 407 on the 16-layer
-reference decoder). It costs one more Inductor compile at build time (the FX graph cache keeps it
+decode step launches fewer kernels (384 instead of 407 per T=1 call of the 16-layer reference
+decoder on an H200; see docs/design.md). It costs one more Inductor compile at build time (the FX graph cache keeps it
 for the next process). If Inductor cannot compile the whole graph, the full graphs run the pieces.
 """
 from __future__ import annotations
