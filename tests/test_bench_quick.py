@@ -63,6 +63,7 @@ def test_quick_bench_json_schema(quick_run) -> None:
     for mode in ran:
         assert {row["tokens"] for row in results["results"] if row["mode"] == mode} == set(decoder.QUICK_TOKENS)
         assert results["setup_s"][mode] >= 0 and results["mixed"][mode] > 0 and mode in results["memory_mb"]
+        assert results["mixed_again"][mode] > 0
     for mode in CUDA_MODES:  # skipped on CPU, with the reason on record
         assert mode not in ran and "CUDA" in results["unavailable"][mode]
     assert results["mixed_traffic"]["calls"] >= 200 and results["mixed_traffic"]["above_largest_bucket"] > 0
