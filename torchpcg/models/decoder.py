@@ -111,6 +111,15 @@ class Rotary(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
+def per_forward_inputs(rotary: Rotary, positions: torch.Tensor, kv_cache: torch.Tensor,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of one forward reads, made once at its top: rotary cos/sin [T, D/2] and
+    the causal bias [T, max_seq_len] (``attention_bias``). Made per layer instead, each piece
+    would read ``positions`` (a user input) and copy it into its static buffer on every call."""
+    cos, sin = rotary(positions)
+    return cos, sin, attention_bias(positions, kv_cache.shape[2], dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary on x [T, heads, D] with cos/sin [T, D/2], in float32."""
     x1, x2 = x.float().chunk(2, dim=-1)  # [T, heads, D/2] each
@@ -237,8 +246,7 @@ class FlatDecoder(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] int64 -> logits [T, vocab]; writes the tokens' k/v into kv_cache."""
         h = self.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary(positions)  # [T, D/2] each, shared by all layers
-        bias = attention_bias(positions, kv_cache.shape[2], h.dtype)  # [T, S], shared too (see attention_bias)
+        cos, sin, bias = per_forward_inputs(self.rotary, positions, kv_cache, h.dtype)
         for layer in self.layers:
             h = layer(h, positions, kv_cache, cos, sin, bias)
             h = self._add_deepstack(h, input_deepstack_embeds, layer.self_attn.layer_index)

@@ -40,8 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchpcg.models.attention import attention_bias
-from torchpcg.models.decoder import FlatDecoder
+from torchpcg.models.decoder import FlatDecoder, per_forward_inputs
 
 __all__ = ["PipelineStage", "split_stages", "PROXY_KEYS"]
 
@@ -78,8 +77,7 @@ class PipelineStage(nn.Module):
             h = self.embed_tokens(inputs)  # [T, H]
         else:
             h = inputs["residual"] + inputs["hidden_states"]  # the add the previous stage left out
-        cos, sin = self.rotary(positions)
-        bias = attention_bias(positions, kv_cache.shape[2], h.dtype)
+        cos, sin, bias = per_forward_inputs(self.rotary, positions, kv_cache, h.dtype)
         for layer in self.layers[:-1]:
             h = layer(h, positions, kv_cache, cos, sin, bias)
         last = self.layers[-1]

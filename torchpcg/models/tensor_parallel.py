@@ -29,8 +29,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from torchpcg.models.attention import attention_bias
-from torchpcg.models.decoder import Attention, DecoderConfig, DecoderLayer, FlatDecoder, RMSNorm, Rotary
+from torchpcg.models.decoder import (Attention, DecoderConfig, DecoderLayer, FlatDecoder, RMSNorm, Rotary,
+                                     per_forward_inputs)
 
 __all__ = ["TPFlatDecoder", "shard_rows", "shard_columns"]
 
@@ -143,8 +143,7 @@ class TPFlatDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [T] int64 -> full logits [T, vocab] on every rank; writes local k/v."""
         h = self.embed_tokens(input_ids)  # [T, H], replicated
-        cos, sin = self.rotary(positions)
-        bias = attention_bias(positions, kv_cache.shape[2], h.dtype)
+        cos, sin, bias = per_forward_inputs(self.rotary, positions, kv_cache, h.dtype)
         for layer in self.layers:
             h = layer(h, positions, kv_cache, cos, sin, bias)
         return self.lm_head(self.norm(h))
