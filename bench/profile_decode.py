@@ -16,6 +16,7 @@ Note: one process, modes built one after another on one model and KV cache, as b
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import dataclasses
 import pstats
@@ -87,7 +88,7 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
             torch.cuda.synchronize(device)
     events = prof.events()
     calls_cpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("call_"))
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                      if e.device_type == torch.autograd.DeviceType.CUDA)
     launches = [e.time_range.start for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")]
     for index, (start, _) in enumerate(calls_cpu):
@@ -96,12 +97,15 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
         if not mine:
             continue
         busy, cursor = 0.0, mine[0][0]
-        for k_start, k_end in mine:
+        for k_start, k_end, _ in mine:
             busy += max(0.0, k_end - max(k_start, cursor))
             cursor = max(cursor, k_end)
         span = cursor - mine[0][0]
         windows.append({"busy": busy, "idle": span - busy, "span": span, "kernels": len(mine),
                         "graph_launches": sum(start <= t < end for t in launches)})
+    if calls_cpu:  # the kernels of the last call by name: what to diff between two modes' code
+        start = calls_cpu[-1][0]
+        record["kernel_names"] = dict(collections.Counter(k[2] for k in kernels if k[0] >= start).most_common())
     for key in ("busy", "idle", "span", "kernels", "graph_launches"):
         record[f"gpu_{key}{'_us' if key in ('busy', 'idle', 'span') else ''}_median"] = (
             statistics.median(w[key] for w in windows) if windows else None)
