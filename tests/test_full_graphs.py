@@ -51,7 +51,7 @@ def test_full_graphs_equal_eager_and_serve_small_calls(entry):
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_side_effects_happen_once_inside_a_full_graph(compiler):
     """T's first call (the warm-up, no graph), its capture and its replays each write once. With
-    Inductor the full graphs run one compile of the whole Dynamo graph, split ops inside."""
+    Inductor the full graphs run the whole Dynamo graph, split ops inside, compiled for each T."""
     model, reference = SideEffects().eval(), SideEffects().eval()
     reference.load_state_dict(model.state_dict())
     with torchpcg.backend.collect_runtimes() as runtimes:
@@ -66,6 +66,7 @@ def test_side_effects_happen_once_inside_a_full_graph(compiler):
     torch.testing.assert_close(cache, ref_cache)
     assert torchpcg.stats()["full_graph_calls"] == 3  # T=2 twice, T=3 once; T=8 is piecewise
     assert [r.full.whole_graph for r in runtimes] == [compiler == "inductor"]
+    assert [r.full.compiled_sizes for r in runtimes] == [[2, 3] if compiler == "inductor" else []]
 
 
 def test_written_input_that_moves_turns_full_graphs_off(caplog):
@@ -148,6 +149,8 @@ def test_full_graphs_on_cuda(compiler):
     stats = torchpcg.stats()
     assert stats["full_graph_calls"] >= 5 and stats["capture_failures"] == 0 and stats["recompiles"] == 0
     assert all(r.full.whole_graph == (compiler == "inductor") for r in runtimes) and runtimes
+    if compiler == "inductor":  # one static compile per T served by full graphs (1..4)
+        assert sorted(size for r in runtimes for size in r.full.compiled_sizes) == [1, 2, 3, 4]
     torch.randint(0, 10, (4,), device="cuda")  # the CUDA generator is out of capture mode
 
 

@@ -1,7 +1,8 @@
 """Compile one piece. In: a piece GraphModule and its fake (symbolic) example inputs.
 Out: a callable taking real tensors of any token count. No CUDA graphs here.
 
-``inductor`` compiles once for the dynamic token size (the fake inputs carry the token symbol);
+``inductor`` compiles once for the dynamic token size (the fake inputs carry the token symbol),
+or for one exact size when given real inputs (full graphs, full.py);
 ``eager`` runs the piece's FX code as is (fast to build, useful for debugging and CPU tests).
 
 The fake inputs are the parent Dynamo graph's own values, so Inductor's FX graph cache sees its
@@ -32,7 +33,8 @@ _AUTOTUNE_PATCHES = {"max_autotune": True, "coordinate_descent_tuning": True}
 
 def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: str, name: str = "", *,
                   max_autotune: bool = False) -> Callable[..., Any]:
-    """Compile ``gm`` for every token count the fake inputs' symbols allow (``max_autotune``: tuned kernels)."""
+    """Compile ``gm`` for every token count the fake inputs' symbols allow, or for the shapes of real
+    inputs (``max_autotune``: tuned kernels)."""
     assert compiler in COMPILERS, compiler  # validated by PiecewiseConfig
     if compiler == "eager":
         return gm

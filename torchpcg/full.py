@@ -20,12 +20,15 @@ Correct by construction:
   up every kernel at that exact size: Triton autotuning, cuBLAS workspaces); its second call
   captures without a warm-up run, so a captured op's writes happen once per call, as in eager.
 
-**One compile of the whole graph.** With ``compiler="inductor"`` the full graphs run the Dynamo
-graph compiled by Inductor as one piece (split ops inside, as opaque calls), not the chain of
-pieces: Inductor fuses across the split points (the residual add and norm around attention), so a
-decode step launches fewer kernels (384 instead of 407 per T=1 call of the 16-layer reference
-decoder on an H200; see docs/design.md). It costs one more Inductor compile at build time (the FX graph cache keeps it
-for the next process). If Inductor cannot compile the whole graph, the full graphs run the pieces.
+**The whole graph compiled per exact T.** With ``compiler="inductor"`` each T's full graph runs
+the Dynamo graph compiled by Inductor as one piece (split ops inside, as opaque calls) for exactly
+that T's shapes, compiled on T's first call. Not the chain of pieces: Inductor fuses across the
+split points (the residual add and norm around attention). Not one compile for every T: Inductor
+fuses less around a dynamic (unbacked) T; on the 4-layer reference decoder at T=8 (H200, torch
+2.11) one forward launched 81 kernels with the token dim unbacked, 64 with it static or backed
+(``scripts/kernel_counts.py``). It costs one Inductor compile per T up to ``full_max_size``
+(the FX graph cache keeps them for the next process). If Inductor cannot compile it, the full
+graphs run the compiled pieces, with a warning.
 """
 from __future__ import annotations
 
@@ -75,8 +78,9 @@ class FullGraphs:
     """One whole-forward graph per exact token count up to ``max_size``, beside the piecewise ones.
 
     The graphs are ``PieceRunner`` captures of the whole forward (inputs classified and copied as
-    for any piece): the whole Dynamo graph compiled in one piece, or the split module's chain of
-    compiled pieces when that compile failed (``whole_graph`` says which).
+    for any piece): the whole Dynamo graph compiled in one piece for each T's exact shapes
+    (``compiled_sizes``), or the split module's chain of compiled pieces with ``compiler="eager"``
+    or when that compile failed (``whole_graph`` says which).
     """
 
     def __init__(self, runtime: Runtime, gm: torch.fx.GraphModule, static_names: Mapping[str, int],
@@ -91,9 +95,12 @@ class FullGraphs:
         self.runner = PieceRunner(piece, self._pieces_forward, fake_args, runtime.symbol, runtime,
                                   static_inputs=in_place)
         self.runner.warm_before_capture = False  # T's first call, run without a graph, was the warm-up
-        self.whole_graph = False  # True: the full graphs run one compile of the whole graph
-        if compiler != "eager":
-            self.runner.compiled = self._compile_whole(gm, fake_args, compiler, max_autotune)
+        self.whole_graph = compiler != "eager"  # the whole graph compiled per T (False: the chained pieces)
+        if self.whole_graph:
+            self._gm, self._compiler, self._max_autotune = _copy(gm), compiler, max_autotune
+            self._by_shapes: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code per call shapes
+            self._sizes: set[int] = set()
+            self.runner.compiled = self._whole_forward
         self.written = tuple(written)
         self.written_names = tuple(placeholders[i].name for i in written)
         self.max_size = max_size
@@ -134,20 +141,37 @@ class FullGraphs:
         for key in list(self.runner.captured):
             self.runtime.drop_after_call(self.runner, key)
 
-    def _compile_whole(self, gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: str,
-                       max_autotune: bool) -> Callable[..., Any]:
-        """The Dynamo graph compiled as one piece (on a copy: Inductor rewrites graphs in place);
-        the chain of pieces if that fails (logged: the full graphs still work, with more kernels)."""
-        graph = torch.fx.Graph()
-        graph.output(graph.graph_copy(gm.graph, {}))
+    @property
+    def compiled_sizes(self) -> list[int]:
+        """Token counts whose whole graph Inductor compiled (static shapes), ascending."""
+        return sorted(self._sizes) if self.whole_graph else []
+
+    def _whole_forward(self, *args: Any) -> Any:
+        """The whole graph's static code for these shapes; compiled on the first call at them (T's warm-up)."""
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        compiled = self._by_shapes.get(key)
+        if compiled is None:
+            compiled = self._compile_static(args)
+            if not self.whole_graph:
+                return compiled(*args)
+            self._by_shapes[key] = compiled
+            self._sizes.add(self.runtime.num_tokens(args))
+        return compiled(*args)
+
+    def _compile_static(self, args: Sequence[Any]) -> Callable[..., Any]:
+        """The Dynamo graph compiled for these exact shapes (on a copy: Inductor rewrites graphs in
+        place); if that fails, the chain of pieces from now on (logged: full graphs still work)."""
+        num_tokens = self.runtime.num_tokens(args)
         try:
-            compiled = compile_piece(torch.fx.GraphModule(gm, graph), fake_args, compiler, "full graph",
-                                     max_autotune=max_autotune)
+            compiled = compile_piece(_copy(self._gm), list(args), self._compiler,
+                                     f"full graph T={num_tokens}", max_autotune=self._max_autotune)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the pieces still serve
-            log.warning("full-decode graphs: compiling the whole graph with %s failed (%s: %s); they run the "
-                        "compiled pieces instead", compiler, type(exc).__name__, exc)
+            log.warning("full-decode graphs: compiling the whole graph at T=%d with %s failed (%s: %s); they run "
+                        "the compiled pieces instead", num_tokens, self._compiler, type(exc).__name__, exc)
+            self.whole_graph = False
+            self.runner.compiled = self._pieces_forward
             return self._pieces_forward
-        self.whole_graph = True
+        log.info("full-decode graphs: compiled the whole graph for T=%d", num_tokens)
         return compiled
 
     def _pieces_forward(self, *args: Any) -> Any:
@@ -158,3 +182,10 @@ class FullGraphs:
             return runtime.forward(*args)
         finally:
             runtime.state = saved
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own copy of ``gm``'s graph (same submodules and parameters)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
