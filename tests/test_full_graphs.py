@@ -67,6 +67,18 @@ def test_side_effects_happen_once_inside_a_full_graph(compiler):
     assert torchpcg.stats()["full_graph_calls"] == 3  # T=2 twice, T=3 once; T=8 is piecewise
     assert [r.full.whole_graph for r in runtimes] == [compiler == "inductor"]
     assert [r.full.compiled_sizes for r in runtimes] == [[2, 3] if compiler == "inductor" else []]
+    assert [r.full.compiles for r in runtimes] == [1 if compiler == "inductor" else 0]  # one backed compile: T=2, 3
+
+
+def test_full_graphs_with_inductor_compile_twice_and_equal_eager():
+    """Inductor code of the whole forward: static at T=1, one compile with T backed for T=2..4."""
+    model = tiny_decoder(num_layers=3)
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", **FULL,
+                                    token_inputs={"input_ids": 0, "positions": 0})
+        _serve(model, compiled)
+    assert [(r.full.compiled_sizes, r.full.compiles) for r in runtimes] == [([1, 2, 3, 4], 2)]
+    assert torchpcg.stats()["recompiles"] == 0
 
 
 def test_written_input_that_moves_turns_full_graphs_off(caplog):
@@ -149,8 +161,8 @@ def test_full_graphs_on_cuda(compiler):
     stats = torchpcg.stats()
     assert stats["full_graph_calls"] >= 5 and stats["capture_failures"] == 0 and stats["recompiles"] == 0
     assert all(r.full.whole_graph == (compiler == "inductor") for r in runtimes) and runtimes
-    if compiler == "inductor":  # one static compile per T served by full graphs (1..4)
-        assert sorted(size for r in runtimes for size in r.full.compiled_sizes) == [1, 2, 3, 4]
+    if compiler == "inductor":  # T=1 static, T=2..4 one backed compile
+        assert [(r.full.compiled_sizes, r.full.compiles) for r in runtimes] == [([1, 2, 3, 4], 2)]
     torch.randint(0, 10, (4,), device="cuda")  # the CUDA generator is out of capture mode
 
 

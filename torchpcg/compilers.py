@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import sympy
 import torch
 import torch.fx
 
 from .config import COMPILERS
+from .layout import expr_of, symbols_of
 
-__all__ = ["compile_piece", "hinted_symints"]
+__all__ = ["compile_piece", "compile_backed", "hinted_symints"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,68 @@ def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: 
     with torch.no_grad(), torch._inductor.config.patch(patches):
         compiled = compile_fx(gm, hinted_symints(fake_args))
     log.debug("inductor compiled %s in %.2fs", name or "piece", time.perf_counter() - start)
+    return compiled
+
+
+def compile_backed(gm: torch.fx.GraphModule, args: Sequence[Any], fake_args: Sequence[Any], symbol: Any,
+                   sizes: Sequence[int], compiler: str, name: str = "", *,
+                   max_autotune: bool = False) -> Callable[..., Any] | None:
+    """``gm`` compiled once for every token count in ``sizes`` (all >= 2), with T *backed*; or None.
+
+    Dynamo hands torchpcg an unbacked T (one graph for every T, T=1 included), and Inductor fuses
+    less around an unbacked size (it cannot compare or hint it): the 4-layer reference decoder
+    launched 81 kernels per call compiled that way, 64 with T backed or static (H200, torch 2.11,
+    ``scripts/kernel_counts.py``). So this compiles from fresh fake inputs in a shape env of its
+    own, where T is an ordinary (backed) symbol hinted with this call's T: ``args`` are the call's
+    real inputs, ``fake_args`` Dynamo's, which say which dims are T.
+
+    Correct by construction: a backed symbol is assumed >= 2, and every assumption Inductor makes
+    beyond that is a guard in that shape env. The code is returned only when every guard holds at
+    every size in ``sizes``. None (the caller compiles per exact T) when a guard fails, or when a
+    dim or SymInt input is an expression of T other than T itself (``2*T``: its symbol would be
+    unrelated to T's here).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    if min(sizes) < 2:
+        raise ValueError(f"sizes={list(sizes)}: a backed token count is >= 2")
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    fakes: list[Any] = list(args)
+    token: torch.SymInt | None = None
+    symint_at = []
+    for index, (arg, fake) in enumerate(zip(args, fake_args)):
+        if isinstance(fake, torch.SymInt) and symbol in symbols_of(fake):
+            if expr_of(fake) != symbol:
+                return None
+            symint_at.append(index)
+        elif isinstance(arg, torch.Tensor):
+            exprs = [expr_of(size) for size in fake.size()]
+            if any(e != symbol and not isinstance(e, int) and symbol in e.free_symbols for e in exprs):
+                return None
+            # DUCK: every dim of this size gets one symbol, T's; the others stay static.
+            dims = [DimDynamic.DUCK if e == symbol else DimDynamic.STATIC for e in exprs]
+            fakes[index] = mode.from_tensor(arg, symbolic_context=StatelessSymbolicContext(
+                dynamic_sizes=dims, constraint_sizes=[None] * len(dims)))
+            if token is None and DimDynamic.DUCK in dims:
+                token = fakes[index].size(dims.index(DimDynamic.DUCK))
+    if token is None:
+        return None
+    for index in symint_at:
+        fakes[index] = token
+    try:
+        compiled = compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
+    except Exception as exc:  # noqa: BLE001 - the caller compiles per exact T instead
+        log.info("%s: no backed compile (%s: %s)", name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return None
+    t = token.node.expr
+    replaced = shape_env.replacements.get(t, t)
+    broken = [str(g.expr) for g in shape_env.guards for n in sizes if g.expr.xreplace({t: n}) != sympy.true]
+    if replaced != t or broken:
+        log.info("%s: the backed compile assumed %s; compiling per exact T instead", name or "piece",
+                 f"T = {replaced}" if replaced != t else "; ".join(sorted(set(broken))[:3]))
+        return None
     return compiled
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .compilers import compile_piece
+from .compilers import compile_backed, compile_piece
 from .padding import REASON_PREFIX, written_bases
 from .runtime import FULL_REPLAY, FULL_WARM, CallState, PieceRunner, Runtime
 from .split import SplitPiece, is_capturable
@@ -95,11 +95,15 @@ class FullGraphs:
         self.runner = PieceRunner(piece, self._pieces_forward, fake_args, runtime.symbol, runtime,
                                   static_inputs=in_place)
         self.runner.warm_before_capture = False  # T's first call, run without a graph, was the warm-up
-        self.whole_graph = compiler != "eager"  # the whole graph compiled per T (False: the chained pieces)
+        self.whole_graph = compiler != "eager"  # the whole graph compiled by Inductor (False: the chained pieces)
+        self.compiles = 0  # Inductor compiles of the whole graph so far (one backed, static ones)
+        self._gm, self._fake_args = _copy(gm), fake_args
+        self._compiler, self._max_autotune = compiler, max_autotune
+        self._by_shapes: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code per call shapes
+        self._backed: Callable[..., Any] | None = None  # one code for every T in 2..max_size
+        self._backed_tried = False
+        self._sizes: set[int] = set()
         if self.whole_graph:
-            self._gm, self._compiler, self._max_autotune = _copy(gm), compiler, max_autotune
-            self._by_shapes: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code per call shapes
-            self._sizes: set[int] = set()
             self.runner.compiled = self._whole_forward
         self.written = tuple(written)
         self.written_names = tuple(placeholders[i].name for i in written)
@@ -143,11 +147,25 @@ class FullGraphs:
 
     @property
     def compiled_sizes(self) -> list[int]:
-        """Token counts whose whole graph Inductor compiled (static shapes), ascending."""
+        """Token counts served by the whole graph's Inductor code so far, ascending."""
         return sorted(self._sizes) if self.whole_graph else []
 
     def _whole_forward(self, *args: Any) -> Any:
-        """The whole graph's static code for these shapes; compiled on the first call at them (T's warm-up)."""
+        """The whole graph's code for this call (compiled on the first call that needs it, a warm-up):
+        one backed compile for T in 2..max_size where that is exact, static code per shapes otherwise."""
+        num_tokens = self.runtime.num_tokens(args)
+        if num_tokens >= 2 and self.runtime.symbol is not None:
+            if not self._backed_tried:
+                self._backed_tried = True
+                self._backed = compile_backed(_copy(self._gm), args, self._fake_args, self.runtime.symbol,
+                                              range(2, self.max_size + 1), self._compiler,
+                                              f"full graph T=2..{self.max_size}", max_autotune=self._max_autotune)
+                if self._backed is not None:
+                    self.compiles += 1
+                    log.info("full-decode graphs: compiled the whole graph once for T=2..%d (T backed)", self.max_size)
+            if self._backed is not None:
+                self._sizes.add(num_tokens)
+                return self._backed(*args)
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         compiled = self._by_shapes.get(key)
         if compiled is None:
@@ -155,7 +173,7 @@ class FullGraphs:
             if not self.whole_graph:
                 return compiled(*args)
             self._by_shapes[key] = compiled
-            self._sizes.add(self.runtime.num_tokens(args))
+            self._sizes.add(num_tokens)
         return compiled(*args)
 
     def _compile_static(self, args: Sequence[Any]) -> Callable[..., Any]:
@@ -171,6 +189,7 @@ class FullGraphs:
             self.whole_graph = False
             self.runner.compiled = self._pieces_forward
             return self._pieces_forward
+        self.compiles += 1
         log.info("full-decode graphs: compiled the whole graph for T=%d", num_tokens)
         return compiled
 
