@@ -9,21 +9,21 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sympy
 import torch
 import torch.fx
 
-from .compilers import compile_piece
+from .compilers import TokenDispatch, compile_piece, copy_graph_module
 from .config import PiecewiseConfig, format_sizes
 from .errors import ConfigError, SplitError
 from .layout import expr_of, symbols_of
 from .padding import classify, token_symbol, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .full import FullGraphs, full_graph_blockers, written_inputs
-from .split import SplitGraph, capturable_ops, host_tensor_reason, split_graph, split_reason, user_split_ops
+from .split import SplitGraph, SplitPiece, capturable_ops, host_tensor_reason, split_graph, split_reason, user_split_ops
 from .stats import COUNTERS
 
 __all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options", "mode_options"]
@@ -67,8 +67,7 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
         # Runner first: it reads the piece's output structure, which Inductor may rewrite.
         runner = PieceRunner(piece, piece.gm, fake_args, symbol, runtime, static_inputs=piece_statics[piece.name])
-        runner.compiled = compile_piece(piece.gm, fake_args, config.compiler, piece.name,
-                                        max_autotune=config.max_autotune)
+        runner.compiled = _compile(piece, fake_args, symbol, config)
         _note_graphless(runner, config, gm)
         runtime.install(runner)
     if config.cudagraph_mode == "full_and_piecewise":
@@ -86,6 +85,19 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     for collector in getattr(_collectors, "stack", ()):
         collector.append(runtime)
     return runtime
+
+
+def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | None,
+             config: PiecewiseConfig) -> Callable[..., Any]:
+    """A piece's code: compiled for Dynamo's (unbacked) T, and with Inductor, T >= 2 up to the
+    largest bucket served by a second compile with T backed, on its first such call
+    (``TokenDispatch``: Inductor fuses more around a backed T)."""
+    if config.compiler == "eager" or symbol is None:
+        return compile_piece(piece.gm, fake_args, config.compiler, piece.name, max_autotune=config.max_autotune)
+    unbacked = compile_piece(copy_graph_module(piece.gm), fake_args, config.compiler, piece.name,
+                             max_autotune=config.max_autotune)
+    return TokenDispatch(piece.gm, fake_args, symbol, config.largest_bucket, config.compiler, unbacked, piece.name,
+                         max_autotune=config.max_autotune)
 
 
 def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str],

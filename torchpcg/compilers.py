@@ -23,7 +23,7 @@ import torch.fx
 from .config import COMPILERS
 from .layout import expr_of, symbols_of
 
-__all__ = ["compile_piece", "compile_backed", "hinted_symints"]
+__all__ = ["TokenDispatch", "compile_piece", "compile_backed", "copy_graph_module", "hinted_symints"]
 
 log = logging.getLogger(__name__)
 
@@ -51,66 +51,122 @@ def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: 
     return compiled
 
 
-def compile_backed(gm: torch.fx.GraphModule, args: Sequence[Any], fake_args: Sequence[Any], symbol: Any,
-                   sizes: Sequence[int], compiler: str, name: str = "", *,
-                   max_autotune: bool = False) -> Callable[..., Any] | None:
-    """``gm`` compiled once for every token count in ``sizes`` (all >= 2), with T *backed*; or None.
+def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
+                   compiler: str, name: str = "", *, max_autotune: bool = False) -> Callable[..., Any] | None:
+    """``gm`` compiled once for every token count T in 2..``max_tokens`` with T *backed*, or None.
 
     Dynamo hands torchpcg an unbacked T (one graph for every T, T=1 included), and Inductor fuses
-    less around an unbacked size (it cannot compare or hint it): the 4-layer reference decoder
-    launched 81 kernels per call compiled that way, 64 with T backed or static (H200, torch 2.11,
-    ``scripts/kernel_counts.py``). So this compiles from fresh fake inputs in a shape env of its
-    own, where T is an ordinary (backed) symbol hinted with this call's T: ``args`` are the call's
-    real inputs, ``fake_args`` Dynamo's, which say which dims are T.
+    less around an unbacked size: the 4-layer reference decoder launched 81 kernels per call
+    compiled that way, 64 with T backed or static (H200, torch 2.11, ``scripts/kernel_counts.py``).
+    So this compiles ``gm`` again from fresh fake inputs in a shape env of its own: each of
+    Dynamo's ``fake_args`` rebuilt with the same sizes and strides, T replaced by an ordinary
+    (backed) symbol hinted with ``max_tokens``. The hint is fixed, not the first call's T, so the
+    FX graph cache finds this compile again in the next process.
 
-    Correct by construction: a backed symbol is assumed >= 2, and every assumption Inductor makes
-    beyond that is a guard in that shape env. The code is returned only when every guard holds at
-    every size in ``sizes``. None (the caller compiles per exact T) when a guard fails, or when a
-    dim or SymInt input is an expression of T other than T itself (``2*T``: its symbol would be
-    unrelated to T's here).
+    Correct by construction: a backed symbol is assumed >= 2 (so T=1 never runs this code), and
+    every other assumption Inductor makes about a size is a guard in that shape env (also on an
+    FX-graph-cache hit, which re-adds the cached guards), e.g. ``T <= 4096`` for a reduction over
+    T on CPU. The code is returned only when every guard holds at every T in 2..``max_tokens`` and
+    T was not replaced by a value; None (the caller keeps its other code) when one fails, when the
+    compile fails, or when an input depends on a second symbol or has a storage offset.
     """
+    from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-    if min(sizes) < 2:
-        raise ValueError(f"sizes={list(sizes)}: a backed token count is >= 2")
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
-    fakes: list[Any] = list(args)
-    token: torch.SymInt | None = None
-    symint_at = []
-    for index, (arg, fake) in enumerate(zip(args, fake_args)):
-        if isinstance(fake, torch.SymInt) and symbol in symbols_of(fake):
-            if expr_of(fake) != symbol:
+    source = ConstantSource("torchpcg_token_count")
+    token = shape_env.create_symbol(max_tokens, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+
+    def rebuilt(value: Any) -> Any:
+        expr = expr_of(value)
+        if isinstance(expr, int):
+            return expr
+        new = expr.xreplace({symbol: token})
+        return shape_env.create_symintnode(new, hint=int(new.xreplace({token: max_tokens})), source=source)
+
+    fakes: list[Any] = []
+    for fake in fake_args:
+        if symbols_of(fake) - {symbol}:
+            return None  # a second dynamic size: not ours to choose
+        if isinstance(fake, torch.Tensor):
+            if expr_of(fake.storage_offset()) != 0:
                 return None
-            symint_at.append(index)
-        elif isinstance(arg, torch.Tensor):
-            exprs = [expr_of(size) for size in fake.size()]
-            if any(e != symbol and not isinstance(e, int) and symbol in e.free_symbols for e in exprs):
-                return None
-            # DUCK: every dim of this size gets one symbol, T's; the others stay static.
-            dims = [DimDynamic.DUCK if e == symbol else DimDynamic.STATIC for e in exprs]
-            fakes[index] = mode.from_tensor(arg, symbolic_context=StatelessSymbolicContext(
-                dynamic_sizes=dims, constraint_sizes=[None] * len(dims)))
-            if token is None and DimDynamic.DUCK in dims:
-                token = fakes[index].size(dims.index(DimDynamic.DUCK))
-    if token is None:
-        return None
-    for index in symint_at:
-        fakes[index] = token
+            with mode:
+                fakes.append(torch.empty_strided([rebuilt(n) for n in fake.size()], [rebuilt(n) for n in fake.stride()],
+                                                 dtype=fake.dtype, device=fake.device))
+        elif isinstance(fake, torch.SymInt):
+            fakes.append(rebuilt(fake))
+        else:
+            fakes.append(fake)
     try:
-        compiled = compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
-    except Exception as exc:  # noqa: BLE001 - the caller compiles per exact T instead
+        # A tracing context of our own: Inductor takes the fake mode from it (Dynamo's, otherwise).
+        with torch._guards.tracing(torch._guards.TracingContext(mode)):
+            compiled = compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
+    except Exception as exc:  # noqa: BLE001 - the caller keeps its other code
         log.info("%s: no backed compile (%s: %s)", name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
         return None
-    t = token.node.expr
-    replaced = shape_env.replacements.get(t, t)
-    broken = [str(g.expr) for g in shape_env.guards for n in sizes if g.expr.xreplace({t: n}) != sympy.true]
-    if replaced != t or broken:
-        log.info("%s: the backed compile assumed %s; compiling per exact T instead", name or "piece",
-                 f"T = {replaced}" if replaced != t else "; ".join(sorted(set(broken))[:3]))
+    assumed = [str(g.expr) for g in shape_env.guards if token in g.expr.free_symbols
+               and any(g.expr.xreplace({token: n}) is not sympy.true for n in range(2, max_tokens + 1))]
+    if shape_env.replacements.get(token, token) != token:
+        assumed.append(f"T = {shape_env.replacements[token]}")
+    if assumed:
+        log.info("%s: the backed compile assumed %s; keeping the other code", name or "piece",
+                 "; ".join(sorted(set(assumed))[:3]))
         return None
     return compiled
+
+
+class TokenDispatch:
+    """Code for one graph by token count: Inductor code compiled with T backed for T in
+    2..``max_tokens`` (``compile_backed``, at construction), ``other`` for the rest (T=1, T above
+    ``max_tokens``), or for every T when there is no backed code (refused, failed, or
+    ``compiler="eager"``)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
+                 compiler: str, other: Callable[..., Any], name: str = "", *, max_autotune: bool = False) -> None:
+        self.other = other
+        self.max_tokens = max_tokens
+        self._locate = _token_source(fake_args, symbol)
+        self.backed: Callable[..., Any] | None = None
+        if compiler != "eager" and self._locate is not None and max_tokens >= 2:
+            # On a copy: Inductor rewrites graphs in place.
+            self.backed = compile_backed(copy_graph_module(gm), fake_args, symbol, max_tokens, compiler,
+                                         f"{name} (T backed)", max_autotune=max_autotune)
+
+    def num_tokens(self, args: Sequence[Any]) -> int | None:
+        """T of a call (None: no input carries T itself)."""
+        if self._locate is None:
+            return None
+        index, dim = self._locate
+        return int(args[index]) if dim is None else args[index].size(dim)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.backed is not None and 2 <= self.num_tokens(args) <= self.max_tokens:  # type: ignore[operator]
+            return self.backed(*args)
+        return self.other(*args)
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own copy of ``gm``'s graph (same submodules and parameters)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _token_source(fake_args: Sequence[Any], symbol: Any) -> tuple[int, int | None] | None:
+    """(input index, dim) of an input whose size is T itself, or (index, None) for a SymInt T."""
+    if symbol is None:
+        return None
+    for index, fake in enumerate(fake_args):
+        if isinstance(fake, torch.Tensor):
+            for dim, size in enumerate(fake.size()):
+                if expr_of(size) == symbol:
+                    return index, dim
+        elif isinstance(fake, torch.SymInt) and expr_of(fake) == symbol:
+            return index, None
+    return None
 
 
 def hinted_symints(fake_args: Sequence[Any]) -> list[Any]:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .compilers import compile_backed, compile_piece
+from .compilers import TokenDispatch, compile_piece, copy_graph_module
 from .padding import REASON_PREFIX, written_bases
 from .runtime import FULL_REPLAY, FULL_WARM, CallState, PieceRunner, Runtime
 from .split import SplitPiece, is_capturable
@@ -96,13 +96,11 @@ class FullGraphs:
                                   static_inputs=in_place)
         self.runner.warm_before_capture = False  # T's first call, run without a graph, was the warm-up
         self.whole_graph = compiler != "eager"  # the whole graph compiled by Inductor (False: the chained pieces)
-        self.compiles = 0  # Inductor compiles of the whole graph so far (one backed, static ones)
-        self._gm, self._fake_args = _copy(gm), fake_args
-        self._compiler, self._max_autotune = compiler, max_autotune
-        self._by_shapes: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code per call shapes
-        self._backed: Callable[..., Any] | None = None  # one code for every T in 2..max_size
-        self._backed_tried = False
+        self._gm, self._compiler, self._max_autotune = copy_graph_module(gm), compiler, max_autotune
+        self._static: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code by call shapes (T=1)
         self._sizes: set[int] = set()
+        self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size, compiler, self._static_forward,
+                                   "full graph", max_autotune=max_autotune)
         if self.whole_graph:
             self.runner.compiled = self._whole_forward
         self.written = tuple(written)
@@ -150,38 +148,36 @@ class FullGraphs:
         """Token counts served by the whole graph's Inductor code so far, ascending."""
         return sorted(self._sizes) if self.whole_graph else []
 
+    @property
+    def compiles(self) -> int:
+        """Inductor compiles of the whole graph so far: one with T backed (T >= 2), static ones."""
+        return (self._code.backed is not None) + len(self._static)
+
     def _whole_forward(self, *args: Any) -> Any:
-        """The whole graph's code for this call (compiled on the first call that needs it, a warm-up):
-        one backed compile for T in 2..max_size where that is exact, static code per shapes otherwise."""
-        num_tokens = self.runtime.num_tokens(args)
-        if num_tokens >= 2 and self.runtime.symbol is not None:
-            if not self._backed_tried:
-                self._backed_tried = True
-                self._backed = compile_backed(_copy(self._gm), args, self._fake_args, self.runtime.symbol,
-                                              range(2, self.max_size + 1), self._compiler,
-                                              f"full graph T=2..{self.max_size}", max_autotune=self._max_autotune)
-                if self._backed is not None:
-                    self.compiles += 1
-                    log.info("full-decode graphs: compiled the whole graph once for T=2..%d (T backed)", self.max_size)
-            if self._backed is not None:
-                self._sizes.add(num_tokens)
-                return self._backed(*args)
+        """The whole graph's Inductor code for this call: the compile with T backed (made at build
+        time) for T >= 2, else static code for the call's shapes, compiled on T's first call (its
+        warm-up): T=1, or every T when the backed compile was refused."""
+        out = self._code(*args)
+        if self.whole_graph:
+            self._sizes.add(self.runtime.num_tokens(args))
+        return out
+
+    def _static_forward(self, *args: Any) -> Any:
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
-        compiled = self._by_shapes.get(key)
+        compiled = self._static.get(key)
         if compiled is None:
             compiled = self._compile_static(args)
             if not self.whole_graph:
                 return compiled(*args)
-            self._by_shapes[key] = compiled
-            self._sizes.add(num_tokens)
+            self._static[key] = compiled
         return compiled(*args)
 
     def _compile_static(self, args: Sequence[Any]) -> Callable[..., Any]:
-        """The Dynamo graph compiled for these exact shapes (on a copy: Inductor rewrites graphs in
-        place); if that fails, the chain of pieces from now on (logged: full graphs still work)."""
+        """The Dynamo graph compiled for these exact shapes; if that fails, the chain of pieces from
+        now on (logged: full graphs still work)."""
         num_tokens = self.runtime.num_tokens(args)
         try:
-            compiled = compile_piece(_copy(self._gm), list(args), self._compiler,
+            compiled = compile_piece(copy_graph_module(self._gm), list(args), self._compiler,
                                      f"full graph T={num_tokens}", max_autotune=self._max_autotune)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the pieces still serve
             log.warning("full-decode graphs: compiling the whole graph at T=%d with %s failed (%s: %s); they run "
@@ -189,7 +185,6 @@ class FullGraphs:
             self.whole_graph = False
             self.runner.compiled = self._pieces_forward
             return self._pieces_forward
-        self.compiles += 1
         log.info("full-decode graphs: compiled the whole graph for T=%d", num_tokens)
         return compiled
 
@@ -202,9 +197,3 @@ class FullGraphs:
         finally:
             runtime.state = saved
 
-
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule with its own copy of ``gm``'s graph (same submodules and parameters)."""
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return torch.fx.GraphModule(gm, graph)

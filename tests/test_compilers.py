@@ -1,0 +1,83 @@
+"""Piece compiles: Inductor code with T backed for T >= 2 (compilers.compile_backed and
+TokenDispatch) equals eager, and is used only where every assumption it made holds."""
+from __future__ import annotations
+
+import torch
+
+import torchpcg
+from torchpcg.compilers import TokenDispatch, compile_backed
+from torchpcg.padding import token_symbol
+from tests.utils import tiny_decoder
+
+
+def _dynamo_graph(fn, *args):
+    """Dynamo's graph of fn with dim 0 of the first argument unbacked, and its fake inputs."""
+    got = {}
+
+    def backend(gm, example_inputs):
+        got["gm"] = gm
+        got["fakes"] = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        return gm
+
+    torch._dynamo.decorators.mark_unbacked(args[0], 0)
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return got["gm"], got["fakes"]
+
+
+def _real_args(fakes, x, w):
+    """Real inputs in the graph's order: the token count, x [T, 16], w [16, 16]."""
+    return [x.shape[0] if not isinstance(f, torch.Tensor) else x if isinstance(f.shape[0], torch.SymInt) else w
+            for f in fakes]
+
+
+def test_backed_code_is_kept_only_where_its_guards_hold():
+    """A sum over T makes Inductor's CPU code assume T <= 4096: kept for T up to 8, refused up to 8192."""
+    def fn(x, w):
+        h = x @ w
+        return h.sum(0) + h
+
+    x, w = torch.randn(6, 16), torch.randn(16, 16)
+    gm, fakes = _dynamo_graph(fn, x, w)
+    symbol = token_symbol(gm)
+    backed = compile_backed(gm, fakes, symbol, 8, "inductor", "sum over T")
+    assert backed is not None
+    for num_tokens in (2, 5, 8):
+        x = torch.randn(num_tokens, 16)
+        torch.testing.assert_close(backed(*_real_args(fakes, x, w))[0], fn(x, w))
+    assert compile_backed(gm, fakes, symbol, 8192, "inductor", "sum over T") is None
+
+
+def test_pieces_run_backed_code_from_T_2_to_the_largest_bucket():
+    """Inductor pieces: T=1 and T above the largest bucket run the unbacked code, the rest the
+    code compiled with T backed; every call equals eager, no recompiles."""
+    model = tiny_decoder(num_layers=2)
+    cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", capture_sizes="1,2,4,8",
+                                    token_inputs={"input_ids": 0, "positions": 0})
+        position, unbacked_calls = 0, []
+        with torch.no_grad():
+            for num_tokens in (5, 1, 3, 8, 2, 17, 1, 6):
+                ids = torch.randint(0, model.config.vocab_size, (num_tokens,))
+                positions = torch.arange(position, position + num_tokens)
+                torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
+                position += num_tokens
+                if not unbacked_calls:  # compiled now: count the calls that reach the unbacked code
+                    for dispatch in (r.compiled for runtime in runtimes for r in runtime.runners):
+                        assert isinstance(dispatch, TokenDispatch)
+                        dispatch.other = _counting(dispatch.other, unbacked_calls)
+    torch.testing.assert_close(cache, ref_cache)
+    dispatches = [r.compiled for runtime in runtimes for r in runtime.runners]
+    assert dispatches and all(d.backed is not None for d in dispatches)
+    # After the first call: T=1 twice (bucket 1 captured, then replayed: an emulated replay runs
+    # the code again) and T=17 (above the largest bucket, run directly) reach the unbacked code,
+    # 3 calls per piece; T=3, 8, 2, 6 run the backed code.
+    assert len(unbacked_calls) == 3 * len(dispatches)
+    assert torchpcg.stats()["recompiles"] == 0
+
+
+def _counting(fn, calls):
+    def run(*args):
+        calls.append(1)
+        return fn(*args)
+    return run
