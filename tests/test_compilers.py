@@ -81,3 +81,18 @@ def _counting(fn, calls):
         calls.append(1)
         return fn(*args)
     return run
+
+
+def test_backed_compile_off_keeps_one_compile_per_piece():
+    model = tiny_decoder(num_layers=2)
+    cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", capture_sizes="1,2,4,8",
+                                    backed_compile=False, token_inputs={"input_ids": 0, "positions": 0})
+        with torch.no_grad():
+            for position, num_tokens in ((0, 3), (3, 1), (4, 6)):
+                ids = torch.randint(0, model.config.vocab_size, (num_tokens,))
+                positions = torch.arange(position, position + num_tokens)
+                torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
+    runners = [r for runtime in runtimes for r in runtime.runners]
+    assert runners and not any(isinstance(r.compiled, TokenDispatch) for r in runners)

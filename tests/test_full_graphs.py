@@ -70,14 +70,16 @@ def test_side_effects_happen_once_inside_a_full_graph(compiler):
     assert [r.full.compiles for r in runtimes] == [1 if compiler == "inductor" else 0]  # one backed compile: T=2, 3
 
 
-def test_full_graphs_with_inductor_compile_twice_and_equal_eager():
-    """Inductor code of the whole forward: static at T=1, one compile with T backed for T=2..4."""
+@pytest.mark.parametrize("backed_compile", [True, False])
+def test_full_graphs_with_inductor_equal_eager(backed_compile):
+    """Inductor code of the whole forward: static at T=1 and one compile with T backed for T=2..4;
+    with backed_compile=0, static code per T."""
     model = tiny_decoder(num_layers=3)
     with torchpcg.backend.collect_runtimes() as runtimes:
         compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", **FULL,
-                                    token_inputs={"input_ids": 0, "positions": 0})
+                                    backed_compile=backed_compile, token_inputs={"input_ids": 0, "positions": 0})
         _serve(model, compiled)
-    assert [(r.full.compiled_sizes, r.full.compiles) for r in runtimes] == [([1, 2, 3, 4], 2)]
+    assert [(r.full.compiled_sizes, r.full.compiles) for r in runtimes] == [([1, 2, 3, 4], 2 if backed_compile else 4)]
     assert torchpcg.stats()["recompiles"] == 0
 
 

@@ -92,7 +92,7 @@ def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | Non
     """A piece's code: compiled for Dynamo's (unbacked) T, and with Inductor, T >= 2 up to the
     largest bucket served by a second compile with T backed, on its first such call
     (``TokenDispatch``: Inductor fuses more around a backed T)."""
-    if config.compiler == "eager" or symbol is None:
+    if config.compiler == "eager" or symbol is None or not config.backed_compile:
         return compile_piece(piece.gm, fake_args, config.compiler, piece.name, max_autotune=config.max_autotune)
     unbacked = compile_piece(copy_graph_module(piece.gm), fake_args, config.compiler, piece.name,
                              max_autotune=config.max_autotune)
@@ -113,7 +113,8 @@ def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mappin
     if runtime.graph_mode == "off":
         return  # nothing to capture (explain, cudagraph="off"): the blockers above are the answer
     runtime.full = FullGraphs(runtime, gm, static_names, written_inputs(gm, list(reasons)), config.full_max_size,
-                              compiler=config.compiler, max_autotune=config.max_autotune)
+                              compiler=config.compiler, max_autotune=config.max_autotune,
+                              backed_compile=config.backed_compile)
     if runtime.full.off_reason:
         runtime.full_blockers = [runtime.full.off_reason]
         log.warning("cudagraph_mode=full_and_piecewise: %s; this graph stays piecewise", runtime.full.off_reason)

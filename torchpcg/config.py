@@ -85,7 +85,13 @@ class PiecewiseConfig:
     """Cut at functional collectives (they run eagerly) or keep them inside graphs."""
 
     compiler: str = "inductor"
-    """Piece compiler: ``inductor`` (one dynamic-shape compile per piece) or ``eager``."""
+    """Piece compiler: ``inductor`` (dynamic-shape compiles per piece, see ``backed_compile``) or ``eager``."""
+
+    backed_compile: bool = True
+    """With Inductor, compile each piece a second time with the token count *backed* (an ordinary
+    dynamic size), to serve T = 2 .. the largest bucket (full graphs: 2 .. ``full_max_size``):
+    Inductor fuses more than around Dynamo's unbacked size. Kept only where every size assumption
+    it made holds. Off: Dynamo's compile serves every T (one compile fewer per distinct piece)."""
 
     cudagraph: str = "auto"
     """``auto`` (real graphs on CUDA, none on CPU), ``cuda``, ``emulate`` (CPU stand-in with
@@ -277,6 +283,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cudagraph_mode": _parse_choice(GRAPH_MODES),
     "full_max_size": _parse_int,
     "skip_module_guards": _parse_bool,
+    "backed_compile": _parse_bool,
     "max_autotune": _parse_bool,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}

@@ -84,7 +84,8 @@ class FullGraphs:
     """
 
     def __init__(self, runtime: Runtime, gm: torch.fx.GraphModule, static_names: Mapping[str, int],
-                 written: Sequence[int], max_size: int, compiler: str = "eager", max_autotune: bool = False) -> None:
+                 written: Sequence[int], max_size: int, compiler: str = "eager", max_autotune: bool = False,
+                 backed_compile: bool = True) -> None:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
         in_place = {index: name for name, index in static_names.items()}
@@ -99,8 +100,8 @@ class FullGraphs:
         self._gm, self._compiler, self._max_autotune = copy_graph_module(gm), compiler, max_autotune
         self._static: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code by call shapes (T=1)
         self._sizes: set[int] = set()
-        self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size, compiler, self._static_forward,
-                                   "full graph", max_autotune=max_autotune)
+        self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size if backed_compile else 1, compiler,
+                                   self._static_forward, "full graph", max_autotune=max_autotune)
         if self.whole_graph:
             self.runner.compiled = self._whole_forward
         self.written = tuple(written)
