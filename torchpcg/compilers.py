@@ -2,7 +2,8 @@
 Out: a callable taking real tensors of any token count. No CUDA graphs here.
 
 ``inductor`` compiles once for the dynamic token size (the fake inputs carry the token symbol),
-or for one exact size when given real inputs (full graphs, full.py);
+or for one exact size when given real inputs (full graphs at T=1, full.py); ``compile_backed``
+compiles again with T backed, and ``TokenDispatch`` picks the code by T;
 ``eager`` runs the piece's FX code as is (fast to build, useful for debugging and CPU tests).
 
 The fake inputs are the parent Dynamo graph's own values, so Inductor's FX graph cache sees its
