@@ -9,7 +9,8 @@ call launches, by name, so the cause shows as the rows that differ:
 
 Ways: ``torch.compile`` with the token dim static, backed (``mark_dynamic``), unbacked
 (``mark_unbacked`` on each token input, as torchpcg.compile does on torch < 2.13); torchpcg
-full graphs with ``dynamic_dim`` auto (unbacked) and backed.
+full graphs with ``dynamic_dim`` auto (unbacked) and backed. ``WAY@N`` compiles with Inductor's
+``unbacked_symint_fallback`` (the size it assumes for an unbacked T when choosing kernels) set to N.
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, 32000, (args.tokens,), device="cuda")
     positions = torch.arange(64, 64 + args.tokens, device="cuda")
     counts: dict[str, collections.Counter[str]] = {}
-    for way in args.ways.split(","):
+    for spec in args.ways.split(","):
+        way, _, fallback = spec.partition("@")  # "unbacked@8": Inductor's size hint for unbacked T is 8
+        patch = {"unbacked_symint_fallback": int(fallback)} if fallback else {}
         torch._dynamo.reset()
         if way.startswith("torchpcg"):
             compiled = torchpcg.compile(model, compiler="inductor", split_ops=(KV_ATTENTION_OP,),
@@ -65,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                     torch._dynamo.decorators.mark_unbacked(i, 0)
                     torch._dynamo.decorators.mark_unbacked(p_, 0)
                 return compiled(i, p_, cache)
-        with torch.no_grad():
+        with torch.no_grad(), torch._inductor.config.patch(patch):
             for _ in range(3):  # compile / warm, capture, replay
                 call()
-            counts[way] = kernel_names(call)
-        print(f"{way}: {sum(counts[way].values())} kernels", file=sys.stderr, flush=True)
+            counts[spec] = kernel_names(call)
+        print(f"{spec}: {sum(counts[spec].values())} kernels", file=sys.stderr, flush=True)
     ways = list(counts)
     print(f"Kernels per call, {args.layers}-layer reference decoder, T={args.tokens}, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}\n")

@@ -89,9 +89,9 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
 
 def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | None,
              config: PiecewiseConfig) -> Callable[..., Any]:
-    """A piece's code: compiled for Dynamo's (unbacked) T, and with Inductor, T >= 2 up to the
-    largest bucket served by a second compile with T backed, on its first such call
-    (``TokenDispatch``: Inductor fuses more around a backed T)."""
+    """A piece's code: compiled for Dynamo's (unbacked) T; with Inductor, also compiled with T
+    backed for T = 2 .. the largest bucket (``TokenDispatch``: Inductor fuses more around a backed
+    size), unless ``backed_compile`` is off."""
     if config.compiler == "eager" or symbol is None or not config.backed_compile:
         return compile_piece(piece.gm, fake_args, config.compiler, piece.name, max_autotune=config.max_autotune)
     unbacked = compile_piece(copy_graph_module(piece.gm), fake_args, config.compiler, piece.name,

@@ -78,9 +78,9 @@ class FullGraphs:
     """One whole-forward graph per exact token count up to ``max_size``, beside the piecewise ones.
 
     The graphs are ``PieceRunner`` captures of the whole forward (inputs classified and copied as
-    for any piece): the whole Dynamo graph compiled in one piece for each T's exact shapes
-    (``compiled_sizes``), or the split module's chain of compiled pieces with ``compiler="eager"``
-    or when that compile failed (``whole_graph`` says which).
+    for any piece): the whole Dynamo graph compiled by Inductor in one piece, with T backed for
+    T = 2 .. ``max_size`` and static for T = 1; or the split module's chain of compiled pieces with
+    ``compiler="eager"`` or when a compile failed (``whole_graph`` says which).
     """
 
     def __init__(self, runtime: Runtime, gm: torch.fx.GraphModule, static_names: Mapping[str, int],
@@ -197,4 +197,3 @@ class FullGraphs:
             return runtime.forward(*args)
         finally:
             runtime.state = saved
-
