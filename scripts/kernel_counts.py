@@ -9,7 +9,8 @@ call launches, by name, so the cause shows as the rows that differ:
 
 Ways: ``torch.compile`` with the token dim static, backed (``mark_dynamic``), unbacked
 (``mark_unbacked`` on each token input, as torchpcg.compile does on torch < 2.13); torchpcg
-full graphs with ``dynamic_dim`` auto (unbacked) and backed. ``WAY@N`` compiles with Inductor's
+full graphs with ``dynamic_dim`` auto (unbacked) and backed; ``pieces`` and ``pieces-unbacked``:
+torchpcg piecewise graphs with and without ``backed_compile``. ``WAY@N`` compiles with Inductor's
 ``unbacked_symint_fallback`` (the size it assumes for an unbacked T when choosing kernels) set to N.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=8)
-    p.add_argument("--ways", default="static,backed,unbacked,torchpcg-auto,torchpcg-backed")
+    p.add_argument("--ways", default="static,backed,unbacked,torchpcg-auto,torchpcg-backed,pieces,pieces-unbacked")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = FlatDecoder(reference_config(num_layers=args.layers)).to("cuda", torch.bfloat16).eval()
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         way, _, fallback = spec.partition("@")  # "unbacked@8": Inductor's size hint for unbacked T is 8
         patch = {"unbacked_symint_fallback": int(fallback)} if fallback else {}
         torch._dynamo.reset()
-        if way.startswith("torchpcg"):
+        if way.startswith("pieces"):  # piecewise graphs; "pieces-unbacked": without the backed compile
+            compiled = torchpcg.compile(model, compiler="inductor", split_ops=(KV_ATTENTION_OP,),
+                                        capture_sizes=(args.tokens,), backed_compile=way == "pieces")
+            def call() -> object:
+                return compiled(ids.clone(), positions.clone(), cache)
+        elif way.startswith("torchpcg"):
             compiled = torchpcg.compile(model, compiler="inductor", split_ops=(KV_ATTENTION_OP,),
                                         cudagraph_mode="full_and_piecewise", capture_sizes=(args.tokens,),
                                         dynamic_dim=way.split("-")[1])
