@@ -91,8 +91,11 @@ def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | Non
              config: PiecewiseConfig) -> Callable[..., Any]:
     """A piece's code: compiled for Dynamo's (unbacked) T; with Inductor, also compiled with T
     backed for T = 2 .. the largest bucket (``TokenDispatch``: Inductor fuses more around a backed
-    size), unless ``backed_compile`` is off."""
-    if config.compiler == "eager" or symbol is None or not config.backed_compile:
+    size), unless ``backed_compile`` is off or Dynamo's T is backed already (``dynamic_dim="backed"``,
+    ``mark_dynamic``: its T=1 calls get a graph of their own)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    if config.compiler == "eager" or not config.backed_compile or symbol is None or not free_unbacked_symbols(symbol):
         return compile_piece(piece.gm, fake_args, config.compiler, piece.name, max_autotune=config.max_autotune)
     unbacked = compile_piece(copy_graph_module(piece.gm), fake_args, config.compiler, piece.name,
                              max_autotune=config.max_autotune)
