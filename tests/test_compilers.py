@@ -6,6 +6,7 @@ import torch
 
 import torchpcg
 from torchpcg.compilers import TokenDispatch, compile_backed
+from torchpcg.layout import symbols_of
 from torchpcg.padding import token_symbol
 from tests.utils import tiny_decoder
 
@@ -45,6 +46,18 @@ def test_backed_code_is_kept_only_where_its_guards_hold():
         x = torch.randn(num_tokens, 16)
         torch.testing.assert_close(backed(*_real_args(fakes, x, w))[0], fn(x, w))
     assert compile_backed(gm, fakes, symbol, 8192, "inductor", "sum over T") is None
+
+
+def test_no_backed_code_for_a_graph_with_a_second_dynamic_size():
+    def fn(x, y):
+        return x.sum(0) + y.sum(0)
+
+    x, y = torch.randn(5, 16), torch.randn(7, 16)
+    torch._dynamo.decorators.mark_unbacked(y, 0)
+    gm, fakes = _dynamo_graph(fn, x, y)
+    symbols = {str(s) for f in fakes if isinstance(f, torch.Tensor) for s in symbols_of(f)}
+    assert len(symbols) == 2, symbols  # T of x, and y's own size
+    assert compile_backed(gm, fakes, token_symbol(gm), 8, "inductor", "two sizes") is None
 
 
 def test_pieces_run_backed_code_from_T_2_to_the_largest_bucket():
