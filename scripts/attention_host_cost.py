@@ -8,9 +8,16 @@ bench decoder's shapes: 16 heads of 128, cache of 128 slots, T = 1 and 8, bf16.
 
 Host time = wall time of ``calls`` back-to-back calls / calls, with the GPU faster than the host
 (checked: the GPU time of one call is printed beside it).
+
+A second table times the *first* call at a T never seen before against a repeat call at that T,
+per SDPA backend, and names the kernels SDPA ran: mixed traffic in a fresh process was ~8x
+slower than the same calls again (3.54 s vs 0.46 s piecewise, H200, bench record at `8af27a0`),
+and a per-shape setup inside the eagerly run attention (a cuDNN execution plan per shape, say) is
+the suspect, not yet confirmed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -97,6 +104,7 @@ def main() -> int:
             for fn in (premasked, premasked_one_write):
                 torch.testing.assert_close(fn(q, k, v, cache, 3, positions, float_mask), reference)
             print(f"| {num_tokens} | " + " | ".join(f"{h:.1f} ({g:.1f})" for h, g in rows) + " |")
+    first_sight(cache, heads, dim, dtype)
     small = torch.zeros(1, 2048, dtype=dtype, device="cuda")
     other = torch.ones_like(small)
     graph = torch.cuda.CUDAGraph()
@@ -110,6 +118,43 @@ def main() -> int:
           f"small.copy_(other) {host_us(lambda: small.copy_(other))[0]:.1f}; "
           f"replay of a one-kernel graph {host_us(graph.replay)[0]:.1f}")
     return 0
+
+
+def first_sight(cache: torch.Tensor, heads: int, dim: int, dtype: torch.dtype) -> None:
+    """ms of the first call at a new T vs a repeat, for SDPA's default choice and forced backends."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    slots = cache.shape[2]
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    print("\nFirst call at a new T vs a repeat call (ms, synchronized), and SDPA's kernels at T=1:\n")
+    print("| backend | first calls, median ms | repeat calls, median ms | kernels |")
+    print("|---|---:|---:|---|")
+    sizes = iter(range(3, slots // 2))  # every backend gets T values no backend has seen
+    for name, backend in backends.items():
+        firsts, repeats = [], []
+        context = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+        try:
+            with context, torch.no_grad():
+                for _ in range(8):
+                    num_tokens = next(sizes)
+                    q, k, v = (torch.randn(num_tokens, heads, dim, dtype=dtype, device="cuda") for _ in range(3))
+                    positions = torch.arange(slots - num_tokens, slots, device="cuda")
+                    for samples in (firsts, repeats):
+                        torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        KV_ATTENTION_OP(q, k, v, cache, 3, positions)
+                        torch.cuda.synchronize()
+                        samples.append((time.perf_counter() - start) * 1e3)
+                q1, k1, v1 = (torch.randn(1, heads, dim, dtype=dtype, device="cuda") for _ in range(3))
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    KV_ATTENTION_OP(q1, k1, v1, cache, 3, torch.tensor([slots - 1], device="cuda"))
+                    torch.cuda.synchronize()
+            kernels = sorted({e.name[:40] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+            print(f"| {name} | {statistics.median(firsts):.2f} | {statistics.median(repeats):.2f} | "
+                  f"{'; '.join(kernels)} |")
+        except RuntimeError as err:  # a backend that cannot run these shapes
+            print(f"| {name} | n/a: {str(err).splitlines()[0][:80]} | | |")
 
 
 if __name__ == "__main__":
