@@ -19,7 +19,7 @@ import torch.fx
 from .compilers import TokenDispatch, compile_piece, copy_graph_module
 from .config import PiecewiseConfig, format_sizes
 from .errors import ConfigError, SplitError
-from .layout import expr_of, symbols_of
+from .layout import expr_of, symbols_of, token_source
 from .padding import classify, token_symbol, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .full import FullGraphs, full_graph_blockers, written_inputs
@@ -224,20 +224,7 @@ def _note_graphless(runner: PieceRunner, config: PiecewiseConfig, gm: torch.fx.G
 
 def token_locator(gm: torch.fx.GraphModule, symbol: sympy.Symbol | None) -> tuple[int, int | None] | None:
     """(input index, dim) whose size is T; dim None when the input is the SymInt T itself."""
-    if symbol is None:
-        return None
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for index, node in enumerate(placeholders):
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.Tensor):
-            for dim, size in enumerate(value.size()):
-                if expr_of(size) == symbol:
-                    return index, dim
-    for index, node in enumerate(placeholders):
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.SymInt) and expr_of(value) == symbol:
-            return index, None
-    return None
+    return token_source([n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"], symbol)
 
 
 def symbol_sources(gm: torch.fx.GraphModule) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from .config import COMPILERS
-from .layout import expr_of, symbols_of
+from .layout import expr_of, symbols_of, token_source
 
 __all__ = ["TokenDispatch", "compile_piece", "compile_backed", "copy_graph_module", "hinted_symints"]
 
@@ -129,7 +129,7 @@ class TokenDispatch:
                  compiler: str, other: Callable[..., Any], name: str = "", *, max_autotune: bool = False) -> None:
         self.other = other
         self.max_tokens = max_tokens
-        self._locate = _token_source(fake_args, symbol)
+        self._locate = token_source(fake_args, symbol)
         self.backed: Callable[..., Any] | None = None
         if compiler != "eager" and self._locate is not None and max_tokens >= 2:
             # On a copy: Inductor rewrites graphs in place.
@@ -154,20 +154,6 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     return torch.fx.GraphModule(gm, graph)
-
-
-def _token_source(fake_args: Sequence[Any], symbol: Any) -> tuple[int, int | None] | None:
-    """(input index, dim) of an input whose size is T itself, or (index, None) for a SymInt T."""
-    if symbol is None:
-        return None
-    for index, fake in enumerate(fake_args):
-        if isinstance(fake, torch.Tensor):
-            for dim, size in enumerate(fake.size()):
-                if expr_of(size) == symbol:
-                    return index, dim
-        elif isinstance(fake, torch.SymInt) and expr_of(fake) == symbol:
-            return index, None
-    return None
 
 
 def hinted_symints(fake_args: Sequence[Any]) -> list[Any]:

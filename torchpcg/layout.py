@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sympy
 import torch
 
-__all__ = ["Layout", "expr_of", "symbols_of", "evaluate", "leaves"]
+__all__ = ["Layout", "expr_of", "symbols_of", "evaluate", "leaves", "token_source"]
 
 
 def leaves(value: object) -> Iterator[object]:
@@ -47,6 +47,22 @@ def symbols_of(value: Any) -> set[sympy.Symbol]:
     if isinstance(value, torch.SymInt):
         return set(value.node.expr.free_symbols)
     return set()
+
+
+def token_source(values: Sequence[Any], symbol: sympy.Symbol | None) -> tuple[int, int | None] | None:
+    """(index, dim) of the first tensor in ``values`` with a dim of size T itself, else (index,
+    None) of a SymInt that is T; None when no value carries T (or there is no symbol)."""
+    if symbol is None:
+        return None
+    for index, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.size()):
+                if expr_of(size) == symbol:
+                    return index, dim
+    for index, value in enumerate(values):
+        if isinstance(value, torch.SymInt) and expr_of(value) == symbol:
+            return index, None
+    return None
 
 
 @functools.lru_cache(maxsize=65536)
