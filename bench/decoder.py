@@ -45,7 +45,8 @@ QUICK_SKIPPED = {"inductor": "skipped by --quick: a cold CPU Inductor compile ta
                             "pass --modes to run it"}
 METHOD = (
     "latency: per call, torch.cuda.synchronize(); perf_counter; call; synchronize; perf_counter "
-    "(host overhead included), after `warmup` untimed calls; median and p90 (linear) of `repeats`. "
+    "(host overhead included), after `warmup` untimed calls; median and p90 (linear) of `repeats`, "
+    "taken in `rounds` passes over the token counts (a burst of host noise spreads over every T). "
     "setup: build + compile + capture of every bucket + `warm_calls` calls per token count, wall clock. "
     "memory: allocated/reserved delta across setup after gc + empty_cache (graph pools, compiled "
     "constants, static buffers); peak = max_memory_allocated over the mode's whole run. "
@@ -72,6 +73,7 @@ class Settings:
     piecewise_options: dict[str, Any]
     warmup: int
     repeats: int
+    rounds: int
     mixed_calls: int
     seed: int
     tol: float
@@ -101,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extra torchpcg option, repeatable (e.g. compiler=eager)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per (mode, T) (default 5; quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per (mode, T) (default 30; quick 3)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="passes over the token counts the repeats are spread over (default 5; 1: back to back)")
     p.add_argument("--mixed-calls", type=int, default=200, help="calls in the mixed-traffic run (>= 200 counts)")
     p.add_argument("--seed", type=int, default=0, help="weights, inputs and mixed-traffic sizes")
     p.add_argument("--tol", type=float, default=None, help="max rel_err vs eager (default 3e-2 bf16, 1e-4 fp32)")
@@ -132,6 +136,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     capture_sizes = args.capture_sizes or (QUICK_CAPTURE_SIZES if quick else None)
     if capture_sizes is not None:
         options["capture_sizes"] = capture_sizes
+    if args.rounds < 1:
+        raise UsageError(f"--rounds {args.rounds}: expected a positive number of passes (1: back to back)")
     for item in args.piecewise_option:
         key, sep, value = item.partition("=")
         if not sep:
@@ -145,6 +151,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         capture_sizes=capture_sizes, piecewise_options=options,
         warmup=args.warmup if args.warmup is not None else (1 if quick else 5),
         repeats=args.repeats if args.repeats is not None else (3 if quick else 30),
+        rounds=args.rounds,
         mixed_calls=args.mixed_calls, seed=args.seed, tol=args.tol or DEFAULT_TOL[dtype],
         out_dir=args.out, commit=args.commit, progress=not args.no_progress, argv=tuple(args.argv),
         isolate=args.isolate,
@@ -326,10 +333,10 @@ def _check(runner: Runner, ctx: BenchContext, workload: Workload, settings: Sett
 
 
 def _time_tokens(runner: Runner, workload: Workload, settings: Settings, outcome: ModeOutcome, bar: tqdm) -> None:
-    for num_tokens, (ids, positions) in workload.inputs.items():
-        bar.set_postfix_str(f"{outcome.name}: T={num_tokens}")
-        outcome.latency[num_tokens] = measure.time_call(_call(runner, ids, positions), settings.device,
-                                                        settings.warmup, settings.repeats)
+    bar.set_postfix_str(f"{outcome.name}: timing")
+    calls = {num_tokens: _call(runner, ids, positions) for num_tokens, (ids, positions) in workload.inputs.items()}
+    outcome.latency.update(measure.time_calls(calls, settings.device, settings.warmup, settings.repeats,
+                                              settings.rounds))
 
 
 def _check_prefix(ctx: BenchContext, workload: Workload, outcome: ModeOutcome) -> None:

@@ -10,16 +10,18 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
+from typing import TypeVar
 
 import torch
 
 __all__ = [
-    "Latency", "ErrorReport", "MemorySnapshot", "synchronize", "time_call", "time_sequence", "compare",
+    "Latency", "ErrorReport", "MemorySnapshot", "synchronize", "time_call", "time_calls", "time_sequence", "compare",
     "memory_snapshot", "reset_peak", "peak_allocated_mb",
 ]
 
 MIB = 1024 * 1024
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +55,35 @@ def synchronize(device: torch.device) -> None:
 
 def time_call(call: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Latency:
     """Median / p90 of `repeats` synchronized single calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times_ms = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    return Latency(statistics.median(times_ms), _percentile(times_ms, 90), min(times_ms), repeats)
+    return time_calls({0: call}, device, warmup, repeats)[0]
+
+
+def time_calls(calls: Mapping[K, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+               rounds: int = 1) -> dict[K, Latency]:
+    """`time_call` for each call, its `repeats` taken in `rounds` passes over all the calls.
+
+    On a shared host a burst of noise lasts longer than one call: timed back to back, 20 calls of
+    2 ms can all fall inside it and move that one cell by 25% (seen on the lent H200, see
+    docs/benchmarks.md). Spread over rounds, a burst costs every call a few samples instead, and
+    the median drops them.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: expected >= 1")
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[K, list[float]] = {key: [] for key in calls}
+    for index in range(rounds):
+        count = repeats // rounds + (index < repeats % rounds)
+        for key, call in calls.items():
+            for _ in range(count):
+                synchronize(device)
+                start = time.perf_counter()
+                call()
+                synchronize(device)
+                samples[key].append((time.perf_counter() - start) * 1e3)
+    return {key: Latency(statistics.median(times), _percentile(times, 90), min(times), repeats)
+            for key, times in samples.items()}
 
 
 def time_sequence(calls: list[Callable[[], object]], device: torch.device) -> float:

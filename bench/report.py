@@ -79,6 +79,7 @@ def _config(settings: Any, buckets: tuple[int, ...], param_count: int) -> dict[s
         "piecewise_options": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.piecewise_options.items()},
         "warmup": settings.warmup,
         "repeats": settings.repeats,
+        "rounds": settings.rounds,
         "mixed_calls": settings.mixed_calls,
         "seed": settings.seed,
         "tol_rel": settings.tol,

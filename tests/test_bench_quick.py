@@ -131,3 +131,18 @@ def test_isolate_runs_each_mode_in_its_own_process_and_merges_them(tmp_path: Pat
     assert all(row["correct"] for row in results["results"]) and results["complete"]
     assert set(results["setup_s"]) == {"eager", "piecewise"} and "--isolate" in results["argv"]
     assert results["method"].endswith("(--isolate).")
+
+
+def test_repeats_are_spread_over_rounds_of_every_token_count() -> None:
+    from bench import measure
+
+    order: list[str] = []
+    calls = {key: (lambda key=key: order.append(key)) for key in ("a", "b")}
+    latency = measure.time_calls(calls, torch.device("cpu"), warmup=1, repeats=5, rounds=2)
+    assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2  # warm-up, round 1, round 2
+    assert [latency[k].repeats for k in ("a", "b")] == [5, 5]
+
+
+def test_rounds_below_one_is_a_clear_error() -> None:
+    with pytest.raises(decoder.UsageError, match="--rounds 0"):
+        decoder.resolve_settings(decoder.parse_args(["--quick", "--rounds", "0"]))
