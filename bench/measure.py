@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "Latency", "ErrorReport", "MemorySnapshot", "synchronize", "time_call", "time_calls", "time_sequence", "compare",
-    "memory_snapshot", "reset_peak", "peak_allocated_mb",
+    "memory_snapshot", "reset_peak", "peak_allocated_mb", "activation_peak_mb",
 ]
 
 MIB = 1024 * 1024
@@ -128,6 +128,20 @@ def memory_snapshot(device: torch.device) -> MemorySnapshot | None:
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def activation_peak_mb(call: Callable[[], object], device: torch.device) -> float | None:
+    """MiB allocated at the peak of ``call`` above what was allocated before it (its activations
+    and outputs; weights and caches already live are not counted). None on CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    output = call()
+    synchronize(device)
+    del output
+    return (torch.cuda.max_memory_allocated(device) - before) / MIB
 
 
 def peak_allocated_mb(device: torch.device) -> float | None:

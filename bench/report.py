@@ -27,7 +27,8 @@ SUMMARIES = {mode.name: mode.summary for mode in MODES}
 
 
 def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], workload: Any,
-          baseline: Any, method: str, commit: str, param_count: int) -> dict[str, Any]:
+          baseline: Any, method: str, commit: str, param_count: int,
+          activation_peak_mb: float | None = None) -> dict[str, Any]:
     """The results dict; keys past the required ones (device..memory_mb) are extras for readers."""
     names = [name for name in MODE_NAMES if name in outcomes]
     by_status = {status: {n: outcomes[n].reason for n in names if outcomes[n].status == status}
@@ -45,6 +46,8 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
         "memory_mb": {n: outcomes[n].memory_mb for n in names if outcomes[n].memory_mb},
         **by_status,
         "baseline_memory_mb": dataclasses.asdict(baseline) if baseline is not None else None,
+        # one eager call at the largest bucket: peak allocated above what was live before it
+        "eager_activation_peak_mb": activation_peak_mb,
         "mixed_traffic": {"calls": len(mixed_sizes), "seed": settings.seed, "tokens_total": sum(mixed_sizes),
                           "distinct_sizes": len(set(mixed_sizes)), "largest_bucket": buckets[-1],
                           "above_largest_bucket": sum(t > buckets[-1] for t in mixed_sizes)},
@@ -284,6 +287,12 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
                  f"{mixed['distinct_sizes']} distinct T, {mixed['above_largest_bucket']} above the largest bucket "
                  f"({mixed['largest_bucket']}); total wall seconds per mode, graphs captured lazily included. "
                  f"'mixed again' replays the same calls once more: what is left once every size was seen.")
+    peak = results.get("eager_activation_peak_mb")
+    if peak:
+        graphs = [f"`{n}` {memory['setup_reserved_delta'] / peak:.2f}x" for n in names
+                  if (memory := results["memory_mb"].get(n, {})).get("setup_reserved_delta") is not None]
+        lines.append(f"- Eager activation peak of one call at the largest bucket ({results['mixed_traffic']['largest_bucket']}): "
+                     f"{peak:.0f} MiB. Memory reserved during setup over it: {', '.join(graphs) or '-'}.")
     skips = results.get("info", {}).get("reduce-overhead", {}).get("cudagraph_skip_messages")
     if skips:
         lines.append(f"- `reduce-overhead` ran without CUDA graphs: {skips[0]}")
