@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {run['setup_s']:.2f} | {run['fxgraph_cache_hit']} | {run['fxgraph_cache_miss']} | "
               f"{run['max_abs_diff']:.2e} |")
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"warm_start-{device.lower().replace(' ', '-')}.json")
         with open(path, "w") as fh:
             json.dump(record, fh, indent=1)
