@@ -71,12 +71,39 @@ def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: A
     T was not replaced by a value; None (the caller keeps its other code) when one fails, when the
     compile fails, or when an input depends on a second symbol or has a storage offset.
     """
-    from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
+    try:
+        token, fakes = _backed_fakes(fake_args, symbol, max_tokens, shape_env, mode)
+        if fakes is None:
+            return None
+        # A tracing context of our own: Inductor takes the fake mode from it (Dynamo's, otherwise).
+        with torch._guards.tracing(torch._guards.TracingContext(mode)):
+            compiled = compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
+    except Exception as exc:  # noqa: BLE001 - the caller keeps its other code (any torch version's API)
+        log.info("%s: no backed compile (%s: %s)", name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return None
+    assumed = [str(g.expr) for g in shape_env.guards if token in g.expr.free_symbols
+               and any(g.expr.xreplace({token: n}) is not sympy.true for n in range(2, max_tokens + 1))]
+    if shape_env.replacements.get(token, token) != token:
+        assumed.append(f"T = {shape_env.replacements[token]}")
+    if assumed:
+        log.info("%s: the backed compile assumed %s; keeping the other code", name or "piece",
+                 "; ".join(sorted(set(assumed))[:3]))
+        return None
+    return compiled
+
+
+def _backed_fakes(fake_args: Sequence[Any], symbol: Any, max_tokens: int, shape_env: Any,
+                  mode: Any) -> tuple[Any, list[Any] | None]:
+    """(T's new symbol, Dynamo's fake inputs rebuilt in ``mode`` with T replaced by it); fakes None
+    when an input depends on a second symbol or has a storage offset."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
     source = ConstantSource("torchpcg_token_count")
     token = shape_env.create_symbol(max_tokens, source=source, dynamic_dim=DimDynamic.DYNAMIC)
 
@@ -90,10 +117,10 @@ def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: A
     fakes: list[Any] = []
     for fake in fake_args:
         if symbols_of(fake) - {symbol}:
-            return None  # a second dynamic size: not ours to choose
+            return token, None  # a second dynamic size: not ours to choose
         if isinstance(fake, torch.Tensor):
             if expr_of(fake.storage_offset()) != 0:
-                return None
+                return token, None
             with mode:
                 fakes.append(torch.empty_strided([rebuilt(n) for n in fake.size()], [rebuilt(n) for n in fake.stride()],
                                                  dtype=fake.dtype, device=fake.device))
@@ -101,22 +128,7 @@ def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: A
             fakes.append(rebuilt(fake))
         else:
             fakes.append(fake)
-    try:
-        # A tracing context of our own: Inductor takes the fake mode from it (Dynamo's, otherwise).
-        with torch._guards.tracing(torch._guards.TracingContext(mode)):
-            compiled = compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
-    except Exception as exc:  # noqa: BLE001 - the caller keeps its other code
-        log.info("%s: no backed compile (%s: %s)", name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
-        return None
-    assumed = [str(g.expr) for g in shape_env.guards if token in g.expr.free_symbols
-               and any(g.expr.xreplace({token: n}) is not sympy.true for n in range(2, max_tokens + 1))]
-    if shape_env.replacements.get(token, token) != token:
-        assumed.append(f"T = {shape_env.replacements[token]}")
-    if assumed:
-        log.info("%s: the backed compile assumed %s; keeping the other code", name or "piece",
-                 "; ".join(sorted(set(assumed))[:3]))
-        return None
-    return compiled
+    return token, fakes
 
 
 class TokenDispatch:
