@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# A GPU session's checks and measurements, in named stages, each within the device tool's limits:
+# one call runs for at most 10 minutes and brings back at most 8 files, so every stage writes into
+# one folder that is packed into $OUT/<stage>.tar.gz, and a line per stage goes to $OUT/summary.txt.
+#
+#   bash scripts/gpu_session.sh tests probe         # ~4 min: pytest -m cuda, the newcomer probe
+#   bash scripts/gpu_session.sh kernels bench       # ~7 min: kernel counts, the decoder bench
+#   bash scripts/gpu_session.sh ab attention warm   # ~6 min: backed_compile=0 run, attention op, warm start
+#
+# Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
+# .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
+# Stages: tests, probe, kernels, bench, ab, attention, warm. BENCH_COMMIT names the commit in the
+# records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
+set -u
+out=${OUT:-/tmp/gpu_session}
+mkdir -p "$out"
+export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export PYTHONUNBUFFERED=1
+
+run_stage() {
+    local stage=$1 dir
+    dir=$(mktemp -d)
+    local started=$SECONDS code=0
+    case $stage in
+        tests)
+            timeout 300 python -m pytest -m cuda -n 8 -q -p no:cacheprovider > "$dir/cuda-tests.log" 2>&1; code=$?
+            tail -1 "$dir/cuda-tests.log" > "$dir/line" ;;
+        probe)
+            (cd scripts && timeout 150 python probe_capture_recovery.py newcomer_hf newcomer_flat) > "$dir/probe.txt" 2>&1; code=$?
+            echo "$(grep -c maxdiff "$dir/probe.txt") maxdiff lines; $(grep -o "'recompiles': [0-9]*" "$dir/probe.txt" | tr '\n' ' ')" > "$dir/line" ;;
+        kernels)
+            timeout 200 python scripts/kernel_counts.py --layers 4 --tokens 8 \
+                --ways static,unbacked,pieces,pieces-unbacked,torchpcg-auto > "$dir/kernel-counts.md" 2> "$dir/kernel-counts.err"; code=$?
+            grep -m1 "total" "$dir/kernel-counts.md" > "$dir/line" ;;
+        bench)
+            timeout 420 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 \
+                --modes reduce-overhead,eager-cudagraph,inductor-cudagraph,piecewise,piecewise-full-decode \
+                --out "$dir" > "$dir/bench.log" 2>&1; code=$?
+            grep -A4 "^| T | piecewise / inductor-cudagraph" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
+        ab)
+            timeout 300 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 \
+                --modes inductor-cudagraph,piecewise,piecewise-full-decode --piecewise-option backed_compile=0 \
+                --out "$dir" > "$dir/bench.log" 2>&1; code=$?
+            grep -A4 "median ms" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
+        attention)
+            timeout 120 python scripts/attention_host_cost.py > "$dir/attention-host-cost.md" 2>&1; code=$?
+            grep -A6 "First call" "$dir/attention-host-cost.md" | tail -4 | tr '\n' ' ' > "$dir/line" ;;
+        warm)
+            timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
+            grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
+        *)
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, attention, warm" >&2
+            return 2 ;;
+    esac
+    echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
+    rm -f "$dir/line"
+    tar czf "$out/$stage.tar.gz" -C "$dir" .
+}
+
+[ $# -gt 0 ] || { sed -n '2,12p' "$0"; exit 2; }
+for stage in "$@"; do
+    run_stage "$stage" || exit $?
+done
