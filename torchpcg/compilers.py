@@ -134,16 +134,17 @@ def _backed_fakes(fake_args: Sequence[Any], symbol: Any, max_tokens: int, shape_
 class TokenDispatch:
     """Code for one graph by token count: Inductor code compiled with T backed for T in
     2..``max_tokens`` (``compile_backed``, at construction), ``other`` for the rest (T=1, T above
-    ``max_tokens``), or for every T when there is no backed code (refused, failed, or
-    ``compiler="eager"``)."""
+    ``max_tokens``), or for every T when there is no backed code (``backed=False``, refused,
+    failed, or ``compiler="eager"``)."""
 
     def __init__(self, gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
-                 compiler: str, other: Callable[..., Any], name: str = "", *, max_autotune: bool = False) -> None:
+                 compiler: str, other: Callable[..., Any], name: str = "", *, max_autotune: bool = False,
+                 backed: bool = True) -> None:
         self.other = other
         self.max_tokens = max_tokens
         self._locate = token_source(fake_args, symbol)
         self.backed: Callable[..., Any] | None = None
-        if compiler != "eager" and self._locate is not None and max_tokens >= 2:
+        if backed and compiler != "eager" and self._locate is not None and max_tokens >= 2:
             # On a copy: Inductor rewrites graphs in place.
             self.backed = compile_backed(copy_graph_module(gm), fake_args, symbol, max_tokens, compiler,
                                          f"{name} (T backed)", max_autotune=max_autotune)

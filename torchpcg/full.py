@@ -100,8 +100,8 @@ class FullGraphs:
         self._gm, self._compiler, self._max_autotune = copy_graph_module(gm), compiler, max_autotune
         self._static: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code by call shapes (T=1)
         self._sizes: set[int] = set()
-        self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size if backed_compile else 1, compiler,
-                                   self._static_forward, "full graph", max_autotune=max_autotune)
+        self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size, compiler, self._static_forward,
+                                   "full graph", max_autotune=max_autotune, backed=backed_compile)
         if self.whole_graph:
             self.runner.compiled = self._whole_forward
         self.written = tuple(written)
