@@ -10,10 +10,11 @@ Host time = wall time of ``calls`` back-to-back calls / calls, with the GPU fast
 (checked: the GPU time of one call is printed beside it).
 
 A second table times the *first* call at a T never seen before against a repeat call at that T,
-per SDPA backend, and names the kernels SDPA ran: mixed traffic in a fresh process was ~8x
-slower than the same calls again (3.54 s vs 0.46 s piecewise, H200, bench record at `8af27a0`),
-and a per-shape setup inside the eagerly run attention (a cuDNN execution plan per shape, say) is
-the suspect, not yet confirmed.
+per SDPA backend (the op's SDPA call with the backend forced), and for the op as shipped, and
+names the kernels each ran. SDPA's default on Hopper, cuDNN, builds an execution plan per new
+shape: 38 ms at first sight against 0.54 ms for a repeat (H200, torch 2.11, at `f9e258b`), which
+made mixed traffic's first pass ~8x its second under piecewise graphs. The op now calls the
+memory-efficient kernel directly on CUDA (torchpcg/models/attention.py).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from torchpcg.models.attention import KV_ATTENTION_OP, _kv_attention_impl
+from torchpcg.models.attention import KV_ATTENTION_OP, attention_bias
 
 
 def _bool_mask(positions: torch.Tensor, slots: int) -> torch.Tensor:
@@ -85,24 +86,25 @@ def main() -> int:
     dtype, heads, dim, slots, layers = torch.bfloat16, 16, 128, 128, 16
     cache = torch.zeros(layers, 2, slots, heads, dim, dtype=dtype, device="cuda")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; host µs per call (GPU µs per call)\n")
-    print("| T | op (torch.ops, today) | impl called directly | mask passed in (bool) | mask passed in (float) "
-          "| float mask, one cache write |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| T | op, bias passed in (the decoder's call) | op, mask made inside | its SDPA call, default backend "
+          "| its SDPA call, efficient backend forced |")
+    print("|---:|---:|---:|---:|---:|")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with torch.no_grad():
         for num_tokens in (1, 8):
             q, k, v = (torch.randn(num_tokens, heads, dim, dtype=dtype, device="cuda") for _ in range(3))
             positions = torch.arange(40, 40 + num_tokens, device="cuda")
-            bool_mask, float_mask = _bool_mask(positions, slots), _float_mask(positions, slots, dtype)
-            rows = [
-                host_us(lambda: KV_ATTENTION_OP(q, k, v, cache, 3, positions)),
-                host_us(lambda: _kv_attention_impl(q, k, v, cache, 3, positions)),
-                host_us(lambda: premasked(q, k, v, cache, 3, positions, bool_mask)),
-                host_us(lambda: premasked(q, k, v, cache, 3, positions, float_mask)),
-                host_us(lambda: premasked_one_write(q, k, v, cache, 3, positions, float_mask)),
-            ]
-            reference = KV_ATTENTION_OP(q, k, v, cache, 3, positions)
-            for fn in (premasked, premasked_one_write):
-                torch.testing.assert_close(fn(q, k, v, cache, 3, positions, float_mask), reference)
+            bias = attention_bias(positions, slots, dtype)
+            float_mask = _float_mask(positions, slots, dtype)
+            rows = [host_us(lambda: KV_ATTENTION_OP(q, k, v, cache, 3, positions, bias)),
+                    host_us(lambda: KV_ATTENTION_OP(q, k, v, cache, 3, positions)),
+                    host_us(lambda: premasked_one_write(q, k, v, cache, 3, positions, float_mask))]
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                rows.append(host_us(lambda: premasked_one_write(q, k, v, cache, 3, positions, float_mask)))
+            reference = premasked_one_write(q, k, v, cache, 3, positions, float_mask)
+            torch.testing.assert_close(KV_ATTENTION_OP(q, k, v, cache, 3, positions, bias), reference)
+            torch.testing.assert_close(premasked(q, k, v, cache, 3, positions, _bool_mask(positions, slots)), reference)
             print(f"| {num_tokens} | " + " | ".join(f"{h:.1f} ({g:.1f})" for h, g in rows) + " |")
     first_sight(cache, heads, dim, dtype)
     small = torch.zeros(1, 2048, dtype=dtype, device="cuda")
@@ -121,17 +123,26 @@ def main() -> int:
 
 
 def first_sight(cache: torch.Tensor, heads: int, dim: int, dtype: torch.dtype) -> None:
-    """ms of the first call at a new T vs a repeat, for SDPA's default choice and forced backends."""
+    """ms of the first call at a new T vs a repeat, for SDPA's default choice, forced backends and the op."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     slots = cache.shape[2]
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    print("\nFirst call at a new T vs a repeat call (ms, synchronized), and SDPA's kernels at T=1:\n")
-    print("| backend | first calls, median ms | repeat calls, median ms | kernels |")
+    print("\nFirst call at a new T vs a repeat call (ms, synchronized), and the kernels at T=1:\n")
+    print("| SDPA backend | first calls, median ms | repeat calls, median ms | kernels |")
     print("|---|---:|---:|---|")
-    sizes = iter(range(3, slots // 2))  # every backend gets T values no backend has seen
-    for name, backend in backends.items():
+    sizes = iter(range(3, slots // 2))  # every row gets T values no row has seen
+
+    def sdpa_call(q, k, v, positions):
+        return premasked_one_write(q, k, v, cache, 3, positions, _float_mask(positions, slots, dtype))
+
+    def op_call(q, k, v, positions):
+        return KV_ATTENTION_OP(q, k, v, cache, 3, positions, attention_bias(positions, slots, dtype))
+
+    rows = [(name, backend, sdpa_call) for name, backend in backends.items()]
+    rows.append(("the op as shipped (efficient kernel called directly)", None, op_call))
+    for name, backend, call in rows:
         firsts, repeats = [], []
         context = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         try:
@@ -143,19 +154,19 @@ def first_sight(cache: torch.Tensor, heads: int, dim: int, dtype: torch.dtype) -
                     for samples in (firsts, repeats):
                         torch.cuda.synchronize()
                         start = time.perf_counter()
-                        KV_ATTENTION_OP(q, k, v, cache, 3, positions)
+                        call(q, k, v, positions)
                         torch.cuda.synchronize()
                         samples.append((time.perf_counter() - start) * 1e3)
                 q1, k1, v1 = (torch.randn(1, heads, dim, dtype=dtype, device="cuda") for _ in range(3))
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    KV_ATTENTION_OP(q1, k1, v1, cache, 3, torch.tensor([slots - 1], device="cuda"))
+                last = torch.tensor([slots - 1], device="cuda")
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
+                    call(q1, k1, v1, last)
                     torch.cuda.synchronize()
             kernels = sorted({e.name[:40] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
             print(f"| {name} | {statistics.median(firsts):.2f} | {statistics.median(repeats):.2f} | "
                   f"{'; '.join(kernels)} |")
         except RuntimeError as err:  # a backend that cannot run these shapes
             print(f"| {name} | n/a: {str(err).splitlines()[0][:80]} | | |")
-
 
 if __name__ == "__main__":
     sys.exit(main())
