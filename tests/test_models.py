@@ -81,6 +81,27 @@ def test_kv_attention_bf16_close_to_fp32() -> None:
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [32, 20])  # 32: the memory-efficient kernel called directly; 20: through SDPA
+def test_kv_attention_on_cuda_matches_naive_loop(dtype: torch.dtype, slots: int) -> None:
+    q, k, v, cache, positions = random_attention_inputs(6, 4, 2, start=7, dtype=dtype)
+    cache = cache[:, :, :slots].contiguous()
+    expected_cache = cache.clone()
+    expected_cache[1, 0, positions] = k
+    expected_cache[1, 1, positions] = v
+    device_cache = cache.cuda()
+
+    out = kv_attention(q.cuda(), k.cuda(), v.cuda(), device_cache, 1, positions.cuda(),
+                       attention_bias(positions.cuda(), slots, dtype))
+
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(device_cache.cpu(), expected_cache, rtol=0, atol=0)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    expected = naive_kv_attention(q, expected_cache, 1, positions)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_kv_attention_registration_and_fake() -> None:
     q, k, v, cache, positions = random_attention_inputs(4, 4, 2, start=2)
     schema = str(KV_ATTENTION_OP.default._schema)

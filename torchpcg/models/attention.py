@@ -115,8 +115,9 @@ def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             values.transpose(0, 1)[None],
             bias[None, None].to(q.dtype))  # [1, 1, T, S]; no copy when the dtype matches
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _efficient_fits(q, keys):
-        return _EFFICIENT(*args, False, scale=scale)[0][0]
+    if _efficient_fits(q, keys):  # the kernel wants the bias per head: a stride-0 view, as SDPA passes it
+        bias_per_head = args[3].expand(1, q.shape[1], *bias.shape)
+        return _EFFICIENT(*args[:3], bias_per_head, False, scale=scale)[0][0]
     return F.scaled_dot_product_attention(*args[:3], attn_mask=args[3], scale=scale)[0]  # [Hq, T, D]
 
 
