@@ -45,6 +45,30 @@ def test_skip_module_guards_equals_eager_and_still_sees_moved_weights():
     assert stats["recompiles"] == 0 and stats["recaptures"] == 1
 
 
+def test_static_inputs_checked_by_the_cpp_loop_still_catch_a_moved_weight(monkeypatch):
+    """CUDA builds check the ~115 parameter addresses in one C++ call; CPU builds lack it, so a
+    Python stand-in with its contract runs here: calls that match return early, a move recaptures."""
+    checks = []
+
+    def ptrs_equal(tensors, ptrs, indices):
+        checks.append(len(indices))
+        return all(tensors[i].data_ptr() == ptrs[i] for i in indices)
+
+    monkeypatch.setattr(torchpcg.runtime, "_PTRS_EQUAL", ptrs_equal)
+    model = tiny_decoder(num_layers=2)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+    for num_tokens in (3, 1, 3):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    weight = next(model.parameters())
+    weight.data = torch.randn_like(weight)
+    for num_tokens in (3, 1):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    stats = torchpcg.stats()
+    assert stats["recompiles"] == 0 and stats["recaptures"] == 1
+    # one check per call once the addresses are known; every parameter is among the static inputs
+    assert len(checks) >= 4 and len(set(checks)) == 1 and checks[0] >= len(list(model.parameters()))
+
+
 def test_each_piece_copies_only_what_no_earlier_graph_made():
     """Per call, the reference decoder copies input_ids and positions into the first piece and each
     attention output into the piece after it; everything else (residual stream, rotary tables, the

@@ -447,11 +447,14 @@ class Runtime:
         self._static_names = tuple(static_names)  # their names, for the log line when one moves
         self._static_getter = _getter(self.static_args)  # args -> those tensors, one C call
         self._static_ptrs: tuple[int, ...] | None = None  # their addresses when the graphs were captured
+        self._ptrs_by_arg: list[int | None] = []  # the same, at their arg positions (the C++ check's form)
         self._moves: dict[int, int] = {}  # static arg index -> times it moved
         self._owned: set[int] = set()  # storage addresses of graph outputs and static buffers
         self._lock = threading.RLock()
         self._pool: GraphPool | EmulatedPool | None = None
         self._last_stream: torch.cuda.Stream | None = None
+        self._last_stream_key: Any = None
+        self._device_index: int | None = None  # self.device's index, found on the first call  # the last call's stream, as the cheap key current_stream_key returns
         self._drop_after_call: list[tuple[PieceRunner | None, int]] = []  # (runner or all, bucket)
         self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
         self.full_blockers: list[str] = []  # why full graphs are off for this graph (explain, logs)
@@ -522,6 +525,9 @@ class Runtime:
         """
         if not self.static_args:
             return
+        if _PTRS_EQUAL is not None and len(self._ptrs_by_arg) == len(args):  # ~115 parameters: one C++ loop
+            if _PTRS_EQUAL(list(args), self._ptrs_by_arg, list(self.static_args)):
+                return
         ptrs = tuple(map(_data_ptr, self._static_getter(args)))
         if ptrs == self._static_ptrs:
             return
@@ -543,6 +549,9 @@ class Runtime:
                 self._demote(demoted)
                 ptrs = tuple(map(_data_ptr, self._static_getter(args)))
         self._static_ptrs = ptrs
+        self._ptrs_by_arg = [None] * len(args)
+        for index, ptr in zip(self.static_args, ptrs):
+            self._ptrs_by_arg[index] = ptr
 
     def _demote(self, indices: Collection[int]) -> None:
         names = {self._static_names[self.static_args.index(i)] for i in indices}
@@ -559,12 +568,21 @@ class Runtime:
             self._owned.update(t.untyped_storage().data_ptr() for t in group if isinstance(t, torch.Tensor))
 
     def _order_streams(self) -> None:
-        """Back-to-back calls on different streams share static buffers: the new one waits."""
-        stream = torch.cuda.current_stream(self.device)
+        """Back-to-back calls on different streams share static buffers: the new one waits.
+
+        The stream is compared by ``current_stream_key`` (a tuple from C++, ~1 us); a ``Stream``
+        object is made only when it changed (``torch.cuda.current_stream`` costs ~10 us a call).
+        """
+        if self._device_index is None:
+            self._device_index = torch.cuda._get_device_index(self.device, optional=True)
+        key = current_stream_key(self._device_index)
+        if key == self._last_stream_key:
+            return
+        stream = torch.cuda.current_stream(self._device_index)
         last = self._last_stream
         if last is not None and last != stream:
             stream.wait_stream(last)
-        self._last_stream = stream
+        self._last_stream, self._last_stream_key = stream, key
 
     def _count(self, state: CallState, bucket: int | None, num_tokens: int) -> None:
         if state.replays:
@@ -660,6 +678,17 @@ class Runtime:
 
 
 _data_ptr = torch.Tensor.data_ptr
+
+# C++ loops that Inductor's CUDA graph trees use on their hot path; CUDA builds only (None on CPU).
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # (tensors, ptrs, indices) -> bool
+_CURRENT_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)  # device index -> (id, device, type)
+
+
+def current_stream_key(device_index: int) -> Any:
+    """What identifies the current CUDA stream of ``device_index``, as cheaply as torch allows."""
+    if _CURRENT_STREAM is not None:
+        return _CURRENT_STREAM(device_index)
+    return torch.cuda.current_stream(device_index)
 
 
 def direct_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:

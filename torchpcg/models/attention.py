@@ -29,12 +29,15 @@ queue the next graph replay while this layer's attention still runs.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["kv_attention", "KV_ATTENTION_OP", "attention_bias"]
+
+log = logging.getLogger(__name__)
 
 
 # Explicit schema: inference would type `layer` as SymInt; it is a plain layer index.
@@ -67,8 +70,7 @@ def _kv_attention_impl(
     values = kv_cache[layer, 1]
     if bias is None:
         bias = attention_bias(positions, keys.shape[0], q.dtype)
-    out = _causal_attention(q, keys, values, bias).transpose(0, 1)  # [T, Hq, D]
-    return _like_q(out, q)
+    return _like_q(_causal_attention(q, keys, values, bias), q)
 
 
 _LIB.impl("kv_attention", _kv_attention_impl, "CompositeExplicitAutograd")
@@ -104,31 +106,49 @@ def attention_bias(positions: torch.Tensor, slots: int, dtype: torch.dtype) -> t
 
 
 def _causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """q [T, Hq, D] over keys/values [S, Hkv, D] with bias [T, S] -> [Hq, T, D]."""
+    """q [T, Hq, D] over keys/values [S, Hkv, D] with bias [T, S] -> [T, Hq, D] (maybe a transposed view)."""
     num_groups = q.shape[1] // keys.shape[1]
     if num_groups > 1:
         keys, values = _repeat_kv(keys, num_groups), _repeat_kv(values, num_groups)  # [S, Hq, D]
-    # SDPA computes the softmax in float32 for bf16/fp16 inputs on every backend
-    # (fused kernels accumulate in fp32; the math path upcasts).
-    args = (q.transpose(0, 1)[None],  # [1, Hq, T, D]
-            keys.transpose(0, 1)[None],  # [1, Hq, S, D]
-            values.transpose(0, 1)[None],
-            bias[None, None].to(q.dtype))  # [1, 1, T, S]; no copy when the dtype matches
+    if bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if _efficient_fits(q, keys):  # the kernel wants the bias per head: a stride-0 view, as SDPA passes it
-        bias_per_head = args[3].expand(1, q.shape[1], *bias.shape)
-        return _EFFICIENT(*args[:3], bias_per_head, False, scale=scale)[0][0]
-    return F.scaled_dot_product_attention(*args[:3], attn_mask=args[3], scale=scale)[0]  # [Hq, T, D]
+    # Both paths compute the softmax in float32 for bf16/fp16 inputs (fused kernels accumulate in
+    # fp32; SDPA's math path upcasts).
+    if _efficient_fits(q, keys):
+        # [1, T, H, D] is the kernel's own layout, so q, keys and values go in as they are and the
+        # output is [T, Hq, D] rows; the bias goes per head as a stride-0 view, as SDPA passes it.
+        try:
+            return _EFFICIENT(q[None], keys[None], values[None], bias.expand(1, q.shape[1], *bias.shape),
+                              None, None, None, None, 0.0, 0, False, scale=scale)[0][0]
+        except RuntimeError as exc:  # a torch whose kernel refuses these arguments: SDPA from now on
+            _efficient_failed(exc)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # [1, Hq, T, D]
+        keys.transpose(0, 1)[None],  # [1, Hq, S, D]
+        values.transpose(0, 1)[None],
+        attn_mask=bias[None, None],  # [1, 1, T, S]
+        scale=scale,
+    )
+    return out[0].transpose(0, 1)
 
 
 # On CUDA the op calls the memory-efficient kernel itself instead of letting SDPA choose. SDPA's
 # first choice for these shapes on Hopper is cuDNN, which builds an execution plan for every new
 # shape: the first call at a T not seen before took 38 ms, a repeat 0.54 ms; the memory-efficient
-# kernel took 0.20 ms on both (H200, torch 2.11, `python scripts/attention_host_cost.py`). Under
-# piecewise graphs this op runs eagerly at every real T, so mixed traffic met that plan build once
-# per distinct T and layer shape. Called directly, the kernel also skips SDPA's backend selection.
-_EFFICIENT = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+# kernel took 0.20 ms on both (H200, torch 2.11, `python scripts/attention_host_cost.py`, at
+# `f9e258b`). Under piecewise graphs this op runs eagerly at every real T, so mixed traffic met
+# that plan build once per distinct T. Called directly in its own [batch, T, heads, D] layout, the
+# kernel also skips SDPA's backend selection and six transposes per call.
+_EFFICIENT = getattr(torch.ops.aten, "_efficient_attention_forward", None)
 _EFFICIENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _efficient_failed(exc: RuntimeError) -> None:
+    global _EFFICIENT
+    _EFFICIENT = None
+    log.warning("kv_attention: the memory-efficient attention kernel failed (%s); calling "
+                "scaled_dot_product_attention from now on", str(exc).splitlines()[0][:200])
 
 
 def _efficient_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -152,7 +172,7 @@ def _repeat_kv(x: torch.Tensor, num_groups: int) -> torch.Tensor:
 def _like_q(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """out laid out like torch.empty_like(q), the fake impl, so compiled callers index it right."""
     if q.is_contiguous():
-        return out.contiguous()  # no copy when SDPA already wrote [T, Hq, D] rows (fused kernels do)
+        return out.contiguous()  # no copy when the kernel already wrote [T, Hq, D] rows (fused kernels do)
     return torch.empty_like(q).copy_(out)
 
 
