@@ -7,6 +7,8 @@ a ``StaticCache`` prefill followed by decode steps (cache writes must never rece
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -68,6 +70,32 @@ def test_last_token_logits_never_come_from_a_padding_row(name):
             got = compiled(input_ids=ids, use_cache=False, logits_to_keep=1).logits
             assert got.shape == expected.shape == (1, 1, 128)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"S={length}: {m}")
+
+
+def test_sdpa_backend_context_compiles_nothing_new():
+    """docs/tuning.md's recipe (calls inside ``sdpa_kernel`` without cuDNN, against cuDNN's plan
+    per new T) must not cost compiles: toggled on every other call, the same Dynamo graphs as
+    without it, and eager's numbers."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    no_cudnn = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    graphs = []
+    for toggle in (False, True):
+        torch._dynamo.reset()  # else the second model reuses the first one's Dynamo code
+        torchpcg.reset_stats()
+        model = _model("llama")
+        compiled = _compile(model)
+        with torch.no_grad():
+            for i, length in enumerate((5, 1, 7, 3, 1, 9, MAX + 3, 2)):
+                ids = _ids(length)
+                expected = model(input_ids=ids, use_cache=False).logits
+                with sdpa_kernel(no_cudnn) if toggle and i % 2 == 0 else contextlib.nullcontext():
+                    got = compiled(input_ids=ids, use_cache=False).logits
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        stats = torchpcg.stats()
+        assert stats["recompiles"] == 0
+        graphs.append(stats["dynamo_graphs"])
+    assert graphs[0] == graphs[1] > 0
 
 
 def _static_cache_run(model, call, prefill: int, decode_steps: int):
