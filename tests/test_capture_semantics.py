@@ -163,3 +163,64 @@ def test_broadcast_token_input_is_copied_into_its_static_buffer():
             torch.testing.assert_close(compiled(x, pos), model(x, pos))
     stats = torchpcg.stats()
     assert stats["graph_calls"] == len(calls) and stats["capture_failures"] == 0
+
+
+_ALIVE: list[int] = []  # chaining-registry entries still alive, each time _probe_registry runs
+_RUNTIMES: list = []  # the runtimes list of the compiled model under test, while it is called
+
+
+@torch.library.custom_op("torchpcg_tests::probe_registry", mutates_args=())
+def _probe_registry(wide: torch.Tensor) -> torch.Tensor:
+    """A split op that counts the live entries of the running call's chaining registry."""
+    if _RUNTIMES and _RUNTIMES[0]:
+        state = _RUNTIMES[0][0].state
+        _ALIVE.append(sum(1 for ref, _ in state.graph_outputs.values() if ref() is not None))
+    return wide[:, :4].clone()
+
+
+@_probe_registry.register_fake
+def _(wide: torch.Tensor) -> torch.Tensor:
+    return wide.new_empty(wide.shape[0], 4)
+
+
+class _WideLayers(torch.nn.Module):
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.up = torch.nn.ModuleList(torch.nn.Linear(8, 64) for _ in range(layers))
+        self.down = torch.nn.ModuleList(torch.nn.Linear(4, 8) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for up, down in zip(self.up, self.down):
+            x = x + down(_probe_registry(up(x)))
+        return x
+
+
+def test_the_chaining_registry_keeps_no_output_alive_past_its_last_use():
+    """On real graphs a later capture reuses the pool memory of outputs nobody reads any more; an
+    entry that owned its output would keep every piece's outputs alive until the capture pass
+    ends, and the pool would grow with the layer count. Here the live entries stay level as the
+    layers of a capture pass go by (one more per layer before the entries were weak), and the
+    answers equal eager in that pass and in the replays after it. Replays allocate nothing: their
+    entries are the plans' own non-owning views."""
+    torchpcg.register_splitting_op("torchpcg_tests::probe_registry")
+    layers = 6
+    model = _WideLayers(layers).eval()
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, **EMULATE, capture_sizes="4,8", token_inputs={"x": 0})
+        with torch.no_grad():
+            compiled(torch.randn(3, 8))  # compiles (and captures bucket 4)
+            x = torch.randn(8, 8)
+            expected = model(x)
+            _RUNTIMES[:], _ALIVE[:] = [runtimes], []
+            try:
+                got = compiled(x)  # the capture pass at bucket 8
+            finally:
+                _RUNTIMES.clear()
+            torch.testing.assert_close(got, expected)
+            assert len(_ALIVE) == layers
+            # level from the second layer on (the residual stream and one wide output)
+            assert max(_ALIVE[1:]) == min(_ALIVE[1:]), f"live registry entries per layer: {_ALIVE}"
+            for num_tokens in (5, 8, 3):
+                x = torch.randn(num_tokens, 8)
+                torch.testing.assert_close(compiled(x), model(x))
+    assert torchpcg.stats()["recompiles"] == 0

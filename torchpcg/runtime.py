@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import operator
 import threading
+import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,11 @@ def resolve_graph_mode(config: PiecewiseConfig, device: torch.device | None) -> 
     return mode
 
 
+# A piece's output as the next pieces see it: (weak reference to the tensor handed out, the graph
+# output it is the real rows of, at full bucket size).
+_Produced = tuple["weakref.ReferenceType[torch.Tensor]", torch.Tensor]
+
+
 @dataclasses.dataclass
 class CallState:
     """What the current call decided, shared by the runtime and its piece runners."""
@@ -87,9 +93,11 @@ class CallState:
     num_tokens: int = 0
     used_graphs: bool = False
     replays: int = 0  # added to the process counters once, when the call ends
-    # data_ptr of a real-rows view handed out by a piece -> that graph output at full bucket size.
-    # A later piece captured at the same bucket reads such an input in place instead of copying it.
-    graph_outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # id() of an output a piece handed out (its real rows) -> (a weak reference to that tensor, the
+    # graph output at full bucket size, not owning its memory). A later piece captured at the same
+    # bucket reads such an input in place instead of copying it. Weak on both sides: an output's
+    # memory goes back to the pool after its last use, for later captures of the same pass.
+    graph_outputs: dict[int, _Produced] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +114,7 @@ class _ReplayPlan:
     zero_whole: tuple[torch.Tensor, ...]  # multi-token-dim buffers ([T, T] masks): zeroed, then copied
     copies: tuple[tuple[int, torch.Tensor, tuple[int, ...], torch.Tensor | None], ...]  # see _copy_inputs
     outputs: Any  # the packed real-rows outputs handed to the next op
-    registry: tuple[tuple[int, torch.Tensor], ...]  # (data_ptr of a real view, full output) for chaining
+    registry: tuple[tuple[int, _Produced], ...]  # CallState.graph_outputs entries of the outputs, for chaining
 
 
 @dataclasses.dataclass
@@ -199,7 +207,7 @@ class PieceRunner:
             self.runtime.drop_after_call(self, self.runtime.state.bucket)
             return None
         zero_whole, copies = self._copy_targets(captured.token_views, captured.copied, num_tokens)
-        registry: dict[int, torch.Tensor] = {}
+        registry: dict[int, _Produced] = {}
         outputs = self._real_outputs(captured.graph.outputs, CallState(num_tokens=num_tokens, graph_outputs=registry))
         plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()))
         captured.plans[num_tokens] = plan
@@ -233,7 +241,12 @@ class PieceRunner:
         if isinstance(graph, CudaGraph):
             graph.replay()  # capture records work; this replay computes the outputs
         self.runtime.state.used_graphs = True
-        real = self._real_outputs(outputs, self.runtime.state)
+        # The call hands on the live outputs but notes the graph's non-owning ones for chaining: the
+        # registry lives for the whole call, and a strong entry would pin every piece's outputs until
+        # it ends. No later capture of this pass could then reuse their pool memory, and the pool
+        # would grow to all pieces' outputs at the largest bucket instead of what is alive at once
+        # (see graphs.CudaGraph on why reuse by liveness is safe).
+        real = self._real_outputs(outputs, self.runtime.state, registered=graph.outputs)
         return _with_aliases(real, captured.aliases, args, self.single_output) if captured.aliases else real
 
     # ---- buffers -------------------------------------------------------------------------------
@@ -272,9 +285,10 @@ class PieceRunner:
         """
         if index in self.unchained or not isinstance(arg, torch.Tensor):
             return None
-        full = self.runtime.state.graph_outputs.get(arg.data_ptr())
-        if full is None:
+        produced = self.runtime.state.graph_outputs.get(id(arg))
+        if produced is None or produced[0]() is not arg:  # not a graph's output (or id() reused)
             return None
+        full = produced[1]
         if spec.kind == _COPIED:
             return full if full.size() == arg.size() and full.stride() == arg.stride() else None
         layout = spec.layout
@@ -305,16 +319,19 @@ class PieceRunner:
 
     # ---- outputs -------------------------------------------------------------------------------
 
-    def _real_outputs(self, outputs: Sequence[Any], state: CallState) -> Any:
+    def _real_outputs(self, outputs: Sequence[Any], state: CallState, registered: Sequence[Any] | None = None) -> Any:
+        """The real rows of each output, noted in ``state.graph_outputs`` so a later piece can read
+        the full output in place; ``registered``: the full outputs to note there, when not
+        ``outputs`` themselves (the same tensors, not owning their memory)."""
         num_tokens, real = state.num_tokens, []
-        for spec, value in zip(self.outputs, outputs):
+        for spec, value, noted in zip(self.outputs, outputs, registered if registered is not None else outputs):
             if spec.kind == _TOKEN:
-                full, value = value, spec.layout.real_rows(value, num_tokens)
-                state.graph_outputs[value.data_ptr()] = full
+                value = spec.layout.real_rows(value, num_tokens)
+                state.graph_outputs[id(value)] = (weakref.ref(value), noted)
             elif spec.kind == _SYMINT:
                 value = evaluate(spec.expr, self.symbol, num_tokens)
             elif isinstance(value, torch.Tensor):
-                state.graph_outputs[value.data_ptr()] = value  # a fixed-shape output: chained as is
+                state.graph_outputs[id(value)] = (weakref.ref(value), noted)  # a fixed-shape output: chained as is
             real.append(value)
         return self._pack(real)
 
