@@ -124,6 +124,12 @@ class PiecewiseConfig:
     for models whose parameters keep their dtype, shape and device after compiling (a moved
     parameter is still caught by address)."""
 
+    skip_guard_check: bool = False
+    """``torchpcg.compile`` only: after warm-up, run Dynamo's compiled forward directly, without
+    Dynamo's frame hook and guard check, while each call's argument dtypes, devices, sizes (token
+    dims aside) and plain values match the warm-up call's (``torchpcg.direct``). Unsafe if the
+    model's parameters, submodules or attributes are replaced after warm-up; for serving loops."""
+
     max_autotune: bool = False
     """Compile pieces with Inductor's max-autotune (slower compile, tuned kernels). Also set by
     ``torch.compile(..., mode="max-autotune")``."""
@@ -283,6 +289,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cudagraph_mode": _parse_choice(GRAPH_MODES),
     "full_max_size": _parse_int,
     "skip_module_guards": _parse_bool,
+    "skip_guard_check": _parse_bool,
     "backed_compile": _parse_bool,
     "max_autotune": _parse_bool,
 }

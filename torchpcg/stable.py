@@ -33,6 +33,7 @@ from typing import Any, Union
 import torch
 
 from .debug import depyf_session
+from .direct import DirectCode, call_key, direct_code
 from .config import PiecewiseConfig
 from .errors import ConfigError, RecompileError, TorchPCGError
 from .stats import COUNTERS
@@ -650,6 +651,9 @@ class StableModel:
         self._unmarked: set[str] = set()  # token inputs already warned about for a size != T
         self._backed_kinds: set[int] = set()  # min(T, 2) of calls compiled with a backed token dim
         self._grad_mode = torch.inference_mode if inference_mode else torch.no_grad
+        self._direct: DirectCode | None = None  # skip_guard_check: Dynamo's code, called directly
+        self._direct_reason: str | None = None  # why not (logged once), or None while not yet tried
+        self.direct_calls = 0  # calls that ran Dynamo's compiled code without Dynamo (skip_guard_check)
         self._lock = threading.Lock()  # the stable buffers are shared by every call
 
     @property
@@ -690,9 +694,42 @@ class StableModel:
 
     def _run_compiled(self, bound: _Bound | inspect.BoundArguments, first: bool) -> Any:
         arguments = bound.arguments
+        if self._direct is not None:
+            if call_key(arguments, self._layout.dims) == self._direct.key:  # type: ignore[union-attr]
+                self.direct_calls += 1
+                return self._direct(bound.args, bound.kwargs)
         num_tokens = self._layout.num_tokens(arguments)  # type: ignore[union-attr]
         self._expect_backed_graph(num_tokens)
         self._mark_tokens(arguments, num_tokens)
+        out = self._call_dynamo(bound, first, num_tokens)
+        if self.config.skip_guard_check and not first:
+            self._update_direct(arguments)
+        return out
+
+    def _update_direct(self, arguments: Mapping[str, Any]) -> None:
+        """skip_guard_check: after a call through Dynamo, call its code directly from now on (once it
+        ran a call after warm-up), or stop doing so if Dynamo compiled again."""
+        if self.monitor.recompiles:
+            if self._direct is not None:
+                log.warning("%s: Dynamo compiled again, so calls go through Dynamo from now on (skip_guard_check)",
+                            describe_callable(self.model))
+            self._direct, self._direct_reason = None, "Dynamo compiled again after warm-up"
+            return
+        if self._direct is not None or self._direct_reason is not None:
+            return
+        found = (direct_code(self.model, call_key(arguments, self._layout.dims))  # type: ignore[union-attr]
+                 if not self._stable else "stable_kwargs are filled per call by the Dynamo path")
+        if isinstance(found, str):
+            self._direct_reason = found
+            log.warning("%s: skip_guard_check is on, but calls go through Dynamo: %s",
+                        describe_callable(self.model), found)
+        else:
+            self._direct = found
+            log.info("%s: skip_guard_check: calls with the dtypes, devices and sizes of this one now run "
+                     "Dynamo's compiled code directly", describe_callable(self.model))
+
+    def _call_dynamo(self, bound: _Bound | inspect.BoundArguments, first: bool, num_tokens: int) -> Any:
+        arguments = bound.arguments
         # depyf sees only frames compiled inside its session: wrap the first call (TORCHPCG_DEBUG_DIR).
         with depyf_session(self.config.debug_dir if first else None):
             try:

@@ -1,0 +1,133 @@
+"""``skip_guard_check``: after warm-up, Dynamo's compiled forward called without Dynamo.
+
+Pinned: answers equal eager (token counts in and above the buckets, T=1 included), the direct
+path really serves the calls (and the runtime's graphs behind it), a call whose argument kinds
+changed goes through Dynamo, a moved weight is still recaptured, and the cases the direct path
+must refuse (hooks, graph breaks, two compiled entries) keep every call on Dynamo.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import torchpcg
+from tests.utils import compare, decoder_inputs, tiny_decoder
+from torchpcg.direct import call_key
+
+EMULATE = {"cudagraph": "emulate", "compiler": "eager", "capture_sizes": "1,2,4,8"}
+TOKENS = {"input_ids": 0, "positions": 0}
+MIX = (3, 1, 5, 8, 2, 11, 1, 7, 3)  # 11: above the largest bucket
+
+
+def _compile(model, **knobs):
+    return torchpcg.compile(model, **EMULATE, token_inputs=TOKENS, skip_guard_check=True, **knobs)
+
+
+def test_direct_calls_equal_eager_and_serve_the_graphs():
+    model = tiny_decoder(num_layers=2)
+    compiled = _compile(model)
+    for num_tokens in MIX:
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    stats = torchpcg.stats()
+    # call 1 compiles, call 2 runs through Dynamo and arms the direct path, the rest are direct
+    assert compiled.direct_calls == len(MIX) - 2
+    assert stats["recompiles"] == 0 and stats["dynamo_graphs"] == 1
+    assert stats["graph_calls"] == len(MIX) - 1  # T=11 runs without graphs; every other call replays or captures
+
+
+def test_off_by_default():
+    model = tiny_decoder(num_layers=1)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+    for num_tokens in (3, 5, 2):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert compiled.direct_calls == 0
+
+
+def test_a_call_with_other_argument_kinds_goes_through_dynamo():
+    model = tiny_decoder(num_layers=1)
+    compiled = _compile(model)
+    for num_tokens in (3, 5, 2):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    direct_before = compiled.direct_calls
+    ids, positions, cache = decoder_inputs(model, 4, mark=False)
+    cache_ref = cache.clone()
+    with torch.no_grad():
+        expected = model(ids.int(), positions, cache_ref)  # int32 token ids: another call key
+    got = compiled(ids.int(), positions, cache)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert compiled.direct_calls == direct_before  # Dynamo served it (and compiled again)
+    assert torchpcg.stats()["recompiles"] == 1
+    compare(model, compiled, 3, atol=1e-5, rtol=1e-5)  # after a recompile: Dynamo from now on
+    assert compiled.direct_calls == direct_before
+
+
+def test_a_moved_weight_is_recaptured_under_direct_calls():
+    model = tiny_decoder(num_layers=2)
+    compiled = _compile(model)
+    for num_tokens in (3, 1, 3):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    weight = next(model.parameters())
+    weight.data = torch.randn_like(weight)  # same Parameter object, new memory
+    for num_tokens in (3, 1):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    stats = torchpcg.stats()
+    assert compiled.direct_calls >= 3 and stats["recaptures"] == 1 and stats["recompiles"] == 0
+
+
+def test_forward_hooks_keep_calls_on_dynamo(caplog):
+    model = tiny_decoder(num_layers=1)
+    model.register_forward_hook(lambda module, args, out: out * 2)  # compiled into the graph
+    compiled = _compile(model)
+    with caplog.at_level(logging.WARNING, logger="torchpcg.stable"):
+        for num_tokens in (3, 3, 3):  # the second call would arm the direct path
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert compiled.direct_calls == 0
+    assert any("forward hooks" in r.getMessage() for r in caplog.records)
+
+
+class _Broken(torch.nn.Module):
+    """A graph break in the middle: the code after it is a resume function Dynamo compiles apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_a_graph_break_keeps_calls_on_dynamo(caplog):
+    model = _Broken().eval()
+    compiled = torchpcg.compile(model, cudagraph="emulate", compiler="eager", token_inputs={"x": 0},
+                                skip_guard_check=True, fullgraph=False)
+    with caplog.at_level(logging.WARNING, logger="torchpcg.stable"), torch.no_grad():
+        for num_tokens in (3, 3, 3):  # the second call would arm the direct path
+            x = torch.randn(num_tokens, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.direct_calls == 0
+    assert any("graph break" in r.getMessage() for r in caplog.records)
+
+
+def test_two_compiled_entries_keep_calls_on_dynamo(caplog):
+    model = tiny_decoder(num_layers=1)
+    compiled = _compile(model, dynamic_dim="backed")  # T=1 and T >= 2 get a graph each
+    with caplog.at_level(logging.WARNING, logger="torchpcg.stable"):
+        for num_tokens in (3, 1, 5, 1, 2):
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert compiled.direct_calls == 0
+    assert any("compiled entries" in r.getMessage() for r in caplog.records)
+
+
+def test_call_key_leaves_out_token_dims_and_refuses_unknown_objects():
+    a = {"ids": torch.zeros(3, dtype=torch.long), "cache": torch.zeros(2, 4), "flag": True}
+    b = {"ids": torch.zeros(7, dtype=torch.long), "cache": torch.zeros(2, 4), "flag": True}
+    assert call_key(a, {"ids": 0}) == call_key(b, {"ids": 0})
+    assert call_key(a, {}) != call_key(b, {})  # without the token dim the sizes differ
+    assert call_key({**a, "flag": False}, {"ids": 0}) != call_key(a, {"ids": 0})
+    assert call_key({**a, "cache": torch.zeros(2, 5)}, {"ids": 0}) != call_key(a, {"ids": 0})
+    assert call_key({"state": {"h": torch.zeros(3, 2)}}, {"state['h']": 0}) == \
+        call_key({"state": {"h": torch.zeros(9, 2)}}, {"state['h']": 0})
+    assert call_key({"cache": object()}, {}) is None
