@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 import torchpcg
@@ -111,14 +112,17 @@ def test_a_graph_break_keeps_calls_on_dynamo(caplog):
     assert any("graph break" in r.getMessage() for r in caplog.records)
 
 
-def test_two_compiled_entries_keep_calls_on_dynamo(caplog):
+@pytest.mark.parametrize("dynamic_dim", ["backed", "off"])
+def test_a_token_dim_dynamo_guards_on_keeps_calls_on_dynamo(caplog, dynamic_dim):
+    """A backed T was compiled for T >= 2 (T=1 gets its own entry), a static one per size: the
+    argument key leaves T out, so the direct code would run T=1 (or a new size) on the wrong entry."""
     model = tiny_decoder(num_layers=1)
-    compiled = _compile(model, dynamic_dim="backed")  # T=1 and T >= 2 get a graph each
+    compiled = _compile(model, dynamic_dim=dynamic_dim)
     with caplog.at_level(logging.WARNING, logger="torchpcg.stable"):
-        for num_tokens in (3, 1, 5, 1, 2):
+        for num_tokens in (3, 3, 1, 5, 1, 2):  # the second call would arm the direct path
             compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
     assert compiled.direct_calls == 0
-    assert any("compiled entries" in r.getMessage() for r in caplog.records)
+    assert any(f"the token dim is {dynamic_dim}" in r.getMessage() for r in caplog.records)
 
 
 def test_call_key_leaves_out_token_dims_and_refuses_unknown_objects():
@@ -131,3 +135,8 @@ def test_call_key_leaves_out_token_dims_and_refuses_unknown_objects():
     assert call_key({"state": {"h": torch.zeros(3, 2)}}, {"state['h']": 0}) == \
         call_key({"state": {"h": torch.zeros(9, 2)}}, {"state['h']": 0})
     assert call_key({"cache": object()}, {}) is None
+    assert call_key({**a, "cache": torch.zeros(4, 2).t()}, {"ids": 0}) != call_key(a, {"ids": 0})  # strides
+    assert call_key({"ids": torch.zeros(1, 3)}, {"ids": 1}) == call_key({"ids": torch.zeros(1, 9)}, {"ids": 1})
+    outside = call_key(a, {"ids": 0})
+    with torch.autocast("cpu"):
+        assert call_key(b, {"ids": 0}) != outside  # under autocast: another key

@@ -13,8 +13,9 @@ the original function's globals and closure, so ``forward`` itself is never modi
 instances of the class run as before.
 
 What is still checked, per call: the *call key*, which is, for every tensor argument, its dtype,
-device and sizes (the token dims left out), and for every plain value (int, float, bool, str,
-None), the value. A call whose key differs from the warm-up call's goes through Dynamo, which
+device, sizes (the token dims left out) and layout (contiguous, or its strides); for every
+plain value (int, float, bool, str, None), the value; and the global settings Dynamo guards on
+that a serving loop may change (autocast, default dtype, deterministic algorithms). A call whose key differs from the warm-up call's goes through Dynamo, which
 may compile again (the caller then stops calling directly). A parameter or cache whose memory
 moved is still caught by the runtime's address check.
 
@@ -64,11 +65,17 @@ def call_key(arguments: Mapping[str, Any], token_dims: Mapping[str, int]) -> tup
     ``token_dims``: {key: dim} of the token inputs, keys spelled as ``_TokenLayout`` spells them
     (``name``, or ``name['inner']`` for a tensor inside a dict argument).
     """
-    parts: list[Any] = []
+    parts: list[Any] = [_global_state()]
     for name, value in arguments.items():
         if not _describe(name, value, token_dims, parts):
             return None
     return tuple(parts)
+
+
+def _global_state() -> tuple[Any, ...]:
+    """The global settings Dynamo guards on that a serving loop might change between calls."""
+    return (torch.is_autocast_enabled("cuda"), torch.is_autocast_enabled("cpu"), torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled())
 
 
 def _describe(key: str, value: Any, token_dims: Mapping[str, int], parts: list[Any]) -> bool:
@@ -77,7 +84,10 @@ def _describe(key: str, value: Any, token_dims: Mapping[str, int], parts: list[A
         dim = token_dims.get(key)
         if dim is not None and dim < len(sizes):
             sizes[dim] = -1  # the token count: dynamic in the graph
-        parts.append((key, value.dtype, value.device, tuple(sizes)))
+        # Dynamo guards strides too (symbolically, for a dynamic dim): contiguous tensors share one
+        # layout at every T; any other layout is compared as is (a new T then means a new key).
+        layout = "contiguous" if value.is_contiguous() else value.stride()
+        parts.append((key, value.dtype, value.device, tuple(sizes), layout))
         return True
     if isinstance(value, _PLAIN):
         parts.append((key, type(value), value))

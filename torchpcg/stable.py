@@ -717,8 +717,13 @@ class StableModel:
             return
         if self._direct is not None or self._direct_reason is not None:
             return
-        found = (direct_code(self.model, call_key(arguments, self._layout.dims))  # type: ignore[union-attr]
-                 if not self._stable else "stable_kwargs are filled per call by the Dynamo path")
+        if self._stable:
+            found: DirectCode | str = "stable_kwargs are filled per call by the Dynamo path"
+        elif self.dynamic_dim not in ("auto", "unbacked"):  # auto fell back to "backed" if it had to
+            found = (f"the token dim is {self.dynamic_dim}, and Dynamo guards on its value (a backed T >= 2; "
+                     "a static T per size), which the argument key cannot check")
+        else:
+            found = direct_code(self.model, call_key(arguments, self._layout.dims))  # type: ignore[union-attr]
         if isinstance(found, str):
             self._direct_reason = found
             log.warning("%s: skip_guard_check is on, but calls go through Dynamo: %s",
