@@ -6,10 +6,11 @@
 #   bash scripts/gpu_session.sh tests probe         # ~4 min: pytest -m cuda, the newcomer probe
 #   bash scripts/gpu_session.sh kernels bench       # ~7 min: kernel counts, the decoder bench
 #   bash scripts/gpu_session.sh ab attention warm   # ~6 min: backed_compile=0 run, attention op, warm start
+#   bash scripts/gpu_session.sh direct              # ~2.5 min: the bench with skip_guard_check=1
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, ab, attention, warm. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, ab, direct, attention, warm. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -42,6 +43,11 @@ run_stage() {
                 --modes inductor-cudagraph,piecewise,piecewise-full-decode --piecewise-option backed_compile=0 \
                 --out "$dir" > "$dir/bench.log" 2>&1; code=$?
             grep -A4 "median ms" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
+        direct)
+            timeout 300 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 \
+                --modes inductor-cudagraph,piecewise,piecewise-full-decode --piecewise-option skip_guard_check=1 \
+                --out "$dir" > "$dir/bench.log" 2>&1; code=$?
+            grep -A4 "^| T | piecewise / inductor-cudagraph" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
         attention)
             timeout 120 python scripts/attention_host_cost.py > "$dir/attention-host-cost.md" 2>&1; code=$?
             grep -A6 "First call" "$dir/attention-host-cost.md" | tail -4 | tr '\n' ' ' > "$dir/line" ;;
@@ -49,7 +55,7 @@ run_stage() {
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, attention, warm" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, warm" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
