@@ -465,6 +465,7 @@ class Runtime:
         self._static_getter = _getter(self.static_args)  # args -> those tensors, one C call
         self._static_ptrs: tuple[int, ...] | None = None  # their addresses when the graphs were captured
         self._ptrs_by_arg: list[int | None] = []  # the same, at their arg positions (the C++ check's form)
+        self._static_index_list: list[int] = []  # static_args as a list, for the same check
         self._moves: dict[int, int] = {}  # static arg index -> times it moved
         self._owned: set[int] = set()  # storage addresses of graph outputs and static buffers
         self._lock = threading.RLock()
@@ -543,7 +544,7 @@ class Runtime:
         if not self.static_args:
             return
         if _PTRS_EQUAL is not None and len(self._ptrs_by_arg) == len(args):  # ~115 parameters: one C++ loop
-            if _PTRS_EQUAL(list(args), self._ptrs_by_arg, list(self.static_args)):
+            if _PTRS_EQUAL(list(args), self._ptrs_by_arg, self._static_index_list):
                 return
         ptrs = tuple(map(_data_ptr, self._static_getter(args)))
         if ptrs == self._static_ptrs:
@@ -569,6 +570,7 @@ class Runtime:
         self._ptrs_by_arg = [None] * len(args)
         for index, ptr in zip(self.static_args, ptrs):
             self._ptrs_by_arg[index] = ptr
+        self._static_index_list = list(self.static_args)  # the C++ check takes lists
 
     def _demote(self, indices: Collection[int]) -> None:
         names = {self._static_names[self.static_args.index(i)] for i in indices}
