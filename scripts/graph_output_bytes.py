@@ -3,7 +3,8 @@
 Builds the reference decoder (bench size unless overridden), compiles it with emulated graphs and
 eager pieces, runs one call at ``--tokens`` (capturing that bucket) and sums, per kind:
 
-- the static input buffers of every piece (allocated outside the graph pool);
+- the static input buffers of every piece (allocated outside the graph pool; a buffer that
+  pieces share counted once);
 - the outputs of every piece's graph at that bucket (graph pool memory on a GPU). Before the
   chaining registry held its entries weakly, all of these were alive at once at the end of a
   capture pass, so the pool had to hold their sum.
@@ -43,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
             compiled(torch.randint(1, 100, (args.tokens,)), torch.arange(128, 128 + args.tokens), cache)
     (runtime,) = runtimes
     rows: collections.Counter[tuple[str, str]] = collections.Counter()
+    seen: set[int] = set()  # pieces share input buffers (runtime._shared_slots): count each once
     for runner in runtime.runners:
         for index, storage in runner.storages.items():
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
             rows[("static input buffer", f"{tuple(runner.inputs[index].layout.sizes_at(args.tokens))} {storage.dtype}")] += _mib(storage)
         for buffer in runner.buffers.values():
             rows[("static input buffer", f"{tuple(buffer.shape)} {buffer.dtype}")] += _mib(buffer)

@@ -224,3 +224,68 @@ def test_the_chaining_registry_keeps_no_output_alive_past_its_last_use():
                 x = torch.randn(num_tokens, 8)
                 torch.testing.assert_close(compiled(x), model(x))
     assert torchpcg.stats()["recompiles"] == 0
+
+
+@torch.library.custom_op("torchpcg_tests::shift", mutates_args=())
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """A split op (eager between pieces): its output is copied into the next piece's static buffer."""
+    return x + 1
+
+
+@_shift.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _ViewOutlivesTheNextCopy(torch.nn.Module):
+    """Piece 1 hands out a view of its own input (``a[:, :4]``); piece 3 reads it after piece 2 has
+    filled its input buffer. If pieces 1 and 2 shared one input buffer, piece 2's copy would
+    overwrite what the view shows before piece 3 reads it. (Linear layers keep the pieces from
+    being merged into the split ops as tiny ones.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p1, self.p2, self.p3 = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = _shift(x)
+        view = a[:, :4]  # piece 1: its input a, a view of it out
+        b = _shift(self.p1(a))
+        c = _shift(self.p2(b))  # piece 2: its input b, copied into its buffer
+        return self.p3(c)[:, :4] + view  # piece 3 reads the view of piece 1's input
+
+
+def test_pieces_share_input_buffers_except_where_an_output_views_one():
+    torchpcg.register_splitting_op("torchpcg_tests::shift")
+    model = _ViewOutlivesTheNextCopy().eval()
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, **EMULATE, capture_sizes="4,8", token_inputs={"x": 0})
+        with torch.no_grad():
+            for num_tokens in (8, 5, 8, 3, 6):
+                x = torch.randn(num_tokens, 8)
+                torch.testing.assert_close(compiled(x), model(x))
+    (runtime,) = runtimes
+    runners = runtime.runners[1:]  # the first piece only checks the token count
+    token_inputs = [[i for i, spec in enumerate(r.inputs) if spec.kind == "token"] for r in runners]
+    slots = [runner.shared_slots for runner in runners]
+    assert [len(t) for t in token_inputs] == [1, 1, 2], token_inputs  # piece 3 also reads the view
+    # piece 1's input is viewed by its output: private; piece 2's is shared; piece 3 reads the view
+    # in place (chained) and its own input from a shared slot
+    assert slots[0] == {} and slots[1] == {token_inputs[1][0]: 0}, slots
+    assert torchpcg.stats()["replays"] > 0
+
+
+def test_decoder_layers_share_one_buffer_for_the_attention_output():
+    from tests.utils import compare, tiny_decoder
+
+    num_layers = 3
+    model = tiny_decoder(num_layers=num_layers)
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, **EMULATE, capture_sizes="1,2,4,8", token_inputs={"input_ids": 0, "positions": 0})
+        for num_tokens in (8, 3, 8, 1, 5):
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    (runtime,) = runtimes
+    attention_inputs = [s for runner in runtime.runners[1:] for i, s in runner.storages.items()
+                        if runner.inputs[i].layout.dtype.is_floating_point]
+    assert len(attention_inputs) == num_layers
+    assert len({s.data_ptr() for s in attention_inputs}) == 1  # one buffer, not one per layer

@@ -94,7 +94,7 @@ class FullGraphs:
         self.runtime = runtime
         # Runner first: it reads the graph's output structure, which Inductor may rewrite.
         self.runner = PieceRunner(piece, self._pieces_forward, fake_args, runtime.symbol, runtime,
-                                  static_inputs=in_place)
+                                  static_inputs=in_place, share_buffers=False)
         self.runner.warm_before_capture = False  # T's first call, run without a graph, was the warm-up
         self.whole_graph = compiler != "eager"  # the whole graph compiled by Inductor (False: the chained pieces)
         self._gm, self._compiler, self._max_autotune = copy_graph_module(gm), compiler, max_autotune

@@ -133,7 +133,8 @@ class PieceRunner:
     """Runs one compute piece: replay at the call's bucket, or the compiled code directly."""
 
     def __init__(self, piece: SplitPiece, compiled: Callable[..., Any], fake_args: Sequence[Any],
-                 symbol: sympy.Symbol | None, runtime: Runtime, static_inputs: Mapping[int, str] | None = None) -> None:
+                 symbol: sympy.Symbol | None, runtime: Runtime, static_inputs: Mapping[int, str] | None = None,
+                 share_buffers: bool = True) -> None:
         self.piece = piece
         self.compiled = compiled
         self.symbol = symbol
@@ -144,6 +145,8 @@ class PieceRunner:
         self.single_output = not isinstance(_output_arg(piece.gm), (tuple, list))
         self.captured: dict[int, _Captured] = {}
         self.storages: dict[int, torch.Tensor] = {}  # token input index -> flat buffer for the largest bucket
+        # token input index -> slot of the runtime's buffers shared between pieces (see _shared_slots)
+        self.shared_slots = _shared_slots(self.inputs, fake_args, piece.gm) if share_buffers else {}
         self.buffers: dict[int, torch.Tensor] = {}  # copied input index -> its buffer (fixed shape)
         self.unchained: set[int] = set()  # inputs once chained whose producer changed: always copied
         self.warm_before_capture = True  # run once outside the graph first (lazy inits, autotuning)
@@ -303,8 +306,11 @@ class PieceRunner:
         storage = self.storages.get(index)
         if storage is None:
             numel = max(layout.storage_numel_at(self.runtime.largest_bucket), layout.storage_numel_at(bucket))
-            with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
-                storage = torch.zeros(numel, dtype=layout.dtype, device=layout.device)
+            slot = self.shared_slots.get(index)
+            if slot is None:
+                storage = _zeros(numel, layout.dtype, layout.device)
+            else:
+                storage = self.runtime.shared_buffer(layout.dtype, layout.device, slot, numel)
             self.storages[index] = storage
         return torch.as_strided(storage, layout.sizes_at(bucket), layout.strides_at(bucket))
 
@@ -337,6 +343,45 @@ class PieceRunner:
 
     def _pack(self, values: list[Any]) -> Any:
         return values[0] if self.single_output else tuple(values)
+
+
+def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
+        return torch.zeros(numel, dtype=dtype, device=device)
+
+
+def _shared_slots(specs: Sequence[_InputSpec], fake_args: Sequence[Any], gm: torch.fx.GraphModule) -> dict[int, int]:
+    """Token inputs whose static buffer may be one buffer shared with other pieces -> its slot.
+
+    Pieces replay one after another on one stream, and each copies its token inputs into their
+    buffers right before its replay: once piece i's replay is queued, its input buffer is free
+    for piece i+1 to fill. So the pieces' buffers for, say, the attention output can be one
+    buffer instead of one per layer (2 MiB instead of 32 MiB at T=512 on the 16-layer reference
+    decoder, `scripts/graph_output_bytes.py`). Two inputs of one piece get different slots (per dtype). Not shared: an input that
+    an output is a view of, since a later op may read that output after the next piece wrote
+    the buffer (found from the fake tensors' storages; on any doubt, nothing is shared).
+    """
+    try:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        values = [node.meta.get("example_value", node.meta.get("val")) for node in
+                  (_output_arg(gm) if isinstance(_output_arg(gm), (tuple, list)) else [_output_arg(gm)])
+                  if isinstance(node, torch.fx.Node)]
+        aliased = {StorageWeakRef(v.untyped_storage()) for v in values if isinstance(v, torch.Tensor)}
+        slots: dict[int, int] = {}
+        per_dtype: dict[torch.dtype, int] = {}
+        for index, (spec, fake) in enumerate(zip(specs, fake_args)):
+            if spec.kind != _TOKEN or not isinstance(fake, torch.Tensor):
+                continue
+            if StorageWeakRef(fake.untyped_storage()) in aliased:
+                continue
+            dtype = spec.layout.dtype  # type: ignore[union-attr]
+            slots[index] = per_dtype.get(dtype, 0)
+            per_dtype[dtype] = slots[index] + 1
+        return slots
+    except Exception as exc:  # noqa: BLE001 - a fake without storage: keep every buffer private
+        log.debug("%s: static input buffers kept private (%s)", gm.__class__.__name__, exc)
+        return {}
 
 
 def _alias_outputs(outputs: Sequence[Any], copied: dict[int, torch.Tensor]) -> tuple[
@@ -468,6 +513,7 @@ class Runtime:
         self._static_index_list: list[int] = []  # static_args as a list, for the same check
         self._moves: dict[int, int] = {}  # static arg index -> times it moved
         self._owned: set[int] = set()  # storage addresses of graph outputs and static buffers
+        self._shared_buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}  # see shared_buffer
         self._lock = threading.RLock()
         self._pool: GraphPool | EmulatedPool | None = None
         self._last_stream: torch.cuda.Stream | None = None
@@ -580,6 +626,16 @@ class Runtime:
         self.static_args = tuple(i for i, _ in keep)
         self._static_names = tuple(n for _, n in keep)
         self._static_getter = _getter(self.static_args)
+
+    def shared_buffer(self, dtype: torch.dtype, device: torch.device, slot: int, numel: int) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements that pieces share for their token inputs
+        (``_shared_slots``); a larger request gets a new one, earlier pieces keep the old."""
+        key = (dtype, device, slot)
+        buffer = self._shared_buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = _zeros(numel, dtype, device)
+            self._shared_buffers[key] = buffer
+        return buffer
 
     def own(self, *groups: Any) -> None:
         """Note tensors whose memory belongs to graphs: final outputs there are cloned."""
