@@ -106,7 +106,8 @@ def test_static_buffer_estimate_equals_what_the_runtime_allocates():
     with collect_runtimes() as runtimes:
         for num_tokens in (16, 3, 1):  # every piece captures; buffers are sized for the largest bucket
             compiled(*_args(model, num_tokens))
-    allocated = sum(b.numel() * b.element_size() for r in runtimes[0].runners
-                    for b in [*r.storages.values(), *r.buffers.values()])
+    buffers = {b.data_ptr(): b for r in runtimes[0].runners for b in [*r.storages.values(), *r.buffers.values()]}
+    allocated = sum(b.numel() * b.element_size() for b in buffers.values())  # a buffer pieces share, once
     assert report.static_buffer_bytes == allocated
+    assert len(buffers) < sum(len(r.storages) + len(r.buffers) for r in runtimes[0].runners)  # some are shared
     assert sum(p.chained_inputs for p in report.pieces) > 0  # the residual stream is read in place

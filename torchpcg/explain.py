@@ -66,6 +66,8 @@ class PiecePlan:
     chained_inputs: int = 0  # of those, read in place from the previous graph's static output
     static_bytes: int = 0  # compute pieces: static [bucket, ...] buffers of the other token inputs
     graphless_reason: str = ""  # compute pieces that never use graphs, and why
+    # of static_bytes, per buffer shared with other pieces ((dtype, slot) -> bytes): counted once per graph
+    shared_bytes: tuple[tuple[str, int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -108,7 +110,13 @@ class GraphPlan:
 
     @property
     def static_buffer_bytes(self) -> int:
-        return sum(p.static_bytes for p in self.pieces)
+        """The pieces' static input buffers; one that pieces share counts once, at its largest."""
+        shared: dict[tuple[str, int], int] = {}
+        for piece in self.pieces:
+            for dtype, slot, size in piece.shared_bytes:
+                shared[(dtype, slot)] = max(shared.get((dtype, slot), 0), size)
+        own = sum(p.static_bytes - sum(size for _, _, size in p.shared_bytes) for p in self.pieces)
+        return own + sum(shared.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -236,12 +244,16 @@ def plan_of(runtime: Any, graph_mode: str | None = None) -> GraphPlan:
         # the largest bucket, every other copied input one buffer of its fixed shape.
         chained = {i for i, s in {**token, **copied}.items() if i in from_graphs.get(piece.name, ())
                    and (s.kind == InputKind.COPIED or s.layout.dtype.is_floating_point)}
-        static = sum(s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype)
-                     for i, s in {**token, **copied}.items() if i not in chained)
+        sizes = {i: s.layout.storage_numel_at(largest) * _itemsize(s.layout.dtype)
+                 for i, s in {**token, **copied}.items() if i not in chained}
+        slots = getattr(runner, "shared_slots", {}) if runner is not None else {}
+        shared = tuple((str(token[i].layout.dtype), slot, sizes[i]) for i, slot in slots.items() if i in sizes)
+        static = sum(sizes.values())
         pieces.append(PiecePlan(
             index=piece.index, name=piece.name, kind=kind, num_nodes=len(piece.node_names),
             reasons=tuple(piece.reasons), token_inputs=len(token), chained_inputs=len(chained),
             static_bytes=static, graphless_reason=getattr(runner, "graphless_reason", "") or "",
+            shared_bytes=shared,
         ))
     nodes = sum(p.num_nodes for p in pieces)
     symbol = str(runtime.symbol) if runtime.symbol is not None else None
