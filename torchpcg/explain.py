@@ -7,6 +7,7 @@ The same plan, as JSON and text, is what ``debug.dump_split`` writes into ``TORC
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -138,11 +139,15 @@ class GraphPlan:
         """The pieces as an aligned text table, one row per piece."""
         header = ("#", "piece", "kind", "nodes", "token in", "chained", "static buf", "split reason / note")
         rows = [header]
+        users = collections.Counter((dtype, slot) for p in self.pieces for dtype, slot, _ in p.shared_bytes)
         for p in self.pieces:
             if p.kind == "split":
                 note = "; ".join(p.reasons)
             else:
                 note = f"no graphs: {p.graphless_reason}" if p.graphless_reason else ""
+                shared = sum(size for dtype, slot, size in p.shared_bytes if users[(dtype, slot)] > 1)
+                if shared:
+                    note = "; ".join(filter(None, [note, f"{format_bytes(shared)} of it shared with other pieces"]))
             compute = p.kind == "compute"
             rows.append((str(p.index), p.name, p.kind, str(p.num_nodes),
                          str(p.token_inputs) if compute else "", str(p.chained_inputs) if compute else "",
