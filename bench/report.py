@@ -28,7 +28,7 @@ SUMMARIES = {mode.name: mode.summary for mode in MODES}
 
 def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], workload: Any,
           baseline: Any, method: str, commit: str, param_count: int,
-          activation_peak_mb: float | None = None) -> dict[str, Any]:
+          activation_peak_mb: float | None = None, machine: dict[str, float | None] | None = None) -> dict[str, Any]:
     """The results dict; keys past the required ones (device..memory_mb) are extras for readers."""
     names = [name for name in MODE_NAMES if name in outcomes]
     by_status = {status: {n: outcomes[n].reason for n in names if outcomes[n].status == status}
@@ -48,6 +48,7 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
         "baseline_memory_mb": dataclasses.asdict(baseline) if baseline is not None else None,
         # one eager call at the largest bucket: peak allocated above what was live before it
         "eager_activation_peak_mb": activation_peak_mb,
+        "machine_speed": machine,  # measure.machine_speed: compare runs only on machines of one speed
         "mixed_traffic": {"calls": len(mixed_sizes), "seed": settings.seed, "tokens_total": sum(mixed_sizes),
                           "distinct_sizes": len(set(mixed_sizes)), "largest_bucket": buckets[-1],
                           "above_largest_bucket": sum(t > buckets[-1] for t in mixed_sizes)},
@@ -133,6 +134,11 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
     lines = [f"# Decoder bench: {results['device']}" + ("" if results.get("complete", True) else " (partial)"), "",
              f"torch {results['torch']} (CUDA {results['cuda']}), commit `{results['commit']}`, {results['date']}.", "",
              _config_line(cfg), ""]
+    speed = results.get("machine_speed")
+    if speed:
+        gpu = f", {speed['gpu_matmul_ms']:.2f} ms for 20 bf16 2048x2048 matmuls" if speed.get("gpu_matmul_ms") else ""
+        lines += [f"Machine speed: {speed['host_op_us']:.1f} µs to issue a small op{gpu} "
+                  "(compare ratios across runs only on machines of one speed).", ""]
     if plot_name:
         lines += [f"![latency vs tokens]({plot_name})", ""]
     lines += ["## Latency per call, median ms", "", *_latency_table(results, names, "median_ms"), ""]
