@@ -153,8 +153,9 @@ def machine_speed(device: torch.device) -> dict[str, float | None]:
 
     ``host_op_us``: host time to issue one small in-place op (median of 5 x 1000 calls).
     ``gpu_matmul_ms``: device time of 20 bf16 matmuls of 2048 x 2048 (CUDA events; None on CPU).
-    Two H200s lent for this bench differed by 2x on both (8.5 vs 16.7 µs host; whole-model graph
-    1.19 vs 2.45 ms): compare ratios across runs only when these match.
+    Two H200s lent for this bench differed by 2x in host op time (8.5 vs 16.7 µs) and 1.6x in GPU
+    busy time per whole-model graph call (1675 vs 2738 µs): compare ratios across runs only when
+    these match.
     """
     small = torch.zeros(1, 2048, device=device)
     samples = []
