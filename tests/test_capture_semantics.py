@@ -289,3 +289,28 @@ def test_decoder_layers_share_one_buffer_for_the_attention_output():
                         if runner.inputs[i].layout.dtype.is_floating_point]
     assert len(attention_inputs) == num_layers
     assert len({s.data_ptr() for s in attention_inputs}) == 1  # one buffer, not one per layer
+
+
+def test_a_chained_input_from_elsewhere_recaptures_the_whole_bucket():
+    """If a piece's chained input ever stops being its producer's graph output (nothing in torchpcg
+    does that today; forced here), the piece must not be recaptured alone: the pieces after it
+    read its old outputs through replay plans made for it. The call that finds it runs the rest
+    without graphs, and the next call captures the bucket again, in order."""
+    from tests.utils import compare, tiny_decoder
+
+    model = tiny_decoder(num_layers=3)
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, **EMULATE, capture_sizes="4,8", token_inputs={"input_ids": 0, "positions": 0})
+        for num_tokens in (8, 7, 8, 7):  # capture bucket 8, plans for T=8 and T=7
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+        (runtime,) = runtimes
+        consumer = next(r for r in runtime.runners if r.captured.get(8) is not None and r.captured[8].chained)
+        captured = consumer.captured[8]
+        captured.chained = tuple((i, ptr + 1) for i, ptr in captured.chained)  # "from elsewhere" now
+        captured.plans.clear()
+        before = torchpcg.stats()["captured"]
+        for num_tokens in (8, 7, 8, 5):  # the first finds it; the next captures bucket 8 again
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    pieces_with_graphs = sum(1 for r in runtime.runners if not r.graphless_reason)
+    assert torchpcg.stats()["captured"] - before == pieces_with_graphs  # the whole bucket, once
+    assert torchpcg.stats()["recompiles"] == 0

@@ -204,10 +204,15 @@ class PieceRunner:
         """Build (once per T) what a replay touches; None if a chained input no longer matches."""
         stale = [i for i, ptr in captured.chained if args[i].data_ptr() != ptr]
         if stale:
-            log.debug("%s: chained input(s) %s come from elsewhere at T=%d; capturing without chaining",
-                      self.piece.name, stale, num_tokens)
+            # Not this piece alone: the pieces after it replay plans that read its graph's outputs,
+            # which this call will not write, and a lone recapture mid-bucket could take pool memory
+            # that replayed outputs still need. So the rest of this call runs without graphs and
+            # the next call captures the whole bucket again, in order.
+            log.debug("%s: chained input(s) %s come from elsewhere at T=%d; bucket %d is captured again, "
+                      "this input without chaining", self.piece.name, stale, num_tokens, self.runtime.state.bucket)
             self.unchained.update(stale)
-            self.runtime.drop_after_call(self, self.runtime.state.bucket)
+            self.runtime.drop_after_call(None, self.runtime.state.bucket)
+            self.runtime.state.bucket = None
             return None
         zero_whole, copies = self._copy_targets(captured.token_views, captured.copied, num_tokens)
         registry: dict[int, _Produced] = {}
