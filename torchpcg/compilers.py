@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from .config import COMPILERS
-from .layout import expr_of, symbols_of, token_source
+from .layout import expr_of, symbols_of, token_source, tokens_at
 
 __all__ = ["TokenDispatch", "compile_piece", "compile_backed", "copy_graph_module", "hinted_symints"]
 
@@ -149,15 +149,9 @@ class TokenDispatch:
             self.backed = compile_backed(copy_graph_module(gm), fake_args, symbol, max_tokens, compiler,
                                          f"{name} (T backed)", max_autotune=max_autotune)
 
-    def num_tokens(self, args: Sequence[Any]) -> int | None:
-        """T of a call (None: no input carries T itself)."""
-        if self._locate is None:
-            return None
-        index, dim = self._locate
-        return int(args[index]) if dim is None else args[index].size(dim)
-
     def __call__(self, *args: Any) -> Any:
-        if self.backed is not None and 2 <= self.num_tokens(args) <= self.max_tokens:  # type: ignore[operator]
+        # backed code exists only where an input carries T (self._locate)
+        if self.backed is not None and 2 <= tokens_at(args, self._locate) <= self.max_tokens:  # type: ignore[arg-type]
             return self.backed(*args)
         return self.other(*args)
 

@@ -14,7 +14,7 @@ from typing import Any
 import sympy
 import torch
 
-__all__ = ["Layout", "expr_of", "symbols_of", "evaluate", "leaves", "token_source"]
+__all__ = ["Layout", "expr_of", "symbols_of", "evaluate", "leaves", "token_source", "tokens_at"]
 
 
 def leaves(value: object) -> Iterator[object]:
@@ -63,6 +63,12 @@ def token_source(values: Sequence[Any], symbol: sympy.Symbol | None) -> tuple[in
         if isinstance(value, torch.SymInt) and expr_of(value) == symbol:
             return index, None
     return None
+
+
+def tokens_at(args: Sequence[Any], source: tuple[int, int | None]) -> int:
+    """T of a call, read where ``token_source`` found it: a dim of a tensor, or a SymInt input."""
+    index, dim = source
+    return int(args[index]) if dim is None else args[index].size(dim)
 
 
 @functools.lru_cache(maxsize=65536)

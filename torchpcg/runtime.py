@@ -41,7 +41,7 @@ import torch
 from .config import PiecewiseConfig
 from .errors import CaptureError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool
-from .layout import Layout, evaluate, expr_of, symbols_of
+from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
 from .split import SplitGraph, SplitPiece
 from .stats import COUNTERS
 
@@ -362,17 +362,15 @@ def _shared_slots(specs: Sequence[_InputSpec], fake_args: Sequence[Any], gm: tor
     buffers right before its replay: once piece i's replay is queued, its input buffer is free
     for piece i+1 to fill. So the pieces' buffers for, say, the attention output can be one
     buffer instead of one per layer (2 MiB instead of 32 MiB at T=512 on the 16-layer reference
-    decoder, `scripts/graph_output_bytes.py`). Two inputs of one piece get different slots (per dtype). Not shared: an input that
-    an output is a view of, since a later op may read that output after the next piece wrote
-    the buffer (found from the fake tensors' storages; on any doubt, nothing is shared).
+    decoder, ``scripts/graph_output_bytes.py``). Two inputs of one piece get different slots (per
+    dtype). Not shared: an input that an output is a view of, since a later op may read that
+    output after the next piece wrote the buffer (found from the fake tensors' storages; on any
+    doubt, nothing is shared).
     """
     try:
         from torch.multiprocessing.reductions import StorageWeakRef
 
-        values = [node.meta.get("example_value", node.meta.get("val")) for node in
-                  (_output_arg(gm) if isinstance(_output_arg(gm), (tuple, list)) else [_output_arg(gm)])
-                  if isinstance(node, torch.fx.Node)]
-        aliased = {StorageWeakRef(v.untyped_storage()) for v in values if isinstance(v, torch.Tensor)}
+        aliased = {StorageWeakRef(v.untyped_storage()) for v in _output_values(gm) if isinstance(v, torch.Tensor)}
         slots: dict[int, int] = {}
         per_dtype: dict[torch.dtype, int] = {}
         for index, (spec, fake) in enumerate(zip(specs, fake_args)):
@@ -478,11 +476,16 @@ def _output_arg(gm: torch.fx.GraphModule) -> Any:
     return next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
 
 
-def _output_specs(gm: torch.fx.GraphModule, symbol: sympy.Symbol | None) -> list[_InputSpec]:
+def _output_values(gm: torch.fx.GraphModule) -> list[Any]:
+    """The example value of each output of ``gm`` (a constant output as itself)."""
     out = _output_arg(gm)
+    return [node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else node
+            for node in (out if isinstance(out, (tuple, list)) else [out])]
+
+
+def _output_specs(gm: torch.fx.GraphModule, symbol: sympy.Symbol | None) -> list[_InputSpec]:
     specs = []
-    for node in out if isinstance(out, (tuple, list)) else [out]:
-        value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else node
+    for value in _output_values(gm):
         found = symbols_of(value)
         if isinstance(value, torch.Tensor) and symbol in found:
             specs.append(_InputSpec(_TOKEN, layout=Layout.of(value, symbol)))
@@ -521,9 +524,7 @@ class Runtime:
         self._shared_buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}  # see shared_buffer
         self._lock = threading.RLock()
         self._pool: GraphPool | EmulatedPool | None = None
-        self._last_stream: torch.cuda.Stream | None = None
-        self._last_stream_key: Any = None
-        self._device_index: int | None = None  # self.device's index, found on the first call  # the last call's stream, as the cheap key current_stream_key returns
+        self._order_streams = StreamOrder(device)  # a call on another stream than the last waits for it
         self._drop_after_call: list[tuple[PieceRunner | None, int]] = []  # (runner or all, bucket)
         self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
         self.full_blockers: list[str] = []  # why full graphs are off for this graph (explain, logs)
@@ -570,10 +571,7 @@ class Runtime:
             return outputs
 
     def num_tokens(self, args: Sequence[Any]) -> int:
-        if self.token_locator is None:
-            return 0
-        index, dim = self.token_locator
-        return int(args[index]) if dim is None else args[index].size(dim)
+        return 0 if self.token_locator is None else tokens_at(args, self.token_locator)
 
     def bucket_for(self, num_tokens: int) -> int | None:
         """Smallest bucket >= num_tokens, or None (no graphs: too large, or graphs off)."""
@@ -646,23 +644,6 @@ class Runtime:
         """Note tensors whose memory belongs to graphs: final outputs there are cloned."""
         for group in groups:
             self._owned.update(t.untyped_storage().data_ptr() for t in group if isinstance(t, torch.Tensor))
-
-    def _order_streams(self) -> None:
-        """Back-to-back calls on different streams share static buffers: the new one waits.
-
-        The stream is compared by ``current_stream_key`` (a tuple from C++, ~1 us); a ``Stream``
-        object is made only when it changed (``torch.cuda.current_stream`` costs ~10 us a call).
-        """
-        if self._device_index is None:
-            self._device_index = torch.cuda._get_device_index(self.device, optional=True)
-        key = current_stream_key(self._device_index)
-        if key == self._last_stream_key:
-            return
-        stream = torch.cuda.current_stream(self._device_index)
-        last = self._last_stream
-        if last is not None and last != stream:
-            stream.wait_stream(last)
-        self._last_stream, self._last_stream_key = stream, key
 
     def _count(self, state: CallState, bucket: int | None, num_tokens: int) -> None:
         if state.replays:
@@ -769,6 +750,33 @@ def current_stream_key(device_index: int) -> Any:
     if _CURRENT_STREAM is not None:
         return _CURRENT_STREAM(device_index)
     return torch.cuda.current_stream(device_index)
+
+
+class StreamOrder:
+    """Back-to-back calls on different CUDA streams share static buffers: called at the start of
+    each call, it makes a call on another stream than the last one wait for that stream.
+
+    The stream is compared by ``current_stream_key`` (a tuple from C++, ~1 us); a ``Stream``
+    object is made only when it changed (``torch.cuda.current_stream`` costs ~10 us a call).
+    Calls on one stream cost nothing else.
+    """
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device
+        self._index: int | None = None  # device's index, found on the first call
+        self._key: Any = None  # the last call's stream, as current_stream_key gives it
+        self._last: torch.cuda.Stream | None = None
+
+    def __call__(self) -> None:
+        if self._index is None:
+            self._index = torch.cuda._get_device_index(self.device, optional=True)
+        key = current_stream_key(self._index)
+        if key == self._key:
+            return
+        stream = torch.cuda.current_stream(self._index)
+        if self._last is not None:  # another stream than the last call's (the keys differ)
+            stream.wait_stream(self._last)
+        self._last, self._key = stream, key
 
 
 def direct_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:

@@ -47,7 +47,7 @@ import torch
 from .config import PiecewiseConfig, format_sizes
 from .errors import CaptureError, ConfigError, TorchPCGError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, new_pool
-from .runtime import resolve_graph_mode
+from .runtime import StreamOrder, resolve_graph_mode
 from .stable import StableModel, compile as stable_compile
 from .stats import COUNTERS
 
@@ -335,7 +335,7 @@ class EncoderGraphs:
         self._disabled = ""  # why graphs are off after a failed capture
         self._pool: GraphPool | EmulatedPool | None = None
         self._buckets: dict[tuple[int, Hashable], _Bucket] = {}  # (bucket, input layout) -> buffers
-        self._last_stream: torch.cuda.Stream | None = None
+        self._order_streams = StreamOrder(None)  # a call on another stream than the last waits for it (device: _mode)
         self._graphs: collections.OrderedDict[Hashable, _KeyedGraph] = collections.OrderedDict()
         self._counts = dict.fromkeys(("captures", "replays", "evictions", "eager_runs"), 0)
         self._lock = threading.RLock()
@@ -394,6 +394,7 @@ class EncoderGraphs:
             device = next((call.arguments[n].device for n in call.token_names), None)
             self._graph_mode = resolve_graph_mode(self.config, device)
             self._device = device
+            self._order_streams = StreamOrder(device)
         return self._graph_mode
 
     def _replay(self, call: _Call, bucket: int) -> Any:
@@ -457,13 +458,6 @@ class EncoderGraphs:
             static = _Bucket(bucket, tokens, others)
             self._buckets[(bucket, layout)] = static
         return static
-
-    def _order_streams(self) -> None:
-        """Back-to-back calls on different streams share static buffers: the new one waits."""
-        stream = torch.cuda.current_stream(self._device)
-        if self._last_stream is not None and self._last_stream != stream:
-            stream.wait_stream(self._last_stream)
-        self._last_stream = stream
 
     def _copy_inputs(self, static: _Bucket, call: _Call) -> None:
         num_patches = call.num_patches
