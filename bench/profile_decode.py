@@ -106,6 +106,10 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
     if calls_cpu:  # the kernels of the last call by name: what to diff between two modes' code
         start = calls_cpu[-1][0]
         record["kernel_names"] = dict(collections.Counter(k[2] for k in kernels if k[0] >= start).most_common())
+        durations: collections.Counter[str] = collections.Counter()
+        for k_start, k_end, name in kernels:  # GPU µs per kernel name, per call: where two modes' GPU time differs
+            durations[name] += (k_end - k_start) / len(calls_cpu)
+        record["kernel_us_per_call"] = {name: round(us, 2) for name, us in durations.most_common()}
     for key in ("busy", "idle", "span", "kernels", "graph_launches"):
         record[f"gpu_{key}{'_us' if key in ('busy', 'idle', 'span') else ''}_median"] = (
             statistics.median(w[key] for w in windows) if windows else None)
