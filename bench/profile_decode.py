@@ -88,8 +88,10 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
             torch.cuda.synchronize(device)
     events = prof.events()
     calls_cpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("call_"))
+    # GPU events, less our own call_<i> ranges: the profiler mirrors a record_function on the GPU
+    # (gpu_user_annotation), and that range would count as one kernel spanning the whole call.
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                     if e.device_type == torch.autograd.DeviceType.CUDA)
+                     if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("call_"))
     launches = [e.time_range.start for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")]
     for index, (start, _) in enumerate(calls_cpu):
         end = calls_cpu[index + 1][0] if index + 1 < len(calls_cpu) else float("inf")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import torchpcg
-from torchpcg.compilers import TokenDispatch, compile_backed
+from torchpcg.compilers import ExactShapeCode, TokenDispatch, compile_backed
 from torchpcg.layout import symbols_of
 from torchpcg.padding import token_symbol
 from tests.utils import tiny_decoder
@@ -48,6 +48,36 @@ def test_backed_code_is_kept_only_where_its_guards_hold():
     assert compile_backed(gm, fakes, symbol, 8192, "inductor", "sum over T") is None
 
 
+def test_exact_shape_code_is_compiled_per_layout_and_falls_back_past_its_limit():
+    """One compile per (sizes, strides) of the call; a transposed input gets code of its own, not
+    code that assumed a contiguous one; past ``limit`` keys the fallback serves. All equal eager."""
+    def fn(x, w):
+        h = x @ w
+        return (h.sum(1, keepdim=True) + h,)
+
+    x, w = torch.randn(6, 16), torch.randn(16, 16)
+    gm, fakes = _dynamo_graph(fn, x, w)
+    fallback_calls = []
+    exact = ExactShapeCode(gm, "inductor", "test", _counting(gm, fallback_calls), limit=2)
+    x1 = torch.randn(1, 16)
+    x_t = torch.randn(16, 2).t()  # [2, 16], strides (1, 2)
+    for x in (x1, x1.clone(), x_t, torch.randn(3, 16)):
+        torch.testing.assert_close(exact(*_real_args(fakes, x, w))[0], fn(x, w)[0])
+    assert len(exact.compiled) == 2 and len(fallback_calls) == 1  # [1, 16] once, [2, 16] transposed; T=3 past limit
+
+
+def test_a_failed_exact_shape_compile_hands_over_to_the_fallback(caplog):
+    gm, fakes = _dynamo_graph(lambda x, w: (x @ w,), torch.randn(4, 16), torch.randn(16, 16))
+    fallback_calls = []
+    exact = ExactShapeCode(gm, "inductor", "test", _counting(gm, fallback_calls))
+    exact.compiler = "no-such-compiler"  # compile_piece's assertion fails: as any compile error would
+    x, w = torch.randn(1, 16), torch.randn(16, 16)
+    for _ in range(2):
+        torch.testing.assert_close(exact(*_real_args(fakes, x, w))[0], x @ w)
+    assert exact.failed and not exact.compiled and len(fallback_calls) == 2
+    assert "compiling for exact shapes failed" in caplog.text
+
+
 def test_no_backed_code_for_a_graph_with_a_second_dynamic_size():
     def fn(x, y):
         return x.sum(0) + y.sum(0)
@@ -61,31 +91,34 @@ def test_no_backed_code_for_a_graph_with_a_second_dynamic_size():
 
 
 def test_pieces_run_backed_code_from_T_2_to_the_largest_bucket():
-    """Inductor pieces: T=1 and T above the largest bucket run the unbacked code, the rest the
-    code compiled with T backed; every call equals eager, no recompiles."""
+    """Inductor pieces: T=2 .. the largest bucket run the code compiled with T backed, T=1 code
+    compiled for its exact shapes, T above the largest bucket Dynamo's unbacked code; every call
+    equals eager, no recompiles."""
     model = tiny_decoder(num_layers=2)
     cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
     with torchpcg.backend.collect_runtimes() as runtimes:
         compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", capture_sizes="1,2,4,8",
                                     token_inputs={"input_ids": 0, "positions": 0})
-        position, unbacked_calls = 0, []
+        position, unbacked_calls, wrapped = 0, [], False
         with torch.no_grad():
             for num_tokens in (5, 1, 3, 8, 2, 17, 1, 6):
                 ids = torch.randint(0, model.config.vocab_size, (num_tokens,))
                 positions = torch.arange(position, position + num_tokens)
                 torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
                 position += num_tokens
-                if not unbacked_calls:  # compiled now: count the calls that reach the unbacked code
+                if not wrapped:  # compiled now: count the calls that reach the unbacked code
                     for dispatch in (r.compiled for runtime in runtimes for r in runtime.runners):
                         assert isinstance(dispatch, TokenDispatch)
                         dispatch.other = _counting(dispatch.other, unbacked_calls)
+                    wrapped = True
     torch.testing.assert_close(cache, ref_cache)
     dispatches = [r.compiled for runtime in runtimes for r in runtime.runners]
     assert dispatches and all(d.backed is not None for d in dispatches)
-    # After the first call: T=1 twice (bucket 1 captured, then replayed: an emulated replay runs
-    # the code again) and T=17 (above the largest bucket, run directly) reach the unbacked code,
-    # 3 calls per piece; T=3, 8, 2, 6 run the backed code.
-    assert len(unbacked_calls) == 3 * len(dispatches)
+    # After the first call only T=17 (above the largest bucket, run directly) reaches the unbacked
+    # code, once per piece; T=1 runs code compiled once for its shapes (at capture; an emulated
+    # replay runs it again), T=3, 8, 2, 6 the backed code.
+    assert len(unbacked_calls) == len(dispatches)
+    assert [len(d.one.compiled) for d in dispatches] == [1] * len(dispatches)
     assert torchpcg.stats()["recompiles"] == 0
 
 

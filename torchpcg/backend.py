@@ -16,7 +16,7 @@ import sympy
 import torch
 import torch.fx
 
-from .compilers import TokenDispatch, compile_piece, copy_graph_module
+from .compilers import ExactShapeCode, TokenDispatch, compile_piece, copy_graph_module
 from .config import PiecewiseConfig, format_sizes
 from .errors import ConfigError, SplitError
 from .layout import expr_of, symbols_of, token_source
@@ -90,8 +90,9 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
 def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | None,
              config: PiecewiseConfig) -> Callable[..., Any]:
     """A piece's code: compiled for Dynamo's (unbacked) T; with Inductor, also compiled with T
-    backed for T = 2 .. the largest bucket (``TokenDispatch``: Inductor fuses more around a backed
-    size), unless ``backed_compile`` is off or Dynamo's T is backed already (``dynamic_dim="backed"``,
+    backed for T = 2 .. the largest bucket and statically for T=1 on its first call
+    (``TokenDispatch``, ``ExactShapeCode``: Inductor fuses more around a known size), unless
+    ``backed_compile`` is off or Dynamo's T is backed already (``dynamic_dim="backed"``,
     ``mark_dynamic``: its T=1 calls get a graph of their own)."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
@@ -99,8 +100,9 @@ def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | Non
         return compile_piece(piece.gm, fake_args, config.compiler, piece.name, max_autotune=config.max_autotune)
     unbacked = compile_piece(copy_graph_module(piece.gm), fake_args, config.compiler, piece.name,
                              max_autotune=config.max_autotune)
+    one = ExactShapeCode(piece.gm, config.compiler, piece.name, unbacked, max_autotune=config.max_autotune)
     return TokenDispatch(piece.gm, fake_args, symbol, config.largest_bucket, config.compiler, unbacked, piece.name,
-                         max_autotune=config.max_autotune)
+                         max_autotune=config.max_autotune, one=one)
 
 
 def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str],

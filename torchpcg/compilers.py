@@ -24,7 +24,7 @@ import torch.fx
 from .config import COMPILERS
 from .layout import expr_of, symbols_of, token_source, tokens_at
 
-__all__ = ["TokenDispatch", "compile_piece", "compile_backed", "copy_graph_module", "hinted_symints"]
+__all__ = ["ExactShapeCode", "TokenDispatch", "compile_piece", "compile_backed", "copy_graph_module", "hinted_symints"]
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,64 @@ def _backed_fakes(fake_args: Sequence[Any], symbol: Any, max_tokens: int, shape_
     return token, fakes
 
 
+class ExactShapeCode:
+    """``gm`` compiled for the exact shapes of a call, on the first call with those shapes.
+
+    A static compile fuses what a symbolic T keeps apart: the 16-layer reference decoder's pieces
+    launched 327 kernels per decode step with Dynamo's unbacked code at T=1 (each RMSNorm a
+    reduction plus a pointwise kernel), 228 for a whole-model graph (H200, torch 2.11,
+    ``bench.profile_decode``). Code is kept per (sizes, strides) of the tensor inputs and the
+    plain values, so a call never runs code compiled for another layout; after ``limit`` keys, or
+    when a compile fails, ``fallback`` serves (``on_failure``, if given, picks the code to use from
+    then on instead). The first call of a key compiles: under CUDA graphs that is the warm-up run
+    before capture, never inside it.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, compiler: str, name: str, fallback: Callable[..., Any], *,
+                 max_autotune: bool = False, limit: int = 4,
+                 on_failure: Callable[[Exception], Callable[..., Any]] | None = None) -> None:
+        self.gm, self.compiler, self.name, self.fallback = gm, compiler, name, fallback
+        self.max_autotune, self.limit, self.on_failure = max_autotune, limit, on_failure
+        self.compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self.failed = False
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        code = self.compiled.get(key)
+        if code is None:
+            code = self._compile(key, args)
+        return code(*args)
+
+    def _compile(self, key: tuple[Any, ...], args: Sequence[Any]) -> Callable[..., Any]:
+        if self.failed or len(self.compiled) >= self.limit:
+            return self.fallback
+        try:  # on a copy: Inductor rewrites graphs in place
+            code = compile_piece(copy_graph_module(self.gm), list(args), self.compiler, f"{self.name} (exact shapes)",
+                                 max_autotune=self.max_autotune)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the fallback still serves
+            self.failed = True
+            if self.on_failure is not None:
+                self.fallback = self.on_failure(exc)
+            else:
+                log.warning("%s: compiling for exact shapes failed (%s: %s); its other code serves these calls",
+                            self.name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
+            return self.fallback
+        log.debug("%s: compiled for exact shapes (%d so far)", self.name or "piece", len(self.compiled) + 1)
+        self.compiled[key] = code
+        return code
+
+
 class TokenDispatch:
     """Code for one graph by token count: Inductor code compiled with T backed for T in
-    2..``max_tokens`` (``compile_backed``, at construction), ``other`` for the rest (T=1, T above
-    ``max_tokens``), or for every T when there is no backed code (``backed=False``, refused,
-    failed, or ``compiler="eager"``)."""
+    2..``max_tokens`` (``compile_backed``, at construction), ``one`` for T=1 (default ``other``),
+    ``other`` for the rest (T above ``max_tokens``), or for every T when there is no backed code
+    (``backed=False``, refused, failed, or ``compiler="eager"``)."""
 
     def __init__(self, gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
                  compiler: str, other: Callable[..., Any], name: str = "", *, max_autotune: bool = False,
-                 backed: bool = True) -> None:
+                 backed: bool = True, one: Callable[..., Any] | None = None) -> None:
         self.other = other
+        self.one = one
         self.max_tokens = max_tokens
         self._locate = token_source(fake_args, symbol)
         self.backed: Callable[..., Any] | None = None
@@ -150,9 +198,12 @@ class TokenDispatch:
                                          f"{name} (T backed)", max_autotune=max_autotune)
 
     def __call__(self, *args: Any) -> Any:
-        # backed code exists only where an input carries T (self._locate)
-        if self.backed is not None and 2 <= tokens_at(args, self._locate) <= self.max_tokens:  # type: ignore[arg-type]
-            return self.backed(*args)
+        if self._locate is not None:  # only where an input carries T
+            num_tokens = tokens_at(args, self._locate)
+            if self.backed is not None and 2 <= num_tokens <= self.max_tokens:
+                return self.backed(*args)
+            if num_tokens == 1 and self.one is not None:
+                return self.one(*args)
         return self.other(*args)
 
 

@@ -85,9 +85,12 @@ def _write_graph_files(folder: str, runtime: Any, gm: torch.fx.GraphModule) -> N
         stem = os.path.join(folder, f"piece_{piece.index}_{piece.name}")
         _write(stem + ".py", _piece_header(piece) + _readable(piece.gm))
         compiled = getattr(runners.get(piece.name), "compiled", None)
-        # A TokenDispatch holds two compiles: for Dynamo's T (T=1, above the largest bucket) and backed.
+        # A TokenDispatch holds Dynamo's compile (T above the largest bucket), the backed one, and
+        # code for T=1's exact shapes (compiled on its first call: dumped if it ran by now).
+        exact = list(getattr(getattr(compiled, "one", None), "compiled", {}).values())
         for suffix, code in ((".inductor.py", getattr(compiled, "other", compiled)),
-                             (".backed.inductor.py", getattr(compiled, "backed", None))):
+                             (".backed.inductor.py", getattr(compiled, "backed", None)),
+                             *((f".exact{i}.inductor.py", code) for i, code in enumerate(exact))):
             source = inductor_source(code)
             if source:
                 _write(stem + suffix, source)

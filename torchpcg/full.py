@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .compilers import TokenDispatch, compile_piece, copy_graph_module
+from .compilers import ExactShapeCode, TokenDispatch, copy_graph_module
 from .padding import REASON_PREFIX, written_bases
 from .runtime import FULL_REPLAY, FULL_WARM, CallState, PieceRunner, Runtime
 from .split import SplitPiece, is_capturable
@@ -97,10 +97,13 @@ class FullGraphs:
                                   static_inputs=in_place, share_buffers=False)
         self.runner.warm_before_capture = False  # T's first call, run without a graph, was the warm-up
         self.whole_graph = compiler != "eager"  # the whole graph compiled by Inductor (False: the chained pieces)
-        self._gm, self._compiler, self._max_autotune = copy_graph_module(gm), compiler, max_autotune
-        self._static: dict[tuple[Any, ...], Callable[..., Any]] = {}  # static code by call shapes (T=1)
         self._sizes: set[int] = set()
-        self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size, compiler, self._static_forward,
+        # Static code per exact call shapes (T=1; every T without backed code). A failed compile
+        # switches to the compiled pieces for good.
+        self._static = ExactShapeCode(copy_graph_module(gm), compiler, "full graph", self._pieces_forward,
+                                      max_autotune=max_autotune, limit=max(max_size, 1), on_failure=self._use_pieces)
+        self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size, compiler,
+                                   self._static if self.whole_graph else self._pieces_forward,
                                    "full graph", max_autotune=max_autotune, backed=backed_compile)
         if self.whole_graph:
             self.runner.compiled = self._whole_forward
@@ -152,7 +155,7 @@ class FullGraphs:
     @property
     def compiles(self) -> int:
         """Inductor compiles of the whole graph so far: one with T backed (T >= 2), static ones."""
-        return (self._code.backed is not None) + len(self._static)
+        return (self._code.backed is not None) + len(self._static.compiled)
 
     def _whole_forward(self, *args: Any) -> Any:
         """The whole graph's Inductor code for this call: the compile with T backed (made at build
@@ -163,31 +166,13 @@ class FullGraphs:
             self._sizes.add(self.runtime.num_tokens(args))
         return out
 
-    def _static_forward(self, *args: Any) -> Any:
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
-        compiled = self._static.get(key)
-        if compiled is None:
-            compiled = self._compile_static(args)
-            if not self.whole_graph:
-                return compiled(*args)
-            self._static[key] = compiled
-        return compiled(*args)
-
-    def _compile_static(self, args: Sequence[Any]) -> Callable[..., Any]:
-        """The Dynamo graph compiled for these exact shapes; if that fails, the chain of pieces from
-        now on (logged: full graphs still work)."""
-        num_tokens = self.runtime.num_tokens(args)
-        try:
-            compiled = compile_piece(copy_graph_module(self._gm), list(args), self._compiler,
-                                     f"full graph T={num_tokens}", max_autotune=self._max_autotune)
-        except Exception as exc:  # noqa: BLE001 - any compile failure: the pieces still serve
-            log.warning("full-decode graphs: compiling the whole graph at T=%d with %s failed (%s: %s); they run "
-                        "the compiled pieces instead", num_tokens, self._compiler, type(exc).__name__, exc)
-            self.whole_graph = False
-            self.runner.compiled = self._pieces_forward
-            return self._pieces_forward
-        log.info("full-decode graphs: compiled the whole graph for T=%d", num_tokens)
-        return compiled
+    def _use_pieces(self, exc: Exception) -> Callable[..., Any]:
+        """A whole-graph compile failed: the full graphs run the compiled pieces from now on."""
+        log.warning("full-decode graphs: compiling the whole graph with %s failed (%s: %s); they run the compiled "
+                    "pieces instead", self._static.compiler, type(exc).__name__, str(exc).splitlines()[0][:200])
+        self.whole_graph = False
+        self.runner.compiled = self._pieces_forward
+        return self._pieces_forward
 
     def _pieces_forward(self, *args: Any) -> Any:
         """The whole split module with its pieces running their compiled code (no piece graphs)."""
