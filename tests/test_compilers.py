@@ -78,6 +78,31 @@ def test_a_failed_exact_shape_compile_hands_over_to_the_fallback(caplog):
     assert "compiling for exact shapes failed" in caplog.text
 
 
+def test_exact_shape_compiles_go_through_the_fx_graph_cache():
+    """T=1's exact-shape compiles use Inductor's FX graph cache (a real-tensor compile bypasses it:
+    "No shape env"), so identical middle layers compile once and a warm start loads them."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_decoder(num_layers=4)
+    cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
+    with torchpcg.backend.collect_runtimes() as runtimes:
+        compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", capture_sizes="1,2,4,8",
+                                    token_inputs={"input_ids": 0, "positions": 0})
+        with torch.no_grad():
+            for position, num_tokens in ((0, 8), (8, 1)):
+                if num_tokens == 1:
+                    counters.clear()
+                ids = torch.randint(0, model.config.vocab_size, (num_tokens,))
+                positions = torch.arange(position, position + num_tokens)
+                torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
+    pieces = [r for runtime in runtimes for r in runtime.runners]
+    assert [len(r.compiled.one.compiled) for r in pieces] == [1] * len(pieces)
+    inductor = counters["inductor"]
+    assert inductor["fxgraph_cache_bypass"] == 0
+    assert inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_miss"] == len(pieces)
+    assert inductor["fxgraph_cache_hit"] >= len(pieces) - 3  # the middle layers: one code
+
+
 def test_no_backed_code_for_a_graph_with_a_second_dynamic_size():
     def fn(x, y):
         return x.sum(0) + y.sum(0)

@@ -24,7 +24,7 @@ import torch.fx
 from .config import COMPILERS
 from .layout import expr_of, symbols_of, token_source, tokens_at
 
-__all__ = ["ExactShapeCode", "TokenDispatch", "compile_piece", "compile_backed", "copy_graph_module", "hinted_symints"]
+__all__ = ["ExactShapeCode", "TokenDispatch", "compile_piece", "compile_exact", "compile_backed", "copy_graph_module", "hinted_symints"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,26 @@ def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: 
         compiled = compile_fx(gm, hinted_symints(fake_args))
     log.debug("inductor compiled %s in %.2fs", name or "piece", time.perf_counter() - start)
     return compiled
+
+
+def compile_exact(gm: torch.fx.GraphModule, args: Sequence[Any], compiler: str, name: str = "", *,
+                  max_autotune: bool = False) -> Callable[..., Any]:
+    """``gm`` compiled for the exact sizes and strides of the real inputs ``args``.
+
+    Through fake copies in a shape env of their own, not the real tensors: Inductor's FX graph
+    cache needs a shape env and bypasses a compile without one ("No shape env"). With it, pieces
+    of identical code (the middle decoder layers) compile once per process, and a second process
+    loads them from the cache (warm start).
+    """
+    if compiler == "eager":
+        return gm
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    fakes = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+    with torch._guards.tracing(torch._guards.TracingContext(mode)):
+        return compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
 
 
 def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
@@ -163,7 +183,7 @@ class ExactShapeCode:
         if self.failed or len(self.compiled) >= self.limit:
             return self.fallback
         try:  # on a copy: Inductor rewrites graphs in place
-            code = compile_piece(copy_graph_module(self.gm), list(args), self.compiler, f"{self.name} (exact shapes)",
+            code = compile_exact(copy_graph_module(self.gm), args, self.compiler, f"{self.name} (exact shapes)",
                                  max_autotune=self.max_autotune)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the fallback still serves
             self.failed = True
