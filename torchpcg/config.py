@@ -89,9 +89,10 @@ class PiecewiseConfig:
 
     backed_compile: bool = True
     """With Inductor, compile each piece a second time with the token count *backed* (an ordinary
-    dynamic size), to serve T = 2 .. the largest bucket (full graphs: 2 .. ``full_max_size``):
-    Inductor fuses more than around Dynamo's unbacked size. Kept only where every size assumption
-    it made holds. Off: Dynamo's compile serves every T (one compile fewer per distinct piece)."""
+    dynamic size), to serve T = 2 .. the largest bucket (full graphs: 2 .. ``full_max_size``), and
+    a third time for T=1's exact shapes on its first call: Inductor fuses more than around Dynamo's
+    unbacked size. Backed code is kept only where every size assumption it made holds. Off:
+    Dynamo's compile serves every T (two compiles fewer per distinct piece)."""
 
     cudagraph: str = "auto"
     """``auto`` (real graphs on CUDA, none on CPU), ``cuda``, ``emulate`` (CPU stand-in with
