@@ -91,6 +91,34 @@ def test_explicit_capture_goes_largest_first():
             compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
 
 
+def test_capture_progress_names_the_bucket_while_it_is_captured(monkeypatch):
+    """The bar names a bucket before its calls run (a slow bucket shows while it runs) and counts
+    it done after; it ends closed with every bucket counted."""
+    import tqdm.auto
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.n, self.total = 0, total
+
+        def set_postfix(self, **kwargs):
+            events.append(("naming", kwargs["capturing"]))
+
+        def update(self, n):
+            self.n += n
+            events.append(("done", self.n))
+
+        def close(self):
+            events.append(("closed", self.n))
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model = tiny_decoder()
+    compiled = _compile(model, compiler="eager", capture_sizes=(2, 4))
+    torchpcg.capture(compiled, lambda n: events.append(("call", n)) or decoder_inputs(model, n), sizes=(2, 4))
+    assert events == [("naming", 4), ("call", 4), ("done", 1), ("naming", 2), ("call", 2), ("done", 2), ("closed", 2)]
+
+
 class _Scaled(torch.nn.Module):
     """A non-token input (``scale``, [H]) read inside a piece: its address may change per call."""
 

@@ -47,31 +47,41 @@ def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[
     done: list[int] = []
     bar = _progress(len(order) + len(full), progress)
     for size in order:
+        bar(size)
         compiled(*make_inputs(size))
         done.append(size)
-        bar(size)
     for size in full:
+        bar(size)
         for _ in range(2 - (size in done)):
             compiled(*make_inputs(size))
-        bar(size)
+    bar(None)
     seconds = time.perf_counter() - start
     log.info("captured %d buckets in %.2fs", len(done), seconds)
     return {"sizes": done, "seconds": seconds}
 
 
-def _progress(total: int, enabled: bool) -> Callable[[int], None]:
-    """A tqdm-style bar on stderr when tqdm is installed and asked for; else a no-op."""
+def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
+    """A tqdm-style bar on stderr when tqdm is installed and asked for; else a no-op.
+
+    ``step(size)`` before each bucket's calls: the bar names the bucket being captured (a slow
+    one, e.g. T=1 compiling its exact-shape code, shows while it runs); ``step(None)`` at the end.
+    """
     if not enabled:
         return lambda size: None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return lambda size: log.debug("captured bucket %d", size)
+        return lambda size: log.debug("capturing bucket %s", size) if size is not None else None
     bar = tqdm(total=total, desc="torchpcg capture", unit="bucket", leave=False)
+    started = False
 
-    def step(size: int) -> None:
-        bar.set_postfix(tokens=size)
-        bar.update(1)
-        if bar.n >= total:
+    def step(size: int | None) -> None:
+        nonlocal started
+        if started:
+            bar.update(1)  # the previous bucket is done
+        started = True
+        if size is None:
             bar.close()
+        else:
+            bar.set_postfix(capturing=size)
     return step
