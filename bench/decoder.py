@@ -444,6 +444,8 @@ def _run(settings: Settings) -> dict[str, Any]:
         # past the context only, which every mode overwrites anyway).
         activation_peak = measure.activation_peak_mb(lambda: model(*ctx.make_inputs(buckets[-1]), kv_cache),
                                                      settings.device)
+        activation_reserved = measure.activation_reserved_mb(
+            lambda: model(*ctx.make_inputs(buckets[-1]), kv_cache), settings.device)
         baseline = measure.memory_snapshot(settings.device)
         machine = measure.machine_speed(settings.device)
         commit, params = commit_of(settings), sum(p.numel() for p in model.parameters())
@@ -464,10 +466,11 @@ def _run(settings: Settings) -> dict[str, Any]:
                 free_memory(settings.device)
             # Write the record so far: a run killed by a time limit still leaves every finished mode.
             report.write(report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit, params,
-                                      activation_peak, machine), settings.out_dir, quick=settings.quick)
+                                      activation_peak, machine, activation_reserved), settings.out_dir,
+                         quick=settings.quick)
         bar.close()
     return report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit, params, activation_peak,
-                        machine)
+                        machine, activation_reserved)
 
 
 _PER_MODE_FLAGS = ("--modes", "--out", "--commit")  # flags (with a value) that run_isolated sets per child

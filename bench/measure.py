@@ -7,6 +7,7 @@ first; median and p90 over the repeats. This is the latency a caller sees, host 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import statistics
 import time
@@ -17,7 +18,7 @@ import torch
 
 __all__ = [
     "Latency", "ErrorReport", "MemorySnapshot", "synchronize", "time_call", "time_calls", "time_sequence", "compare",
-    "memory_snapshot", "reset_peak", "peak_allocated_mb", "activation_peak_mb", "machine_speed",
+    "memory_snapshot", "reset_peak", "peak_allocated_mb", "activation_peak_mb", "activation_reserved_mb", "machine_speed",
 ]
 
 MIB = 1024 * 1024
@@ -142,6 +143,23 @@ def activation_peak_mb(call: Callable[[], object], device: torch.device) -> floa
     synchronize(device)
     del output
     return (torch.cuda.max_memory_allocated(device) - before) / MIB
+
+
+def activation_reserved_mb(call: Callable[[], object], device: torch.device) -> float | None:
+    """MiB the caching allocator reserved at the peak of ``call``, from an emptied cache: the eager
+    call's memory counted as graph memory is (whole segments), so the two compare like for like.
+    None on CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_reserved(device)
+    output = call()
+    synchronize(device)
+    del output
+    return (torch.cuda.max_memory_reserved(device) - before) / MIB
 
 
 def peak_allocated_mb(device: torch.device) -> float | None:

@@ -28,7 +28,8 @@ SUMMARIES = {mode.name: mode.summary for mode in MODES}
 
 def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], workload: Any,
           baseline: Any, method: str, commit: str, param_count: int,
-          activation_peak_mb: float | None = None, machine: dict[str, float | None] | None = None) -> dict[str, Any]:
+          activation_peak_mb: float | None = None, machine: dict[str, float | None] | None = None,
+          activation_reserved_mb: float | None = None) -> dict[str, Any]:
     """The results dict; keys past the required ones (device..memory_mb) are extras for readers."""
     names = [name for name in MODE_NAMES if name in outcomes]
     by_status = {status: {n: outcomes[n].reason for n in names if outcomes[n].status == status}
@@ -48,6 +49,8 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
         "baseline_memory_mb": dataclasses.asdict(baseline) if baseline is not None else None,
         # one eager call at the largest bucket: peak allocated above what was live before it
         "eager_activation_peak_mb": activation_peak_mb,
+        # the same call from an emptied cache: peak reserved (whole allocator segments, as graph memory is)
+        "eager_activation_reserved_mb": activation_reserved_mb,
         "machine_speed": machine,  # measure.machine_speed: compare runs only on machines of one speed
         "mixed_traffic": {"calls": len(mixed_sizes), "seed": settings.seed, "tokens_total": sum(mixed_sizes),
                           "distinct_sizes": len(set(mixed_sizes)), "largest_bucket": buckets[-1],
@@ -299,6 +302,12 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
                   if (memory := results["memory_mb"].get(n, {})).get("setup_reserved_delta") is not None]
         lines.append(f"- Eager activation peak of one call at the largest bucket ({results['mixed_traffic']['largest_bucket']}): "
                      f"{peak:.0f} MiB. Memory reserved during setup over it: {', '.join(graphs) or '-'}.")
+    reserved = results.get("eager_activation_reserved_mb")
+    if reserved:
+        graphs = [f"`{n}` {memory['setup_reserved_delta'] / reserved:.2f}x" for n in names
+                  if (memory := results["memory_mb"].get(n, {})).get("setup_reserved_delta") is not None]
+        lines.append(f"- The same eager call from an emptied cache reserved {reserved:.0f} MiB (whole allocator segments, "
+                     f"as graph memory is counted). Memory reserved during setup over it: {', '.join(graphs) or '-'}.")
     skips = results.get("info", {}).get("reduce-overhead", {}).get("cudagraph_skip_messages")
     if skips:
         lines.append(f"- `reduce-overhead` ran without CUDA graphs: {skips[0]}")

@@ -148,3 +148,18 @@ def test_repeats_are_spread_over_rounds_of_every_token_count() -> None:
 def test_rounds_below_one_is_a_clear_error() -> None:
     with pytest.raises(decoder.UsageError, match="--rounds 0"):
         decoder.resolve_settings(decoder.parse_args(["--quick", "--rounds", "0"]))
+
+
+@pytest.mark.slow
+def test_graph_memory_is_reported_against_both_eager_yardsticks(quick_run) -> None:
+    """Graph memory (reserved) over the eager call's allocated peak and over its reserved peak."""
+    from bench import report
+
+    _, out = quick_run
+    results = _results(out)
+    assert "eager_activation_reserved_mb" in results  # None on CPU
+    results["eager_activation_peak_mb"], results["eager_activation_reserved_mb"] = 40.0, 64.0
+    results["memory_mb"]["piecewise"] = {"setup_reserved_delta": 96.0}
+    text = report.markdown(results)
+    assert "Memory reserved during setup over it: `piecewise` 2.40x" in text
+    assert "reserved 64 MiB" in text and "`piecewise` 1.50x" in text
