@@ -134,32 +134,30 @@ def reset_peak(device: torch.device) -> None:
 def activation_peak_mb(call: Callable[[], object], device: torch.device) -> float | None:
     """MiB allocated at the peak of ``call`` above what was allocated before it (its activations
     and outputs; weights and caches already live are not counted). None on CPU."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    output = call()
-    synchronize(device)
-    del output
-    return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    return _peak_of(call, device, torch.cuda.memory_allocated, torch.cuda.max_memory_allocated)
 
 
 def activation_reserved_mb(call: Callable[[], object], device: torch.device) -> float | None:
     """MiB the caching allocator reserved at the peak of ``call``, from an emptied cache: the eager
     call's memory counted as graph memory is (whole segments), so the two compare like for like.
     None on CPU."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    return _peak_of(call, device, torch.cuda.memory_reserved, torch.cuda.max_memory_reserved)
+
+
+def _peak_of(call: Callable[[], object], device: torch.device, now: Callable[[torch.device], int],
+             peak: Callable[[torch.device], int]) -> float | None:
     if device.type != "cuda":
         return None
     synchronize(device)
-    gc.collect()
-    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_reserved(device)
+    before = now(device)
     output = call()
     synchronize(device)
     del output
-    return (torch.cuda.max_memory_reserved(device) - before) / MIB
+    return (peak(device) - before) / MIB
 
 
 def peak_allocated_mb(device: torch.device) -> float | None:

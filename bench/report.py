@@ -296,22 +296,25 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
                  f"{mixed['distinct_sizes']} distinct T, {mixed['above_largest_bucket']} above the largest bucket "
                  f"({mixed['largest_bucket']}); total wall seconds per mode, graphs captured lazily included. "
                  f"'mixed again' replays the same calls once more: what is left once every size was seen.")
-    peak = results.get("eager_activation_peak_mb")
+    peak, reserved = results.get("eager_activation_peak_mb"), results.get("eager_activation_reserved_mb")
     if peak:
-        graphs = [f"`{n}` {memory['setup_reserved_delta'] / peak:.2f}x" for n in names
-                  if (memory := results["memory_mb"].get(n, {})).get("setup_reserved_delta") is not None]
         lines.append(f"- Eager activation peak of one call at the largest bucket ({results['mixed_traffic']['largest_bucket']}): "
-                     f"{peak:.0f} MiB. Memory reserved during setup over it: {', '.join(graphs) or '-'}.")
-    reserved = results.get("eager_activation_reserved_mb")
+                     f"{peak:.0f} MiB. Memory reserved during setup over it: {_over(results, names, peak)}.")
     if reserved:
-        graphs = [f"`{n}` {memory['setup_reserved_delta'] / reserved:.2f}x" for n in names
-                  if (memory := results["memory_mb"].get(n, {})).get("setup_reserved_delta") is not None]
         lines.append(f"- The same eager call from an emptied cache reserved {reserved:.0f} MiB (whole allocator segments, "
-                     f"as graph memory is counted). Memory reserved during setup over it: {', '.join(graphs) or '-'}.")
+                     f"as graph memory is counted). Memory reserved during setup over it: "
+                     f"{_over(results, names, reserved)}.")
     skips = results.get("info", {}).get("reduce-overhead", {}).get("cudagraph_skip_messages")
     if skips:
         lines.append(f"- `reduce-overhead` ran without CUDA graphs: {skips[0]}")
     return ["## Notes", "", *lines, ""]
+
+
+def _over(results: dict[str, Any], names: list[str], yardstick: float) -> str:
+    """Each mode's memory reserved during setup over ``yardstick`` MiB, as "`mode` 2.51x, ..."."""
+    graphs = [f"`{n}` {memory['setup_reserved_delta'] / yardstick:.2f}x" for n in names
+              if (memory := results["memory_mb"].get(n, {})).get("setup_reserved_delta") is not None]
+    return ", ".join(graphs) or "-"
 
 
 def main(argv: list[str] | None = None) -> int:
