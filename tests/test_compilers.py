@@ -64,6 +64,9 @@ def test_exact_shape_code_is_compiled_per_layout_and_falls_back_past_its_limit()
     for x in (x1, x1.clone(), x_t, torch.randn(3, 16)):
         torch.testing.assert_close(exact(*_real_args(fakes, x, w))[0], fn(x, w)[0])
     assert len(exact.compiled) == 2 and len(fallback_calls) == 1  # [1, 16] once, [2, 16] transposed; T=3 past limit
+    # A plain argument that cannot be a key (a list): the fallback serves, nothing is compiled.
+    unkeyed = ExactShapeCode(gm, "inductor", "test", lambda *args: ("fallback", len(args)))
+    assert unkeyed(x1, [0]) == ("fallback", 2) and not unkeyed.compiled
 
 
 def test_a_failed_exact_shape_compile_hands_over_to_the_fallback(caplog):

@@ -24,7 +24,8 @@ import torch.fx
 from .config import COMPILERS
 from .layout import expr_of, symbols_of, token_source, tokens_at
 
-__all__ = ["ExactShapeCode", "TokenDispatch", "compile_piece", "compile_exact", "compile_backed", "copy_graph_module", "hinted_symints"]
+__all__ = ["ExactShapeCode", "TokenDispatch", "compile_piece", "compile_exact", "compile_backed", "copy_graph_module",
+           "hinted_symints"]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,10 @@ class ExactShapeCode:
 
     def __call__(self, *args: Any) -> Any:
         key = tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
-        code = self.compiled.get(key)
+        try:
+            code = self.compiled.get(key)
+        except TypeError:  # an unhashable plain argument: no key to keep code under
+            return self.fallback(*args)
         if code is None:
             code = self._compile(key, args)
         return code(*args)
