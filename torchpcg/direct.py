@@ -14,14 +14,16 @@ instances of the class run as before.
 
 What is still checked, per call: the *call key*, which is, for every tensor argument, its dtype,
 device, sizes (the token dims left out) and layout (contiguous, or its strides); for every
-plain value (int, float, bool, str, None), the value; and the global settings Dynamo guards on
-that a serving loop may change (autocast, default dtype, deterministic algorithms). A call whose key differs from the warm-up call's goes through Dynamo, which
-may compile again (the caller then stops calling directly). A parameter or cache whose memory
-moved is still caught by the runtime's address check.
+plain value (int, float, bool, str, None), the value; and three global settings Dynamo guards
+on that a serving loop may change (autocast, default dtype, deterministic algorithms). A call
+whose key differs from the warm-up call's goes through Dynamo, which may compile again (the
+caller then stops calling directly). A parameter or cache whose memory moved is still caught by
+the runtime's address check.
 
 What is not checked: parameters or submodules replaced by other objects, attributes the forward
-reads, global state Dynamo guards on (deterministic algorithms, default dtype), hooks added
-after warm-up. Hence opt-in, for serving loops whose model does not change after warm-up.
+reads, global state Dynamo guards on beyond the three above (grad mode is not among them:
+torchpcg.compile sets it on every call), hooks added after warm-up. Hence opt-in, for serving
+loops whose model does not change after warm-up.
 
 Used only when the model's forward has exactly one compiled entry (a backed token dim has
 two: T=1 and T >= 2), that code calls no resume function (a graph break: resume functions run
