@@ -1,0 +1,141 @@
+"""Where a mode's setup time goes, from a cold Inductor cache: one fresh process per mode.
+
+Each mode of the decoder bench (``bench/modes.py``) is built in a fresh Python process whose
+``TORCHINDUCTOR_CACHE_DIR`` (and Triton's cache inside it) is a new empty folder, so every mode
+pays its own compiles, as a first-time user does. The bench itself runs its modes in one process
+on one cache folder, so a later mode may find an earlier one's kernels.
+
+Per mode it prints the build's wall seconds (compile + capture of every default bucket), the FX
+graph cache counters, torchpcg's compiles by kind with their seconds (from the
+``torchpcg.compilers`` log), and the functions with the most cumulative time (cProfile):
+
+    python scripts/setup_breakdown.py --modes inductor-cudagraph,piecewise
+    python scripts/setup_breakdown.py --modes piecewise --piecewise-option backed_compile=0
+    python scripts/setup_breakdown.py --quick --modes piecewise     # CPU smoke, tiny model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CHILD_FLAG = "--child"
+_COMPILED = re.compile(r"inductor compiled (?P<name>.*) in (?P<seconds>[0-9.]+)s")
+
+
+class _CompileLog(logging.Handler):
+    """Collects torchpcg.compilers' "inductor compiled <piece> in <s>s" records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.compiles: list[tuple[str, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = _COMPILED.search(record.getMessage())
+        if found:
+            self.compiles.append((found["name"], float(found["seconds"])))
+
+
+def _kind(name: str) -> str:
+    for kind in ("exact shapes", "T backed"):
+        if kind in name:
+            return kind
+    return "Dynamo's T"
+
+
+def child(mode_name: str, flags: list[str]) -> dict[str, Any]:
+    """Build one mode from a cold cache; its setup seconds, compiles and top cumulative functions."""
+    import cProfile
+    import dataclasses
+    import pstats
+
+    import torch
+
+    from bench import decoder
+    from bench.modes import MODES, BenchContext
+
+    settings = decoder.resolve_settings(decoder.parse_args(flags + ["--no-progress"]))
+    handler = _CompileLog()
+    compilers_log = logging.getLogger("torchpcg.compilers")
+    compilers_log.addHandler(handler)
+    compilers_log.setLevel(logging.DEBUG)
+    mode = {m.name: m for m in MODES}[mode_name]
+    with torch.no_grad():
+        model, kv_cache = decoder.build_model(settings)
+        decoder.prefill(model, kv_cache, settings)
+        ctx = BenchContext(model=model, kv_cache=kv_cache, device=settings.device,
+                           buckets=decoder.default_buckets(settings),
+                           scratch_position=settings.model_config.max_seq_len - 1,
+                           make_inputs=decoder.InputMaker(settings, seed_offset=4), tokens=settings.tokens,
+                           piecewise_options=settings.piecewise_options)
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.enable()
+        mode.build(dataclasses.replace(ctx, info={}))
+        if settings.device.type == "cuda":
+            torch.cuda.synchronize()
+        profiler.disable()
+        seconds = time.perf_counter() - start
+    stats = pstats.Stats(profiler)
+    rows = sorted(((func, entry[3]) for func, entry in stats.stats.items()), key=lambda r: -r[1])
+    interesting = [f"{cum:7.2f} s  {Path(func[0]).name}:{func[1]}({func[2]})" for func, cum in rows
+                   if "torch/" in func[0] or "torchpcg" in func[0] or "bench" in func[0]][:40]
+    by_kind: dict[str, list[float]] = {}
+    for name, secs in handler.compiles:
+        by_kind.setdefault(_kind(name), []).append(secs)
+    counters = torch._dynamo.utils.counters["inductor"]
+    return {"mode": mode_name, "setup_s": seconds, "fxgraph_cache_hit": counters["fxgraph_cache_hit"],
+            "fxgraph_cache_miss": counters["fxgraph_cache_miss"],
+            "compiles": {k: {"count": len(v), "seconds": sum(v), "max_s": max(v)} for k, v in by_kind.items()},
+            "dynamo_compile_times": torch._dynamo.utils.compile_times(repr="str", aggregate=True),
+            "top_cumulative": interesting}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(CHILD_FLAG, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="inductor-cudagraph,piecewise")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke: the bench's tiny model")
+    parser.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    flags = ["--quick"] if args.quick else []
+    for item in args.piecewise_option:
+        flags += ["--piecewise-option", item]
+    if args.child:
+        print(json.dumps(child(args.child, flags)))
+        return 0
+    results = []
+    for name in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+            command = [sys.executable, __file__, CHILD_FLAG, name, "--modes", name] + flags[:]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"## {name}: failed (exit {done.returncode})\n{done.stderr[-3000:]}")
+            continue
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(f"## {name}: setup {result['setup_s']:.1f} s from a cold cache; FX graph cache "
+              f"{result['fxgraph_cache_miss']} miss, {result['fxgraph_cache_hit']} hit")
+        for kind, c in result["compiles"].items():
+            print(f"- torchpcg compiles, {kind}: {c['count']}, {c['seconds']:.1f} s (longest {c['max_s']:.1f} s)")
+        print("\n```\n" + result["dynamo_compile_times"] + "\n```\n\nTop cumulative:\n```")
+        print("\n".join(result["top_cumulative"]) + "\n```\n")
+    if args.out:
+        args.out.write_text(json.dumps({"options": args.piecewise_option, "results": results}, indent=1))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
