@@ -49,7 +49,7 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
         "baseline_memory_mb": dataclasses.asdict(baseline) if baseline is not None else None,
         # one eager call at the largest bucket: peak allocated above what was live before it
         "eager_activation_peak_mb": activation_peak_mb,
-        # the same call from an emptied cache: peak reserved (whole allocator segments, as graph memory is)
+        # the same call in a private memory pool: its segments (whole, as graph memory is counted)
         "eager_activation_reserved_mb": activation_reserved_mb,
         "machine_speed": machine,  # measure.machine_speed: compare runs only on machines of one speed
         "mixed_traffic": {"calls": len(mixed_sizes), "seed": settings.seed, "tokens_total": sum(mixed_sizes),
@@ -301,8 +301,9 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
         lines.append(f"- Eager activation peak of one call at the largest bucket ({results['mixed_traffic']['largest_bucket']}): "
                      f"{peak:.0f} MiB. Memory reserved during setup over it: {_over(results, names, peak)}.")
     if reserved:
-        lines.append(f"- The same eager call from an emptied cache reserved {reserved:.0f} MiB (whole allocator segments, "
-                     f"as graph memory is counted). Memory reserved during setup over it: "
+        lines.append(f"- The same eager call in a private memory pool (as a graph's allocations are) reserved "
+                     f"{reserved:.0f} MiB of allocator segments (graph memory is counted in whole segments too). "
+                     f"Memory reserved during setup over it: "
                      f"{_over(results, names, reserved)}.")
     skips = results.get("info", {}).get("reduce-overhead", {}).get("cudagraph_skip_messages")
     if skips:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import torchpcg
-from torchpcg.compilers import ExactShapeCode, TokenDispatch, compile_backed
+from torchpcg.compilers import ExactShapeCode, LazyCode, TokenDispatch, compile_backed
 from torchpcg.layout import symbols_of
 from torchpcg.padding import token_symbol
 from tests.utils import tiny_decoder
@@ -32,7 +32,8 @@ def _real_args(fakes, x, w):
 
 
 def test_backed_code_is_kept_only_where_its_guards_hold():
-    """A sum over T makes Inductor's CPU code assume T <= 4096: kept for T up to 8, refused up to 8192."""
+    """A sum over T makes Inductor's CPU code assume T <= 4096: kept for T up to 8 and serving up
+    to 4096 (proven by value ranges), refused for a range up to 8192."""
     def fn(x, w):
         h = x @ w
         return h.sum(0) + h
@@ -41,11 +42,27 @@ def test_backed_code_is_kept_only_where_its_guards_hold():
     gm, fakes = _dynamo_graph(fn, x, w)
     symbol = token_symbol(gm)
     backed = compile_backed(gm, fakes, symbol, 8, "inductor", "sum over T")
-    assert backed is not None
-    for num_tokens in (2, 5, 8):
+    assert backed is not None and backed.max_tokens == 4096
+    for num_tokens in (2, 5, 8, 4096):
         x = torch.randn(num_tokens, 16)
-        torch.testing.assert_close(backed(*_real_args(fakes, x, w))[0], fn(x, w))
+        # fp32 sums over up to 4096 rows in another order: a summation-order tolerance
+        torch.testing.assert_close(backed.code(*_real_args(fakes, x, w))[0], fn(x, w), rtol=1e-4, atol=2e-3)
     assert compile_backed(gm, fakes, symbol, 8192, "inductor", "sum over T") is None
+
+
+def test_a_guard_is_proven_over_a_range_or_checked_at_each_T():
+    """Value ranges prove a bound for a whole range; what they cannot prove is checked at each T;
+    the range past the bucket stops where a guard stops holding."""
+    import sympy
+
+    from torchpcg.compilers import _holds, _proven_up_to
+
+    t = sympy.Symbol("t", integer=True, positive=True)
+    assert _holds(sympy.Le(2048 * t, 2**31 - 1), t, 2, 512)
+    assert not _holds(sympy.Le(t, 300), t, 2, 512)
+    assert _holds(sympy.Ne(t, 1), t, 2, 512)
+    assert _proven_up_to({sympy.Le(2048 * t, 2**31 - 1)}, t, 512) == (2**31 - 1) // 2048
+    assert _proven_up_to(set(), t, 512) == 2**31 - 1
 
 
 def test_exact_shape_code_is_compiled_per_layout_and_falls_back_past_its_limit():
@@ -118,35 +135,42 @@ def test_no_backed_code_for_a_graph_with_a_second_dynamic_size():
     assert compile_backed(gm, fakes, token_symbol(gm), 8, "inductor", "two sizes") is None
 
 
-def test_pieces_run_backed_code_from_T_2_to_the_largest_bucket():
-    """Inductor pieces: T=2 .. the largest bucket run the code compiled with T backed, T=1 code
-    compiled for its exact shapes, T above the largest bucket Dynamo's unbacked code; every call
+def test_pieces_run_backed_code_from_T_2_up_and_compile_dynamos_code_on_first_use():
+    """Inductor pieces: T >= 2 run the code compiled with T backed (above the largest bucket too:
+    its guards are proven there), T=1 code compiled for its exact shapes; Dynamo's unbacked code
+    is compiled only when a call needs it (here: T=1 once the exact code is off). Every call
     equals eager, no recompiles."""
     model = tiny_decoder(num_layers=2)
     cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
     with torchpcg.backend.collect_runtimes() as runtimes:
         compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", capture_sizes="1,2,4,8",
                                     token_inputs={"input_ids": 0, "positions": 0})
-        position, unbacked_calls, wrapped = 0, [], False
+        position, unbacked_calls, lazy = 0, [], []
         with torch.no_grad():
             for num_tokens in (5, 1, 3, 8, 2, 17, 1, 6):
                 ids = torch.randint(0, model.config.vocab_size, (num_tokens,))
                 positions = torch.arange(position, position + num_tokens)
                 torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
                 position += num_tokens
-                if not wrapped:  # compiled now: count the calls that reach the unbacked code
+                if not lazy:  # compiled now: count the calls that reach the unbacked code
                     for dispatch in (r.compiled for runtime in runtimes for r in runtime.runners):
-                        assert isinstance(dispatch, TokenDispatch)
+                        assert isinstance(dispatch, TokenDispatch) and isinstance(dispatch.other, LazyCode)
+                        lazy.append(dispatch.other)
                         dispatch.other = _counting(dispatch.other, unbacked_calls)
-                    wrapped = True
+        dispatches = [r.compiled for runtime in runtimes for r in runtime.runners]
+        # T=1 runs code compiled once for its shapes (at capture; an emulated replay runs it
+        # again), T=3, 8, 2, 6 and 17 (above the largest bucket) the backed code: nothing needed
+        # Dynamo's code, so it was never compiled.
+        assert dispatches and all(d.backed is not None and d.max_tokens >= 17 for d in dispatches)
+        assert not unbacked_calls and all(code.code is None for code in lazy)
+        assert [len(d.one.compiled) for d in dispatches] == [1] * len(dispatches)
+        for d in dispatches:
+            d.one = None  # the exact code off: T=1 falls back to Dynamo's code, compiled now
+        ids, positions = torch.randint(0, model.config.vocab_size, (1,)), torch.tensor([position])
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
+        assert all(code.code is not None for code in lazy) and len(unbacked_calls) >= len(dispatches)
     torch.testing.assert_close(cache, ref_cache)
-    dispatches = [r.compiled for runtime in runtimes for r in runtime.runners]
-    assert dispatches and all(d.backed is not None for d in dispatches)
-    # After the first call only T=17 (above the largest bucket, run directly) reaches the unbacked
-    # code, once per piece; T=1 runs code compiled once for its shapes (at capture; an emulated
-    # replay runs it again), T=3, 8, 2, 6 the backed code.
-    assert len(unbacked_calls) == len(dispatches)
-    assert [len(d.one.compiled) for d in dispatches] == [1] * len(dispatches)
     assert torchpcg.stats()["recompiles"] == 0
 
 

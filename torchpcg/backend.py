@@ -16,7 +16,7 @@ import sympy
 import torch
 import torch.fx
 
-from .compilers import ExactShapeCode, TokenDispatch, compile_piece, copy_graph_module
+from .compilers import ExactShapeCode, LazyCode, TokenDispatch, compile_piece, copy_graph_module
 from .config import PiecewiseConfig, format_sizes
 from .errors import ConfigError, SplitError
 from .layout import expr_of, symbols_of, token_source
@@ -89,20 +89,31 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
 
 def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | None,
              config: PiecewiseConfig) -> Callable[..., Any]:
-    """A piece's code: compiled for Dynamo's (unbacked) T; with Inductor, also compiled with T
-    backed for T = 2 .. the largest bucket and statically for T=1 on its first call
-    (``TokenDispatch``, ``ExactShapeCode``: Inductor fuses more around a known size), unless
+    """A piece's code. With Inductor: compiled with T backed for T = 2 .. the largest bucket and
+    past it as far as its guards are proven, statically for T=1 on its first call, and for
+    Dynamo's (unbacked) T on the first call nothing else serves (``TokenDispatch``,
+    ``ExactShapeCode``, ``LazyCode``: Inductor fuses more around a known size), unless
     ``backed_compile`` is off or Dynamo's T is backed already (``dynamic_dim="backed"``,
     ``mark_dynamic``: its T=1 calls get a graph of their own)."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     if config.compiler == "eager" or not config.backed_compile or symbol is None or not free_unbacked_symbols(symbol):
         return compile_piece(piece.gm, fake_args, config.compiler, piece.name, max_autotune=config.max_autotune)
-    unbacked = compile_piece(copy_graph_module(piece.gm), fake_args, config.compiler, piece.name,
+
+    def compile_unbacked() -> Callable[..., Any]:
+        return compile_piece(copy_graph_module(piece.gm), fake_args, config.compiler, piece.name,
                              max_autotune=config.max_autotune)
+
+    # Later, outside Dynamo's compile, only where every size is unbacked: Dynamo's shape env is
+    # frozen by then and would drop a guard on a backed size; an unbacked one cannot be guarded.
+    later = all(free_unbacked_symbols(s) for f in fake_args for s in symbols_of(f))
+    unbacked = LazyCode(compile_unbacked, piece.name) if later else compile_unbacked()
     one = ExactShapeCode(piece.gm, config.compiler, piece.name, unbacked, max_autotune=config.max_autotune)
-    return TokenDispatch(piece.gm, fake_args, symbol, config.largest_bucket, config.compiler, unbacked, piece.name,
-                         max_autotune=config.max_autotune, one=one)
+    dispatch = TokenDispatch(piece.gm, fake_args, symbol, config.largest_bucket, config.compiler, unbacked,
+                             piece.name, max_autotune=config.max_autotune, one=one)
+    if dispatch.backed is None and isinstance(unbacked, LazyCode):
+        unbacked.ensure()  # no backed code: Dynamo's serves every T >= 2, compiled now as before
+    return dispatch
 
 
 def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str],

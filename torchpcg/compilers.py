@@ -12,10 +12,12 @@ process (see its docstring).
 """
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sympy
 import torch
@@ -24,7 +26,7 @@ import torch.fx
 from .config import COMPILERS
 from .layout import expr_of, symbols_of, token_source, tokens_at
 
-__all__ = ["ExactShapeCode", "TokenDispatch", "compile_piece", "compile_exact", "compile_backed", "copy_graph_module",
+__all__ = ["BackedCode", "ExactShapeCode", "LazyCode", "TokenDispatch", "compile_piece", "compile_exact", "compile_backed", "copy_graph_module",
            "hinted_symints"]
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,17 @@ def compile_exact(gm: torch.fx.GraphModule, args: Sequence[Any], compiler: str, 
         return compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
 
 
+class BackedCode(NamedTuple):
+    """Inductor code compiled with T backed, and the token counts it may serve: 2 .. ``max_tokens``."""
+
+    code: Callable[..., Any]
+    max_tokens: int
+
+
 def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
-                   compiler: str, name: str = "", *, max_autotune: bool = False) -> Callable[..., Any] | None:
-    """``gm`` compiled once for every token count T in 2..``max_tokens`` with T *backed*, or None.
+                   compiler: str, name: str = "", *, max_autotune: bool = False) -> BackedCode | None:
+    """``gm`` compiled once with T *backed*, for every token count T in 2..``max_tokens`` at
+    least, or None.
 
     Dynamo hands torchpcg an unbacked T (one graph for every T, T=1 included), and Inductor fuses
     less around an unbacked size: the 4-layer reference decoder launched 81 kernels per call
@@ -88,9 +98,11 @@ def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: A
     Correct by construction: a backed symbol is assumed >= 2 (so T=1 never runs this code), and
     every other assumption Inductor makes about a size is a guard in that shape env (also on an
     FX-graph-cache hit, which re-adds the cached guards), e.g. ``T <= 4096`` for a reduction over
-    T on CPU. The code is returned only when every guard holds at every T in 2..``max_tokens`` and
-    T was not replaced by a value; None (the caller keeps its other code) when one fails, when the
-    compile fails, or when an input depends on a second symbol or has a storage offset.
+    T on CPU, or a 32-bit index bound on the GPU. The code is returned only when every guard holds
+    at every T in 2..``max_tokens`` and T was not replaced by a value; None (the caller keeps its
+    other code) when one fails, when the compile fails, or when an input depends on a second
+    symbol or has a storage offset. Its range reaches past ``max_tokens`` as far as value-range
+    analysis proves every guard (``BackedCode.max_tokens``), so large calls run it too.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -107,15 +119,58 @@ def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: A
     except Exception as exc:  # noqa: BLE001 - the caller keeps its other code (any torch version's API)
         log.info("%s: no backed compile (%s: %s)", name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
         return None
-    assumed = [str(g.expr) for g in shape_env.guards if token in g.expr.free_symbols
-               and any(g.expr.xreplace({token: n}) is not sympy.true for n in range(2, max_tokens + 1))]
+    guards = {g.expr for g in shape_env.guards if token in g.expr.free_symbols}
+    assumed = sorted(str(expr) for expr in guards if not _holds(expr, token, 2, max_tokens))
     if shape_env.replacements.get(token, token) != token:
         assumed.append(f"T = {shape_env.replacements[token]}")
     if assumed:
-        log.info("%s: the backed compile assumed %s; keeping the other code", name or "piece",
-                 "; ".join(sorted(set(assumed))[:3]))
+        log.info("%s: the backed compile assumed %s; keeping the other code", name or "piece", "; ".join(assumed[:3]))
         return None
-    return compiled
+    return BackedCode(compiled, _proven_up_to(guards, token, max_tokens))
+
+
+# The largest token count backed code may serve: a 32-bit size. Inductor's own index guards say
+# less where they must (``_proven_up_to``).
+_MAX_SIZE = 2**31 - 1
+
+
+def _holds(expr: Any, token: Any, low: int, high: int) -> bool:
+    """Whether the guard ``expr`` is true at every T in low..high: proven by value ranges when
+    they can (a fraction of a millisecond), else checked at each T. The check at each T alone took
+    21 s of a 62 s cold piecewise setup on the H200 (``scripts/setup_breakdown.py``)."""
+    if _proven(expr, token, low, high):
+        return True
+    return all(expr.xreplace({token: n}) is sympy.true for n in range(low, high + 1))
+
+
+@functools.lru_cache(maxsize=4096)  # identical pieces bring identical guards
+def _proven(expr: Any, token: Any, low: int, high: int) -> bool:
+    """Whether value-range analysis proves ``expr`` for every T in low..high (False: unknown)."""
+    try:
+        from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+
+        bound = bound_sympy(expr, {token: ValueRanges(low, high)})
+    except Exception:  # noqa: BLE001 - an expression the analysis does not know: check each T
+        return False
+    return bound.lower is sympy.true and bound.upper is sympy.true
+
+
+def _proven_up_to(guards: set[Any], token: Any, max_tokens: int) -> int:
+    """The largest T >= ``max_tokens`` (at most ``_MAX_SIZE``) such that value ranges prove every
+    guard for T in 2..T; ``max_tokens`` when they prove nothing past it. Each step proves a whole
+    range, so the answer is sound whether or not a guard is monotone in T."""
+    def proven(high: int) -> bool:
+        return all(_proven(expr, token, 2, high) for expr in guards)
+
+    if proven(_MAX_SIZE):
+        return _MAX_SIZE
+    low, high = max_tokens, _MAX_SIZE  # proven(low) or low == max_tokens; not proven(high)
+    if not proven(low):
+        return max_tokens
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if proven(middle) else (low, middle)
+    return low
 
 
 def _backed_fakes(fake_args: Sequence[Any], symbol: Any, max_tokens: int, shape_env: Any,
@@ -203,32 +258,60 @@ class ExactShapeCode:
 
 
 class TokenDispatch:
-    """Code for one graph by token count: Inductor code compiled with T backed for T in
-    2..``max_tokens`` (``compile_backed``, at construction), ``one`` for T=1 (default ``other``),
-    ``other`` for the rest (T above ``max_tokens``), or for every T when there is no backed code
-    (``backed=False``, refused, failed, or ``compiler="eager"``)."""
+    """Code for one graph by token count: Inductor code compiled with T backed (``compile_backed``,
+    at construction) for T in 2..``max_tokens`` and as far past it as its guards are proven;
+    ``one`` for T=1 (default ``other``); ``other`` for the rest, or for every T when there is no
+    backed code (``backed=False``, refused, failed, or ``compiler="eager"``)."""
 
     def __init__(self, gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
                  compiler: str, other: Callable[..., Any], name: str = "", *, max_autotune: bool = False,
                  backed: bool = True, one: Callable[..., Any] | None = None) -> None:
         self.other = other
         self.one = one
-        self.max_tokens = max_tokens
         self._locate = token_source(fake_args, symbol)
         self.backed: Callable[..., Any] | None = None
+        self.max_tokens = 0  # the largest T the backed code serves
         if backed and compiler != "eager" and self._locate is not None and max_tokens >= 2:
             # On a copy: Inductor rewrites graphs in place.
-            self.backed = compile_backed(copy_graph_module(gm), fake_args, symbol, max_tokens, compiler,
-                                         f"{name} (T backed)", max_autotune=max_autotune)
+            found = compile_backed(copy_graph_module(gm), fake_args, symbol, max_tokens, compiler,
+                                   f"{name} (T backed)", max_autotune=max_autotune)
+            if found is not None:
+                self.backed, self.max_tokens = found
 
     def __call__(self, *args: Any) -> Any:
         if self._locate is not None:  # only where an input carries T
             num_tokens = tokens_at(args, self._locate)
-            if self.backed is not None and 2 <= num_tokens <= self.max_tokens:
-                return self.backed(*args)
+            if 2 <= num_tokens <= self.max_tokens:
+                return self.backed(*args)  # type: ignore[misc]  # max_tokens > 0: compiled
             if num_tokens == 1 and self.one is not None:
                 return self.one(*args)
         return self.other(*args)
+
+
+class LazyCode:
+    """Code compiled by ``build()`` on its first call, once (thread-safe), not before.
+
+    Dynamo's unbacked code of a piece with backed code serves only what nothing else does: T above
+    the backed code's proven range (about a million tokens), T=1 past the exact-shape code's limit
+    or after its compile failed. Compiling it up front was a third of piecewise setup on the H200
+    (``scripts/setup_breakdown.py``), for code a server may never run.
+    """
+
+    def __init__(self, build: Callable[[], Callable[..., Any]], name: str) -> None:
+        self.build, self.name = build, name
+        self.code: Callable[..., Any] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any) -> Any:
+        return (self.code or self.ensure())(*args)
+
+    def ensure(self) -> Callable[..., Any]:
+        """The code, compiled now if it was not yet."""
+        with self._lock:
+            if self.code is None:
+                log.info("%s: compiling the code for Dynamo's token count", self.name or "piece")
+                self.code = self.build()
+            return self.code
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -88,11 +88,12 @@ class PiecewiseConfig:
     """Piece compiler: ``inductor`` (dynamic-shape compiles per piece, see ``backed_compile``) or ``eager``."""
 
     backed_compile: bool = True
-    """With Inductor, compile each piece a second time with the token count *backed* (an ordinary
-    dynamic size), to serve T = 2 .. the largest bucket (full graphs: 2 .. ``full_max_size``), and
-    a third time for T=1's exact shapes on its first call: Inductor fuses more than around Dynamo's
-    unbacked size. Backed code is kept only where every size assumption it made holds. Off:
-    Dynamo's compile serves every T (two compiles fewer per distinct piece)."""
+    """With Inductor, compile each piece with the token count *backed* (an ordinary dynamic size),
+    to serve T = 2 .. the largest bucket and larger T as far as its guards are proven (full graphs:
+    2 .. ``full_max_size``), and for T=1's exact shapes on its first call: Inductor fuses more than
+    around Dynamo's unbacked size. Backed code is kept only where every size assumption it made
+    holds; Dynamo's own compile waits for a call that nothing else serves. Off: Dynamo's compile
+    serves every T (one compile per distinct piece)."""
 
     cudagraph: str = "auto"
     """``auto`` (real graphs on CUDA, none on CPU), ``cuda``, ``emulate`` (CPU stand-in with

@@ -39,8 +39,8 @@ compile order (a recompile makes a new folder).
 | `graph_<n>/dynamo_graph.py` | the whole FX graph Dynamo handed the backend, before splitting (`print_readable`) |
 | `graph_<n>/split_module.py` | the top-level split module: the order in which pieces (`submod_<i>`) are called and which values flow between them |
 | `graph_<n>/piece_<i>_<name>.py` | the FX code of piece `<i>`; a header says whether it is a compute piece (compiled, captured per bucket) or a split op (run eagerly on the real rows) and why |
-| `graph_<n>/piece_<i>_<name>.inductor.py` | Inductor's generated output code for compute piece `<i>` (only with `compiler="inductor"`), compiled for Dynamo's token count: what T above the largest bucket runs (and every T with `backed_compile=0`); T=1's exact-shape code is compiled on its first call, after this dump |
-| `graph_<n>/piece_<i>_<name>.backed.inductor.py` | the same piece compiled with T backed, what T = 2 .. the largest bucket run (fuses more; see docs/design.md, "Compile") |
+| `graph_<n>/piece_<i>_<name>.inductor.py` | Inductor's generated output code for compute piece `<i>` (only with `compiler="inductor"`), compiled for Dynamo's token count: what every T runs with `backed_compile=0` or when the backed compile was refused. With backed code this compile waits for its first use (a T past the backed code's proven range, T=1 past the exact-shape code's limit) and is not written; T=1's exact-shape code is compiled on its first call, after this dump |
+| `graph_<n>/piece_<i>_<name>.backed.inductor.py` | the same piece compiled with T backed, what T = 2 .. the largest bucket run, and larger T as far as its guards are proven (fuses more; see docs/design.md, "Compile") |
 | `depyf/__transformed_code_<n>_for_<fn>.py` | depyf's decompiled Python of each frame as Dynamo rewrote it (guards aside: the code that calls the compiled graph); written for every frame Dynamo transforms once the backend has run with `debug_dir` set, when depyf is installed |
 | `depyf/` (other files) | `full_code_for_*.py` (guards + transformed code + compiled graph), `__compiled_fn_*.py`: depyf's full dump, written by `torchpcg.debug.depyf_session` when the session wraps the first call (`torchpcg.compile` does) |
 
@@ -85,8 +85,9 @@ def _write_graph_files(folder: str, runtime: Any, gm: torch.fx.GraphModule) -> N
         stem = os.path.join(folder, f"piece_{piece.index}_{piece.name}")
         _write(stem + ".py", _piece_header(piece) + _readable(piece.gm))
         compiled = getattr(runners.get(piece.name), "compiled", None)
-        # A TokenDispatch holds two compiles made by now: for Dynamo's T (above the largest bucket) and backed.
-        for suffix, code in ((".inductor.py", getattr(compiled, "other", compiled)),
+        # A TokenDispatch holds the backed compile and Dynamo's T (a LazyCode: compiled on first use, maybe not yet).
+        other = getattr(compiled, "other", compiled)
+        for suffix, code in ((".inductor.py", getattr(other, "code", other)),
                              (".backed.inductor.py", getattr(compiled, "backed", None))):
             source = inductor_source(code)
             if source:
