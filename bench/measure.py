@@ -151,12 +151,12 @@ def activation_reserved_mb(call: Callable[[], object], device: torch.device) -> 
     synchronize(device)
     pool = pool_type()
     try:
-        with use_pool(pool, device):
+        with use_pool(pool, torch.cuda.current_device() if device.index is None else device.index):
             output = call()
             synchronize(device)
         reserved = sum(segment["total_size"] for segment in pool.snapshot())  # segments only grow in a pool
         del output
-    except (AttributeError, RuntimeError, TypeError) as err:  # an older MemPool API: no second yardstick
+    except (AttributeError, RuntimeError, TypeError, ValueError) as err:  # an older MemPool API: no second yardstick
         print(f"eager reserved peak not measured: {type(err).__name__}: {err}", file=sys.stderr)
         return None
     finally:
