@@ -430,15 +430,20 @@ def run(settings: Settings) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def bench_context(settings: Settings, model: FlatDecoder, kv_cache: torch.Tensor) -> BenchContext:
+    """What every mode builder gets: the model, its cache, the default buckets, fresh inputs per T."""
+    return BenchContext(model=model, kv_cache=kv_cache, device=settings.device, buckets=default_buckets(settings),
+                        scratch_position=settings.model_config.max_seq_len - 1,
+                        make_inputs=InputMaker(settings, seed_offset=4), tokens=settings.tokens,
+                        piecewise_options=settings.piecewise_options)
+
+
 def _run(settings: Settings) -> dict[str, Any]:
     with torch.no_grad():
         model, kv_cache = build_model(settings)
         prefix = prefill(model, kv_cache, settings)
-        buckets = default_buckets(settings)
-        ctx = BenchContext(model=model, kv_cache=kv_cache, device=settings.device, buckets=buckets,
-                           scratch_position=settings.model_config.max_seq_len - 1,
-                           make_inputs=InputMaker(settings, seed_offset=4), tokens=settings.tokens,
-                           piecewise_options=settings.piecewise_options)
+        ctx = bench_context(settings, model, kv_cache)
+        buckets = ctx.buckets
         workload = build_workload(model, ctx, settings, prefix)
         # The graph-memory target's yardstick: one eager call at the largest bucket (cache positions
         # past the context only, which every mode overwrites anyway).

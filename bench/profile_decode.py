@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from bench import decoder
-from bench.modes import MODES, BenchContext, ModeUnavailable
+from bench.modes import MODES, ModeUnavailable
 
 __all__ = ["main", "profile_mode"]
 
@@ -149,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         model, kv_cache = decoder.build_model(settings)
         decoder.prefill(model, kv_cache, settings)
-        ctx = BenchContext(model=model, kv_cache=kv_cache, device=settings.device,
-                           buckets=decoder.default_buckets(settings),
-                           scratch_position=settings.model_config.max_seq_len - 1,
-                           make_inputs=decoder.InputMaker(settings, seed_offset=4), tokens=tokens,
-                           piecewise_options=settings.piecewise_options)
+        ctx = decoder.bench_context(settings, model, kv_cache)
         for mode in decoder.run_order(tuple(names)):
             try:
                 runner = mode.build(dataclasses.replace(ctx, info={}))

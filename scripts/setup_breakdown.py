@@ -62,7 +62,7 @@ def child(mode_name: str, flags: list[str]) -> dict[str, Any]:
     import torch
 
     from bench import decoder
-    from bench.modes import MODES, BenchContext
+    from bench.modes import MODES
 
     settings = decoder.resolve_settings(decoder.parse_args(flags + ["--no-progress"]))
     handler = _CompileLog()
@@ -73,11 +73,7 @@ def child(mode_name: str, flags: list[str]) -> dict[str, Any]:
     with torch.no_grad():
         model, kv_cache = decoder.build_model(settings)
         decoder.prefill(model, kv_cache, settings)
-        ctx = BenchContext(model=model, kv_cache=kv_cache, device=settings.device,
-                           buckets=decoder.default_buckets(settings),
-                           scratch_position=settings.model_config.max_seq_len - 1,
-                           make_inputs=decoder.InputMaker(settings, seed_offset=4), tokens=settings.tokens,
-                           piecewise_options=settings.piecewise_options)
+        ctx = decoder.bench_context(settings, model, kv_cache)
         profiler = cProfile.Profile()
         start = time.perf_counter()
         profiler.enable()
