@@ -26,8 +26,8 @@ import torch.fx
 from .config import COMPILERS
 from .layout import expr_of, symbols_of, token_source, tokens_at
 
-__all__ = ["BackedCode", "ExactShapeCode", "LazyCode", "TokenDispatch", "compile_piece", "compile_exact", "compile_backed", "copy_graph_module",
-           "hinted_symints"]
+__all__ = ["BackedCode", "ExactShapeCode", "LazyCode", "TokenDispatch", "compile_piece", "compile_exact",
+           "compile_backed", "copy_graph_module", "hinted_symints"]
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,8 @@ class LazyCode:
 
     Dynamo's unbacked code of a piece with backed code serves only what nothing else does: T above
     the backed code's proven range (about a million tokens), T=1 past the exact-shape code's limit
-    or after its compile failed. Compiling it up front was a third of piecewise setup on the H200
-    (``scripts/setup_breakdown.py``), for code a server may never run.
+    or after its compile failed. Compiled up front it took 13.6 s of a 62.5 s cold piecewise setup
+    on the H200 (``scripts/setup_breakdown.py``), for code a server may never run.
     """
 
     def __init__(self, build: Callable[[], Callable[..., Any]], name: str) -> None:
