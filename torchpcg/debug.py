@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from .compilers import LazyCode
+
 __all__ = ["dump_split", "depyf_session", "install_bytecode_dump", "inductor_source", "README_TEXT"]
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def _write_graph_files(folder: str, runtime: Any, gm: torch.fx.GraphModule) -> N
         compiled = getattr(runners.get(piece.name), "compiled", None)
         # A TokenDispatch holds the backed compile and Dynamo's T (a LazyCode: compiled on first use, maybe not yet).
         other = getattr(compiled, "other", compiled)
-        for suffix, code in ((".inductor.py", getattr(other, "code", other)),
+        for suffix, code in ((".inductor.py", other.code if isinstance(other, LazyCode) else other),
                              (".backed.inductor.py", getattr(compiled, "backed", None))):
             source = inductor_source(code)
             if source:
