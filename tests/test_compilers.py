@@ -142,6 +142,7 @@ def test_pieces_run_backed_code_from_T_2_up_and_compile_dynamos_code_on_first_us
     equals eager, no recompiles."""
     model = tiny_decoder(num_layers=2)
     cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
+    late_before = torchpcg.stats()["late_compiles"]
     with torchpcg.backend.collect_runtimes() as runtimes:
         compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", capture_sizes="1,2,4,8",
                                     token_inputs={"input_ids": 0, "positions": 0})
@@ -164,12 +165,14 @@ def test_pieces_run_backed_code_from_T_2_up_and_compile_dynamos_code_on_first_us
         assert dispatches and all(d.backed is not None and d.max_tokens >= 17 for d in dispatches)
         assert not unbacked_calls and all(code.code is None for code in lazy)
         assert [len(d.one.compiled) for d in dispatches] == [1] * len(dispatches)
+        assert torchpcg.stats()["late_compiles"] - late_before == len(dispatches)  # the exact T=1 code
         for d in dispatches:
             d.one = None  # the exact code off: T=1 falls back to Dynamo's code, compiled now
         ids, positions = torch.randint(0, model.config.vocab_size, (1,)), torch.tensor([position])
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
         assert all(code.code is not None for code in lazy) and len(unbacked_calls) >= len(dispatches)
+        assert torchpcg.stats()["late_compiles"] - late_before == 2 * len(dispatches)  # and Dynamo's code
     torch.testing.assert_close(cache, ref_cache)
     assert torchpcg.stats()["recompiles"] == 0
 

@@ -25,6 +25,7 @@ import torch.fx
 
 from .config import COMPILERS
 from .layout import expr_of, symbols_of, token_source, tokens_at
+from .stats import COUNTERS
 
 __all__ = ["BackedCode", "ExactShapeCode", "LazyCode", "TokenDispatch", "compile_piece", "compile_exact",
            "compile_backed", "copy_graph_module", "hinted_symints"]
@@ -253,6 +254,7 @@ class ExactShapeCode:
                             self.name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
             return self.fallback
         log.debug("%s: compiled for exact shapes (%d so far)", self.name or "piece", len(self.compiled) + 1)
+        COUNTERS.add("late_compiles")
         self.compiled[key] = code
         return code
 
@@ -311,6 +313,7 @@ class LazyCode:
             if self.code is None:
                 log.info("%s: compiling the code for Dynamo's token count", self.name or "piece")
                 self.code = self.build()
+                COUNTERS.add("late_compiles")
             return self.code
 
 
