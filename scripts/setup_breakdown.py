@@ -111,11 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.child, flags)))
         return 0
+    from bench.modes import MODE_NAMES
+
+    names = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [n for n in names if n not in MODE_NAMES]
+    if unknown or not names:
+        print(f"--modes={args.modes!r}: unknown {unknown or 'none given'}; choose from {', '.join(MODE_NAMES)}",
+              file=sys.stderr)
+        return 2
     results = []
-    for name in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    for name in names:
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-            command = [sys.executable, __file__, CHILD_FLAG, name, "--modes", name] + flags[:]
+            command = [sys.executable, __file__, CHILD_FLAG, name, "--modes", name, *flags]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"## {name}: failed (exit {done.returncode})\n{done.stderr[-3000:]}")
