@@ -165,9 +165,9 @@ def _proven_up_to(guards: set[Any], token: Any, max_tokens: int) -> int:
 
     if proven(_MAX_SIZE):
         return _MAX_SIZE
-    low, high = max_tokens, _MAX_SIZE  # proven(low) or low == max_tokens; not proven(high)
-    if not proven(low):
-        return max_tokens
+    if not proven(max_tokens):
+        return max_tokens  # a guard held only by the check at each T
+    low, high = max_tokens, _MAX_SIZE  # proven(low), not proven(high)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if proven(middle) else (low, middle)
