@@ -7,10 +7,11 @@
 #   bash scripts/gpu_session.sh kernels bench       # ~7 min: kernel counts, the decoder bench
 #   bash scripts/gpu_session.sh ab attention warm   # ~6 min: backed_compile=0 run, attention op, warm start
 #   bash scripts/gpu_session.sh direct              # ~2.5 min: the bench with skip_guard_check=1
+#   bash scripts/gpu_session.sh memory              # ~1 min: the piecewise pool's growth per capture
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, ab, direct, attention, warm. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, ab, direct, attention, memory, warm. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -51,11 +52,14 @@ run_stage() {
         attention)
             timeout 120 python scripts/attention_host_cost.py > "$dir/attention-host-cost.md" 2>&1; code=$?
             grep -A6 "First call" "$dir/attention-host-cost.md" | tail -4 | tr '\n' ' ' > "$dir/line" ;;
+        memory)
+            timeout 300 python scripts/graph_memory.py > "$dir/graph-memory.md" 2> "$dir/graph-memory.err"; code=$?
+            grep -m1 "Reserved delta" "$dir/graph-memory.md" > "$dir/line" ;;
         warm)
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, warm" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, memory, warm" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
