@@ -451,6 +451,7 @@ def _run(settings: Settings) -> dict[str, Any]:
                                                      settings.device)
         activation_reserved = measure.activation_reserved_mb(
             lambda: model(*ctx.make_inputs(buckets[-1]), kv_cache), settings.device)
+        workspace = measure.stream_workspace_mb(settings.device, settings.dtype)
         baseline = measure.memory_snapshot(settings.device)
         machine = measure.machine_speed(settings.device)
         commit, params = commit_of(settings), sum(p.numel() for p in model.parameters())
@@ -471,11 +472,11 @@ def _run(settings: Settings) -> dict[str, Any]:
                 free_memory(settings.device)
             # Write the record so far: a run killed by a time limit still leaves every finished mode.
             report.write(report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit, params,
-                                      activation_peak, machine, activation_reserved), settings.out_dir,
+                                      activation_peak, machine, activation_reserved, workspace), settings.out_dir,
                          quick=settings.quick)
         bar.close()
     return report.build(settings, outcomes, buckets, workload, baseline, METHOD, commit, params, activation_peak,
-                        machine, activation_reserved)
+                        machine, activation_reserved, workspace)
 
 
 _PER_MODE_FLAGS = ("--modes", "--out", "--commit")  # flags (with a value) that run_isolated sets per child

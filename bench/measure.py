@@ -166,6 +166,38 @@ def activation_reserved_mb(call: Callable[[], object], device: torch.device) -> 
     return reserved / MIB
 
 
+def stream_workspace_mb(device: torch.device, dtype: torch.dtype) -> float | None:
+    """MiB that a stream's first matmul keeps for good: cuBLAS's workspace for that stream (32 MiB
+    on Hopper by default). Every graph mode captures on a side stream, so its first captured
+    matmul puts one such workspace in the graph pool; eager's stream made its own long before.
+    Measured as one matmul on a side stream in a private pool, with cuBLAS's cached workspaces
+    cleared around it (call before any graph is captured). None on CPU or without ``MemPool``."""
+    pool_type, use_pool = getattr(torch.cuda, "MemPool", None), getattr(torch.cuda, "use_mem_pool", None)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if device.type != "cuda" or pool_type is None or use_pool is None or clear is None:
+        return None
+    matrix = torch.ones(64, 64, device=device, dtype=dtype)
+    synchronize(device)
+    clear()
+    pool, stream = pool_type(), torch.cuda.Stream(device=device)
+    try:
+        with torch.cuda.stream(stream), use_pool(pool, torch.cuda.current_device() if device.index is None
+                                                  else device.index):
+            product = matrix @ matrix
+            stream.synchronize()
+            del product
+        active = sum(segment["active_size"] for segment in pool.snapshot())
+    except (AttributeError, RuntimeError, TypeError, ValueError) as err:
+        print(f"stream workspace not measured: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    finally:
+        clear()  # the workspace goes back to the pool, which can then go
+        del pool
+    gc.collect()
+    torch.cuda.empty_cache()
+    return active / MIB
+
+
 def _peak_of(call: Callable[[], object], device: torch.device, now: Callable[[torch.device], int],
              peak: Callable[[torch.device], int]) -> float | None:
     if device.type != "cuda":

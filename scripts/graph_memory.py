@@ -107,6 +107,7 @@ def main(argv: list[str]) -> int:
         largest = ctx.buckets[-1]
         eager = eager_pool(lambda: model(*ctx.make_inputs(largest), kv_cache), settings.device)
         peak = decoder.measure.activation_peak_mb(lambda: model(*ctx.make_inputs(largest), kv_cache), settings.device)
+        workspace = decoder.measure.stream_workspace_mb(settings.device, settings.dtype)
         decoder.free_memory(settings.device)
         reserved_before = torch.cuda.memory_reserved(settings.device)
         runner = mode.build(dataclasses.replace(ctx, info={}))
@@ -124,7 +125,12 @@ def main(argv: list[str]) -> int:
     print(f"Buckets: {list(ctx.buckets)}; captures: {len(records)}.")
     print(f"Eager call at T={largest}: tensor peak {peak:.2f} MiB, private pool {eager_total:.2f} MiB.")
     print(f"Reserved delta across setup (after empty_cache): {reserved_delta / MIB:.2f} MiB "
-          f"= {reserved_delta / MIB / eager_total:.2f}x the eager pool.\n")
+          f"= {reserved_delta / MIB / eager_total:.2f}x the eager pool.")
+    if workspace is not None:
+        print(f"Of which cuBLAS's workspace for the capture stream: {workspace:.2f} MiB; the rest "
+              f"{reserved_delta / MIB - workspace:.2f} MiB = {(reserved_delta / MIB - workspace) / eager_total:.2f}x "
+              "the eager pool.")
+    print()
     print("## Pool growth per bucket (largest first)\n")
     print("| bucket | captures | growth MiB | pool reserved after MiB | pool active after MiB |")
     print("|---|---|---|---|---|")

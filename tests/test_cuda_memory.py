@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import torchpcg
+from torchpcg.graphs import GraphPool
 
 pytestmark = pytest.mark.cuda
 
@@ -69,3 +70,25 @@ def test_a_capture_pass_reuses_the_memory_of_outputs_past_their_last_use():
         f"(one wide output is {wide_bytes / 2**20:.1f} MiB): outputs stay alive past their last use")
     stats = torchpcg.stats()
     assert stats["recompiles"] == 0 and stats["capture_failures"] == 0 and stats["replays"] > 0
+
+
+def _pool_reserved(pool: GraphPool) -> int:
+    return sum(s["total_size"] for s in torch.cuda.memory._snapshot()["segments"]
+               if tuple(s["segment_pool_id"]) == tuple(pool.handle))
+
+
+def test_pools_share_one_capture_stream_so_cublas_workspace_is_paid_once():
+    """cuBLAS keeps a workspace per stream (32 MiB on Hopper), made inside the pool that captures
+    the stream's first matmul. A second pool (another compiled model) must not make another."""
+    device = torch.device("cuda")
+    a = torch.randn(256, 256, device=device)
+    first, second = GraphPool(device), GraphPool(device)
+    assert first.stream is second.stream
+    graphs = [pool.capture(lambda m: m @ m + 1, (a,)) for pool in (first, second)]
+    for graph in graphs:
+        graph.replay()
+        torch.testing.assert_close(graph.outputs[0], a @ a + 1)
+    # The second pool holds only its output: 256 KiB, in one small (2 MiB) segment.
+    assert _pool_reserved(second) <= 2 * 2**20, (
+        f"the second pool reserved {_pool_reserved(second) / 2**20:.0f} MiB for one 256 KiB output: "
+        "its captures made a cuBLAS workspace of their own")

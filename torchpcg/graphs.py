@@ -33,8 +33,8 @@ import torch
 
 from .errors import CaptureError
 
-__all__ = ["Graph", "Pool", "CudaGraph", "EmulatedGraph", "GraphPool", "EmulatedPool", "flatten_outputs",
-           "new_pool"]
+__all__ = ["Graph", "Pool", "CudaGraph", "EmulatedGraph", "GraphPool", "EmulatedPool", "capture_stream",
+           "flatten_outputs", "new_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,27 @@ def new_pool(graph_mode: str, device: torch.device | None) -> GraphPool | Emulat
 
 # ---- real CUDA graphs ----------------------------------------------------------------------------
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream every pool of this process captures on, per device.
+
+    cuBLAS keeps a workspace per (handle, stream), made on a stream's first matmul and kept for the
+    life of the process: 32 MiB on Hopper by default. A stream per pool would put one more in every
+    pool (a compiled model, or a pool retired after an out-of-memory capture); one stream per device
+    pays it once. ``torch.cuda.graph`` shares its default capture stream the same way. Captures are
+    serialised anyway: a capture in global mode forbids unsafe CUDA calls from other threads.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS.setdefault(index, torch.cuda.Stream(device=torch.device("cuda", index)))
+    return stream
+
+
 class GraphPool:
-    """One private CUDA memory pool and capture stream, alive as long as this object.
+    """One private CUDA memory pool, alive as long as this object; captures on ``capture_stream``.
 
     Every piece and bucket of one runtime captures into it, largest bucket first, so smaller
     buckets reuse the larger ones' memory. Reuse is safe because a forward replays one bucket's
@@ -79,7 +98,7 @@ class GraphPool:
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None or device.index is None \
             else device
         self.handle = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device=self.device)
+        self.stream = capture_stream(self.device)
         self.retired = False
         self._keeper: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
         # An empty capture: holds one use of the pool (device and host allocator) for our lifetime.
@@ -126,6 +145,7 @@ class GraphPool:
             with contextlib.suppress(Exception):  # "not currently recording" when nothing was begun
                 torch._C._cuda_endAllocateToPool(self.device.index, self.handle)
             self.retire()  # its allocator bookkeeping is stale: later captures use a fresh pool
+            _CAPTURE_STREAMS.pop(self.device.index, None)  # and a fresh stream, whatever state this one is in
         del graph
         try:
             if not ended:
