@@ -163,3 +163,23 @@ def test_graph_memory_is_reported_against_both_eager_yardsticks(quick_run) -> No
     text = report.markdown(results)
     assert "Memory reserved during setup over it: `piecewise` 2.40x" in text
     assert "reserved 64 MiB" in text and "`piecewise` 1.50x" in text
+
+
+@pytest.mark.slow
+def test_graph_memory_less_the_capture_streams_workspace_counts_it_once_for_torchpcg(quick_run) -> None:
+    """cuBLAS's side-stream workspace is taken off each mode that paid it: every other graph mode,
+    and only the first torchpcg mode (torchpcg's modes share one capture stream per process)."""
+    from bench import report
+
+    _, out = quick_run
+    results = _results(out)
+    assert "stream_workspace_mb" in results  # None on CPU
+    results["eager_activation_peak_mb"], results["eager_activation_reserved_mb"] = 40.0, 64.0
+    results["stream_workspace_mb"] = 32.0
+    results["memory_mb"]["piecewise"] = {"setup_reserved_delta": 96.0}
+    results["memory_mb"]["inductor-cudagraph"] = {"setup_reserved_delta": 160.0}
+    results["memory_mb"]["piecewise-full-decode"] = {"setup_reserved_delta": 64.0}
+    results["modes"] = {name: "" for name in ("inductor-cudagraph", "piecewise", "piecewise-full-decode")}
+    line = next(line for line in report.markdown(results).splitlines() if "cuBLAS" in line)
+    assert "`inductor-cudagraph` 2.00x" in line and "`piecewise` 1.00x" in line  # (160 - 32) / 64, (96 - 32) / 64
+    assert "piecewise-full-decode" not in line
