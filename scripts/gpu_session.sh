@@ -8,10 +8,11 @@
 #   bash scripts/gpu_session.sh ab attention warm   # ~6 min: backed_compile=0 run, attention op, warm start
 #   bash scripts/gpu_session.sh direct              # ~2.5 min: the bench with skip_guard_check=1
 #   bash scripts/gpu_session.sh memory              # ~1 min: the piecewise pool's growth per capture
+#   bash scripts/gpu_session.sh warmref setup       # ~4 min: warm start of the bench's decoder, cold setup per mode
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, ab, direct, attention, memory, warm. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -55,11 +56,18 @@ run_stage() {
         memory)
             timeout 300 python scripts/graph_memory.py > "$dir/graph-memory.md" 2> "$dir/graph-memory.err"; code=$?
             grep -m1 "Reserved delta" "$dir/graph-memory.md" > "$dir/line" ;;
+        warmref)
+            timeout 400 python -m bench.warm_start --reference --no-concurrent --out "$dir" > "$dir/warm-start-reference.md" 2>&1; code=$?
+            grep -E "^\| (cold|warm) " "$dir/warm-start-reference.md" | tr '\n' ' ' > "$dir/line" ;;
+        setup)
+            timeout 400 python scripts/setup_breakdown.py --modes inductor-cudagraph,piecewise --out "$dir/setup.json" \
+                > "$dir/setup.md" 2> "$dir/setup.err"; code=$?
+            grep "^## " "$dir/setup.md" | tr '\n' ' ' > "$dir/line" ;;
         warm)
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, memory, warm" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
@@ -67,7 +75,7 @@ run_stage() {
     tar czf "$out/$stage.tar.gz" -C "$dir" .
 }
 
-[ $# -gt 0 ] || { sed -n '2,12p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,13p' "$0"; exit 2; }
 for stage in "$@"; do
     run_stage "$stage" || exit $?
 done
