@@ -100,9 +100,13 @@ def test_a_failed_exact_shape_compile_hands_over_to_the_fallback(caplog):
 
 def test_exact_shape_compiles_go_through_the_fx_graph_cache():
     """T=1's exact-shape compiles use Inductor's FX graph cache (a real-tensor compile bypasses it:
-    "No shape env"), so identical middle layers compile once and a warm start loads them."""
+    "No shape env"), so a warm start loads them; identical middle layers share one compiled code
+    in-process (``compilers.structure_key``) and meet the cache once."""
     from torch._dynamo.utils import counters
 
+    from torchpcg.compilers import REUSED
+
+    REUSED.clear()  # other tests in this process may have compiled the same pieces
     model = tiny_decoder(num_layers=4)
     cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
     with torchpcg.backend.collect_runtimes() as runtimes:
@@ -119,8 +123,10 @@ def test_exact_shape_compiles_go_through_the_fx_graph_cache():
     assert [len(r.compiled.one.compiled) for r in pieces] == [1] * len(pieces)
     inductor = counters["inductor"]
     assert inductor["fxgraph_cache_bypass"] == 0
-    assert inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_miss"] == len(pieces)
-    assert inductor["fxgraph_cache_hit"] >= len(pieces) - 3  # the middle layers: one code
+    codes = [next(iter(r.compiled.one.compiled.values())) for r in pieces]
+    distinct = len({id(code) for code in codes})
+    assert len(pieces) == 5 and distinct == 3  # first, middle x3 (one code), last
+    assert inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_miss"] == distinct
 
 
 def test_no_backed_code_for_a_graph_with_a_second_dynamic_size():
@@ -197,3 +203,27 @@ def test_backed_compile_off_keeps_one_compile_per_piece():
                 torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
     runners = [r for runtime in runtimes for r in runtime.runners]
     assert runners and not any(isinstance(r.compiled, TokenDispatch) for r in runners)
+
+
+def test_structure_key_is_equal_only_for_the_same_function_of_alike_inputs():
+    """Identical code under other names shares a key; another constant, op, input shape or
+    dtype does not; a graph that reads its own state (get_attr) has none."""
+    from torchpcg.compilers import structure_key
+
+    def scaled(x, w):
+        return torch.nn.functional.linear(x, w) * 0.5
+
+    def renamed(hidden, weight):
+        return torch.nn.functional.linear(hidden, weight) * 0.5
+
+    def other_constant(x, w):
+        return torch.nn.functional.linear(x, w) * 0.25
+
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    key = structure_key(torch.fx.symbolic_trace(scaled), [x, w])
+    assert key is not None
+    assert structure_key(torch.fx.symbolic_trace(renamed), [x, w]) == key
+    assert structure_key(torch.fx.symbolic_trace(other_constant), [x, w]) != key
+    assert structure_key(torch.fx.symbolic_trace(scaled), [torch.randn(5, 8), w]) != key
+    assert structure_key(torch.fx.symbolic_trace(scaled), [x.double(), w.double()]) != key
+    assert structure_key(torch.fx.symbolic_trace(torch.nn.Linear(8, 8)), [x]) is None  # weights are get_attr

@@ -28,7 +28,7 @@ from .layout import expr_of, symbols_of, token_source, tokens_at
 from .stats import COUNTERS
 
 __all__ = ["BackedCode", "ExactShapeCode", "LazyCode", "TokenDispatch", "compile_piece", "compile_exact",
-           "compile_backed", "copy_graph_module", "hinted_symints"]
+           "compile_backed", "copy_graph_module", "hinted_symints", "structure_key", "REUSED"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,105 @@ def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: 
     return compiled
 
 
+# ---- identical pieces compile once per process ------------------------------------------------
+
+class _Unkeyable(Exception):
+    """A graph or input the structural key cannot render: no reuse, compile as usual."""
+
+
+_TOKEN = sympy.Symbol("T", integer=True, positive=True)
+_SIMPLE = (bool, int, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def structure_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], symbol: Any = None) -> tuple[Any, ...] | None:
+    """A key that two graphs share only if they compute the same function of inputs that look alike.
+
+    The decoder's middle layers are pieces of identical code that differ only in node names and
+    in which parameters they get as inputs. Inductor's FX graph cache finds that (names
+    normalised), but each hit still costs a key, a load and the kernels' start-up: 28 hits took
+    about 4 s of a cold piecewise setup on the H200 and most of a warm start. Keyed here by each
+    node's op, target and arguments (other nodes by position, constants by value), the inputs'
+    sizes, strides, dtypes and devices (``symbol`` written as T) and Inductor's config, the
+    compiled code is reused in-process instead. None when the graph reads state of its own
+    (``get_attr``, ``call_module``: its values are not inputs) or holds a value the key cannot
+    render; such graphs compile as usual.
+    """
+    try:
+        position: dict[torch.fx.Node, int] = {}
+        nodes = []
+        for node in gm.graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                return None
+            position[node] = len(position)
+            target = None if node.op == "placeholder" else node.target
+            nodes.append((node.op, target, _render(node.args, position), _render(node.kwargs, position)))
+        config = torch._inductor.config.get_hash()
+        return (tuple(nodes), tuple(_input_key(value, symbol) for value in inputs), config)
+    except (_Unkeyable, AttributeError, TypeError):
+        return None
+
+
+def _render(value: Any, position: dict[torch.fx.Node, int]) -> Any:
+    if isinstance(value, torch.fx.Node):
+        return ("node", position[value])
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_render(v, position) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _render(v, position)) for k, v in value.items()))
+    if isinstance(value, float):
+        return ("float", repr(value))  # 0.0 and -0.0 differ; so do 1 and 1.0
+    if isinstance(value, slice):
+        return ("slice", *(_render(v, position) for v in (value.start, value.stop, value.step)))
+    if isinstance(value, _SIMPLE) or value is Ellipsis:
+        return (type(value).__name__, value)
+    raise _Unkeyable(type(value).__name__)
+
+
+def _input_key(value: Any, symbol: Any) -> Any:
+    def size(n: Any) -> Any:
+        expr = expr_of(n)
+        return expr if isinstance(expr, int) else str(expr.xreplace({symbol: _TOKEN}) if symbol is not None else expr)
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(map(size, value.shape)), tuple(map(size, value.stride())),
+                size(value.storage_offset()), value.dtype, value.device, value.requires_grad)
+    if isinstance(value, torch.SymInt):
+        return ("symint", size(value))
+    return _render(value, {})
+
+
+class _Reused:
+    """Compiled code by ``structure_key``, for this process (bounded: the oldest entry goes first)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._code: dict[tuple[Any, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...] | None) -> tuple[bool, Any]:
+        if key is None:
+            return False, None
+        with self._lock:
+            if key in self._code:
+                return True, self._code[key]
+        return False, None
+
+    def put(self, key: tuple[Any, ...] | None, code: Any) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._code[key] = code
+            while len(self._code) > self.limit:
+                del self._code[next(iter(self._code))]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._code.clear()
+
+
+REUSED = _Reused()
+
+
 def compile_exact(gm: torch.fx.GraphModule, args: Sequence[Any], compiler: str, name: str = "", *,
                   max_autotune: bool = False) -> Callable[..., Any]:
     """``gm`` compiled for the exact sizes and strides of the real inputs ``args``.
@@ -70,10 +169,18 @@ def compile_exact(gm: torch.fx.GraphModule, args: Sequence[Any], compiler: str, 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    structure = structure_key(gm, args)
+    key = None if structure is None else ("exact", compiler, max_autotune, structure)
+    found, code = REUSED.get(key)
+    if found:
+        log.debug("%s: reused the compiled code of an identical piece", name or "piece")
+        return code
     mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
-        return compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
+        code = compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
+    REUSED.put(key, code)
+    return code
 
 
 class BackedCode(NamedTuple):
@@ -103,8 +210,22 @@ def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: A
     at every T in 2..``max_tokens`` and T was not replaced by a value; None (the caller keeps its
     other code) when one fails, when the compile fails, or when an input depends on a second
     symbol or has a storage offset. Its range reaches past ``max_tokens`` as far as value-range
-    analysis proves every guard (``BackedCode.max_tokens``), so large calls run it too.
+    analysis proves every guard (``BackedCode.max_tokens``), so large calls run it too. A piece
+    identical to one compiled before in this process (``structure_key``) gets that one's result.
     """
+    structure = structure_key(gm, fake_args, symbol)
+    key = None if structure is None else ("backed", compiler, max_autotune, max_tokens, structure)
+    found, result = REUSED.get(key)
+    if found:
+        log.debug("%s: reused the backed code of an identical piece", name or "piece")
+        return result
+    result = _compile_backed(gm, fake_args, symbol, max_tokens, compiler, name, max_autotune)
+    REUSED.put(key, result)
+    return result
+
+
+def _compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
+                    compiler: str, name: str, max_autotune: bool) -> BackedCode | None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
