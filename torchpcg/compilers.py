@@ -71,8 +71,9 @@ def structure_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], symbol: Any =
 
     The decoder's middle layers are pieces of identical code that differ only in node names and
     in which parameters they get as inputs. Inductor's FX graph cache finds that (names
-    normalised), but each hit still costs a key, a load and the kernels' start-up: 28 hits took
-    about 4 s of a cold piecewise setup on the H200 and most of a warm start. Keyed here by each
+    normalised), but each hit still costs a key, a load and the kernels' start-up: the cold
+    piecewise build on the H200 made 28 hits, and AOT's cache lookups took 4.4 s cumulative in its
+    profile (``scripts/setup_breakdown.py``). Keyed here by each
     node's op, target and arguments (other nodes by position, constants by value), the inputs'
     sizes, strides, dtypes and devices (``symbol`` written as T) and Inductor's config, the
     compiled code is reused in-process instead. None when the graph reads state of its own

@@ -27,9 +27,9 @@ COUNTER_KEYS = (
     "capture_failures",  # captures that failed (OOM or error) and were dropped
     "recaptures",  # graphs dropped and captured again because a non-token input moved
     "graphless_pieces",  # pieces that never use graphs (second dynamic symbol, ...)
-    "late_compiles",  # Inductor compiles made on a call, after the backend returned: exact-shape code (T=1 of
+    "late_compiles",  # Inductor code made on a call, after the backend returned: exact-shape code (T=1 of
     # pieces, full graphs' static code), Dynamo's code on its first use (compilers.ExactShapeCode, LazyCode);
-    # flat once warm-up is done
+    # an identical piece's code reused in-process counts too; flat once warm-up is done
     "real_tokens",  # sum of T over graph calls
     "padded_tokens",  # sum of (bucket - T) over graph calls
 )
