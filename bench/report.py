@@ -309,13 +309,14 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
                      f"{_over(results, names, reserved)}.")
     workspace = results.get("stream_workspace_mb")
     if reserved and workspace:
-        # torchpcg's modes share one capture stream per process: only the first of them in a run made it.
+        # torchpcg's modes share one capture stream per process: in one process only the first of them made it.
+        isolated = "--isolate" in results.get("argv", [])
         first = next((n for n in names if n.startswith("piecewise")), None)
-        paid = [n for n in names if not n.startswith("piecewise") or n == first]
+        paid = [n for n in names if isolated or not n.startswith("piecewise") or n == first]
         lines.append(f"- {workspace:.0f} MiB of a graph mode's setup memory is cuBLAS's workspace for the side stream "
                      f"it captures on (made by the first captured matmul, kept for the process; measured as one "
-                     f"matmul on a side stream). torchpcg captures on one stream per device, so only its first mode "
-                     f"in a run pays it. Less it, over the private-pool yardstick: "
+                     f"matmul on a side stream). torchpcg captures on one stream per device, so in one process only "
+                     f"its first mode pays it. Less it, over the private-pool yardstick: "
                      f"{_over(results, paid, reserved, less=workspace)}.")
     skips = results.get("info", {}).get("reduce-overhead", {}).get("cudagraph_skip_messages")
     if skips:

@@ -183,3 +183,6 @@ def test_graph_memory_less_the_capture_streams_workspace_counts_it_once_for_torc
     line = next(line for line in report.markdown(results).splitlines() if "cuBLAS" in line)
     assert "`inductor-cudagraph` 2.00x" in line and "`piecewise` 1.00x" in line  # (160 - 32) / 64, (96 - 32) / 64
     assert "piecewise-full-decode" not in line
+    results["argv"] = [*results.get("argv", []), "--isolate"]  # a process per mode: each paid its own
+    line = next(line for line in report.markdown(results).splitlines() if "cuBLAS" in line)
+    assert "`piecewise-full-decode` 0.50x" in line  # (64 - 32) / 64
