@@ -145,6 +145,14 @@ def activation_reserved_mb(call: Callable[[], object], device: torch.device) -> 
     so the two compare like for like. (From the shared pool after ``empty_cache`` the H200 bench
     read 2 MiB for a call whose tensors peak at 38 MiB: it fitted in the weights' segments.)
     None on CPU or where torch has no ``MemPool``."""
+    segments = private_pool_segments(call, device)
+    return None if segments is None else sum(segment["total_size"] for segment in segments) / MIB
+
+
+def private_pool_segments(call: Callable[[], object], device: torch.device) -> list[dict] | None:
+    """The allocator segments (``torch.cuda.MemPool.snapshot()`` entries) that ``call`` makes in a
+    private memory pool of its own, with its output still alive. Segments only grow in a pool, so
+    they hold the call's peak. None on CPU or where torch has no ``MemPool``."""
     pool_type, use_pool = getattr(torch.cuda, "MemPool", None), getattr(torch.cuda, "use_mem_pool", None)
     if device.type != "cuda" or pool_type is None or use_pool is None:
         return None
@@ -154,7 +162,7 @@ def activation_reserved_mb(call: Callable[[], object], device: torch.device) -> 
         with use_pool(pool, torch.cuda.current_device() if device.index is None else device.index):
             output = call()
             synchronize(device)
-        reserved = sum(segment["total_size"] for segment in pool.snapshot())  # segments only grow in a pool
+        segments = pool.snapshot()
         del output
     except (AttributeError, RuntimeError, TypeError, ValueError) as err:  # an older MemPool API: no second yardstick
         print(f"eager reserved peak not measured: {type(err).__name__}: {err}", file=sys.stderr)
@@ -163,7 +171,7 @@ def activation_reserved_mb(call: Callable[[], object], device: torch.device) -> 
         del pool
     gc.collect()
     torch.cuda.empty_cache()
-    return reserved / MIB
+    return segments
 
 
 def stream_workspace_mb(device: torch.device, dtype: torch.dtype) -> float | None:

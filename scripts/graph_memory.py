@@ -27,30 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MIB = 1024 * 1024
 
 
-def pool_segments(handle: Any) -> list[dict[str, Any]]:
-    """The allocator's segments that belong to the private pool ``handle``."""
+def segments_by_pool() -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """The allocator's segments now, grouped by the pool they belong to."""
     import torch
 
-    return [s for s in torch.cuda.memory._snapshot()["segments"] if tuple(s["segment_pool_id"]) == tuple(handle)]
+    pools: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        pools[tuple(segment["segment_pool_id"])].append(segment)
+    return pools
 
 
 def pool_bytes(handle: Any) -> tuple[int, int]:
     """(reserved, active) bytes of the pool ``handle``: its segments, and the blocks in use in them."""
-    segments = pool_segments(handle)
+    segments = segments_by_pool().get(tuple(handle), [])
     return sum(s["total_size"] for s in segments), sum(s["active_size"] for s in segments)
-
-
-def eager_pool(call: Any, device: Any) -> list[dict[str, Any]]:
-    """The segments one eager ``call`` makes in a private pool of its own."""
-    import torch
-
-    pool = torch.cuda.MemPool()
-    with torch.cuda.use_mem_pool(pool, device.index if device.index is not None else torch.cuda.current_device()):
-        output = call()
-        torch.cuda.synchronize(device)
-    segments = pool.snapshot()
-    del output, pool
-    return segments
 
 
 def trace_captures(records: list[dict[str, Any]]) -> None:
@@ -105,7 +95,11 @@ def main(argv: list[str]) -> int:
         decoder.prefill(model, kv_cache, settings)
         ctx = decoder.bench_context(settings, model, kv_cache)
         largest = ctx.buckets[-1]
-        eager = eager_pool(lambda: model(*ctx.make_inputs(largest), kv_cache), settings.device)
+        eager = decoder.measure.private_pool_segments(lambda: model(*ctx.make_inputs(largest), kv_cache),
+                                                      settings.device)
+        if eager is None:
+            print("graph_memory: needs torch.cuda.MemPool for the eager yardstick (this torch has none)", file=sys.stderr)
+            return 2
         peak = decoder.measure.activation_peak_mb(lambda: model(*ctx.make_inputs(largest), kv_cache), settings.device)
         workspace = decoder.measure.stream_workspace_mb(settings.device, settings.dtype)
         decoder.free_memory(settings.device)
@@ -116,9 +110,7 @@ def main(argv: list[str]) -> int:
         torch.cuda.synchronize(settings.device)
         decoder.free_memory(settings.device, dynamo=False)
         reserved_delta = torch.cuda.memory_reserved(settings.device) - reserved_before
-        handles = {tuple(s["segment_pool_id"]) for s in torch.cuda.memory._snapshot()["segments"]}
-        pools = {h: [s for s in torch.cuda.memory._snapshot()["segments"] if tuple(s["segment_pool_id"]) == h]
-                 for h in handles}
+        pools = segments_by_pool()
 
     eager_total = sum(s["total_size"] for s in eager) / MIB
     print(f"# Graph memory of piecewise on {torch.cuda.get_device_name(settings.device)}, torch {torch.__version__}\n")

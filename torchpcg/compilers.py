@@ -132,21 +132,24 @@ class _Reused:
         self._code: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[Any, ...] | None) -> tuple[bool, Any]:
-        if key is None:
-            return False, None
+    def code(self, kind: str, gm: torch.fx.GraphModule, inputs: Sequence[Any], symbol: Any,
+             options: tuple[Any, ...], name: str, build: Callable[[], Any]) -> Any:
+        """``build()``'s result for ``gm`` on ``inputs``, or the one an identical graph got before.
+        ``kind`` and ``options`` are what else the result depends on; a failed build is not kept."""
+        structure = structure_key(gm, inputs, symbol)
+        if structure is None:
+            return build()
+        key = (kind, *options, structure)
         with self._lock:
             if key in self._code:
-                return True, self._code[key]
-        return False, None
-
-    def put(self, key: tuple[Any, ...] | None, code: Any) -> None:
-        if key is None:
-            return
+                log.debug("%s: reused the %s code of an identical piece", name or "piece", kind)
+                return self._code[key]
+        code = build()
         with self._lock:
             self._code[key] = code
             while len(self._code) > self.limit:
                 del self._code[next(iter(self._code))]
+        return code
 
     def clear(self) -> None:
         with self._lock:
@@ -170,18 +173,13 @@ def compile_exact(gm: torch.fx.GraphModule, args: Sequence[Any], compiler: str, 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    structure = structure_key(gm, args)
-    key = None if structure is None else ("exact", compiler, max_autotune, structure)
-    found, code = REUSED.get(key)
-    if found:
-        log.debug("%s: reused the compiled code of an identical piece", name or "piece")
-        return code
-    mode = FakeTensorMode(shape_env=ShapeEnv())
-    fakes = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
-    with torch._guards.tracing(torch._guards.TracingContext(mode)):
-        code = compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
-    REUSED.put(key, code)
-    return code
+    def build() -> Callable[..., Any]:
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+        with torch._guards.tracing(torch._guards.TracingContext(mode)):
+            return compile_piece(gm, fakes, compiler, name, max_autotune=max_autotune)
+
+    return REUSED.code("exact-shape", gm, args, None, (compiler, max_autotune), name, build)
 
 
 class BackedCode(NamedTuple):
@@ -214,15 +212,8 @@ def compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: A
     analysis proves every guard (``BackedCode.max_tokens``), so large calls run it too. A piece
     identical to one compiled before in this process (``structure_key``) gets that one's result.
     """
-    structure = structure_key(gm, fake_args, symbol)
-    key = None if structure is None else ("backed", compiler, max_autotune, max_tokens, structure)
-    found, result = REUSED.get(key)
-    if found:
-        log.debug("%s: reused the backed code of an identical piece", name or "piece")
-        return result
-    result = _compile_backed(gm, fake_args, symbol, max_tokens, compiler, name, max_autotune)
-    REUSED.put(key, result)
-    return result
+    return REUSED.code("backed", gm, fake_args, symbol, (compiler, max_autotune, max_tokens), name,
+                       lambda: _compile_backed(gm, fake_args, symbol, max_tokens, compiler, name, max_autotune))
 
 
 def _compile_backed(gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
