@@ -88,10 +88,7 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
             torch.cuda.synchronize(device)
     events = prof.events()
     calls_cpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("call_"))
-    # GPU events, less our own call_<i> ranges: the profiler mirrors a record_function on the GPU
-    # (gpu_user_annotation), and that range would count as one kernel spanning the whole call.
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                     if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("call_"))
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if _is_gpu_work(e))
     launches = [e.time_range.start for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")]
     for index, (start, _) in enumerate(calls_cpu):
         end = calls_cpu[index + 1][0] if index + 1 < len(calls_cpu) else float("inf")
@@ -104,7 +101,10 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
             cursor = max(cursor, k_end)
         span = cursor - mine[0][0]
         windows.append({"busy": busy, "idle": span - busy, "span": span, "kernels": len(mine),
-                        "graph_launches": sum(start <= t < end for t in launches)})
+                        "graph_launches": sum(start <= t < end for t in launches),
+                        # the call's latency split: host time before the GPU's first kernel, then the span
+                        "first_kernel": mine[0][0] - start, "end": cursor - start,
+                        "idle_by_decile": _idle_by_decile(mine)})
     if calls_cpu:  # the kernels of the last call by name: what to diff between two modes' code
         start = calls_cpu[-1][0]
         record["kernel_names"] = dict(collections.Counter(k[2] for k in kernels if k[0] >= start).most_common())
@@ -112,10 +112,48 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
         for k_start, k_end, name in kernels:  # GPU µs per kernel name, per call: where two modes' GPU time differs
             durations[name] += (k_end - k_start) / len(calls_cpu)
         record["kernel_us_per_call"] = {name: round(us, 2) for name, us in durations.most_common()}
-    for key in ("busy", "idle", "span", "kernels", "graph_launches"):
-        record[f"gpu_{key}{'_us' if key in ('busy', 'idle', 'span') else ''}_median"] = (
+        # Host µs per call in each CUDA runtime/driver call (cudaGraphLaunch, cudaLaunchKernel,
+        # cudaMemcpyAsync, ...): a call that waits for the GPU (a copy from pageable memory, a
+        # cudaFree, a full launch queue) stands out here, and then the host is no longer ahead.
+        api: collections.Counter[str] = collections.Counter()
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(("cuda", "cu")):
+                api[e.name] += (e.time_range.end - e.time_range.start) / len(calls_cpu)
+        record["runtime_api_us_per_call"] = {name: round(us, 2) for name, us in api.most_common(12)}
+    for key in ("busy", "idle", "span", "kernels", "graph_launches", "first_kernel", "end"):
+        record[f"gpu_{key}{'_us' if key not in ('kernels', 'graph_launches') else ''}_median"] = (
             statistics.median(w[key] for w in windows) if windows else None)
+    if windows:  # where in the call the GPU waits: idle µs per tenth of the span, median over calls
+        record["gpu_idle_us_by_decile"] = [round(statistics.median(w["idle_by_decile"][i] for w in windows), 1)
+                                           for i in range(10)]
     return record
+
+
+def _is_gpu_work(event: Any) -> bool:
+    """A kernel or memcpy/memset on the GPU, not a mirrored annotation.
+
+    The profiler mirrors each record_function range on the GPU (gpu_user_annotation): our
+    ``call_<i>`` and the ranges torch opens itself (Dynamo's compiled region, Inductor's
+    ``CompiledFxGraph`` calls). Counted as work, one such range spans many kernels and their
+    gaps: the profiles up to ``3ee4289`` read GPU busy time as the union of kernels and those
+    ranges, about twice the kernels' own time.
+    """
+    return (event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith("call_"))
+
+
+def _idle_by_decile(kernels: list[tuple[float, float, str]]) -> list[float]:
+    """GPU idle µs in each tenth of the kernels' span (kernels sorted by start)."""
+    first, last = kernels[0][0], max(k[1] for k in kernels)
+    width = max((last - first) / 10, 1e-9)
+    idle, cursor = [0.0] * 10, first
+    for k_start, k_end, _ in kernels:
+        if k_start > cursor:  # a gap: its overlap with each tenth
+            for decile in range(10):
+                low, high = first + decile * width, first + (decile + 1) * width
+                idle[decile] += max(0.0, min(k_start, high) - max(cursor, low))
+        cursor = max(cursor, k_end)
+    return idle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,19 +209,29 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Profile of one call, {results['device']}, torch {results['torch']}, commit `{results['commit']}`, "
              f"median of {results['calls']} calls", "",
-             "| mode | T | host µs to issue | GPU busy µs | GPU idle µs in call | kernels | graph launches |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| mode | T | host µs to issue | µs to the first kernel | µs to the last kernel's end | GPU busy µs | "
+             "GPU idle µs in call | kernels | graph launches |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rows in results["modes"].items():
         if isinstance(rows, dict):
-            lines.append(f"| {name} | - | n/a: {rows['unavailable']} | | | | |")
+            lines.append(f"| {name} | - | n/a: {rows['unavailable']} | | | | | | |")
             continue
         for row in rows:
             def cell(key: str) -> str:
                 value = row.get(key)
                 return "-" if value is None else f"{value:.0f}"
-            lines.append(f"| {name} | {row['tokens']} | {cell('host_us_median')} | {cell('gpu_busy_us_median')} | "
+            lines.append(f"| {name} | {row['tokens']} | {cell('host_us_median')} | {cell('gpu_first_kernel_us_median')} | "
+                         f"{cell('gpu_end_us_median')} | {cell('gpu_busy_us_median')} | "
                          f"{cell('gpu_idle_us_median')} | {cell('gpu_kernels_median')} | "
                          f"{cell('gpu_graph_launches_median')} |")
+    deciles = [(name, row) for name, rows in results["modes"].items() if isinstance(rows, list)
+               for row in rows if row.get("gpu_idle_us_by_decile")]
+    if deciles:
+        lines += ["", "GPU idle µs per tenth of the call's kernel span (where in the call the GPU waits):", "",
+                  "| mode | T | " + " | ".join(f"{10 * i}-{10 * i + 10}%" for i in range(10)) + " |",
+                  "|---|---:|" + "---:|" * 10]
+        lines += [f"| {name} | {row['tokens']} | " + " | ".join(f"{v:.0f}" for v in row["gpu_idle_us_by_decile"]) + " |"
+                  for name, row in deciles]
     for name, rows in results["modes"].items():
         for row in rows if isinstance(rows, list) else []:
             if "host_breakdown" not in row:

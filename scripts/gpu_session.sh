@@ -9,10 +9,11 @@
 #   bash scripts/gpu_session.sh direct              # ~2.5 min: the bench with skip_guard_check=1
 #   bash scripts/gpu_session.sh memory              # ~1 min: the piecewise pool's growth per capture
 #   bash scripts/gpu_session.sh warmref setup       # ~4 min: warm start of the bench's decoder, cold setup per mode
+#   bash scripts/gpu_session.sh profile             # ~2 min: host time, GPU busy/idle per call (bench.profile_decode)
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup, profile. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -67,11 +68,16 @@ run_stage() {
             timeout 400 python scripts/setup_breakdown.py --modes inductor-cudagraph,piecewise --out "$dir/setup.json" \
                 > "$dir/setup.md" 2> "$dir/setup.err"; code=$?
             grep "^## " "$dir/setup.md" | tr '\n' ' ' > "$dir/line" ;;
+        profile)
+            timeout 240 python -m bench.profile_decode --tokens 1,8,32,512 --calls 20 \
+                --modes inductor-cudagraph,piecewise,piecewise-full-decode --out "$dir/profile.json" \
+                > "$dir/profile.md" 2> "$dir/profile.err"; code=$?
+            grep -E "^\| piecewise \| (1|512) " "$dir/profile.md" | tr '\n' ' ' > "$dir/line" ;;
         warm)
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup, profile" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"

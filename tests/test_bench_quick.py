@@ -186,3 +186,22 @@ def test_graph_memory_less_the_capture_streams_workspace_counts_it_once_for_torc
     results["argv"] = [*results.get("argv", []), "--isolate"]  # a process per mode: each paid its own
     line = next(line for line in report.markdown(results).splitlines() if "cuBLAS" in line)
     assert "`piecewise-full-decode` 0.50x" in line  # (64 - 32) / 64
+
+
+def test_profile_counts_idle_gaps_per_tenth_of_the_span_and_skips_annotations() -> None:
+    from types import SimpleNamespace
+
+    from bench.profile_decode import _idle_by_decile, _is_gpu_work
+
+    # Span 0..100 µs: a 10 µs gap in the second tenth, a 60 µs one over the fourth to ninth.
+    kernels = [(0.0, 10.0, "a"), (20.0, 30.0, "b"), (90.0, 100.0, "c")]
+    assert _idle_by_decile(kernels) == [0.0, 10.0, 0.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 0.0]
+    # A kernel inside another's interval adds no idle time; the gap after both is measured from the later end.
+    assert sum(_idle_by_decile([(0.0, 50.0, "a"), (10.0, 20.0, "b"), (60.0, 100.0, "c")])) == 10.0
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda name, device, annotation=False: SimpleNamespace(name=name, device_type=device,  # noqa: E731
+                                                                  is_user_annotation=annotation)
+    assert _is_gpu_work(event("triton_poi_fused_0", cuda))
+    assert not _is_gpu_work(event("Torch-Compiled Region", cuda, annotation=True))
+    assert not _is_gpu_work(event("call_3", cuda))
+    assert not _is_gpu_work(event("cudaGraphLaunch", cpu))
