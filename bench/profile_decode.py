@@ -87,7 +87,7 @@ def profile_mode(runner: Any, make_inputs: Any, num_tokens: int, device: torch.d
                 runner(ids, positions)
             torch.cuda.synchronize(device)
     events = prof.events()
-    calls_cpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.name.startswith("call_"))
+    calls_cpu = _call_ranges(events)
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if _is_gpu_work(e))
     launches = [e.time_range.start for e in events if e.name in ("cudaGraphLaunch", "cuGraphLaunch")]
     for index, (start, _) in enumerate(calls_cpu):
@@ -133,13 +133,24 @@ def _is_gpu_work(event: Any) -> bool:
     """A kernel or memcpy/memset on the GPU, not a mirrored annotation.
 
     The profiler mirrors each record_function range on the GPU (gpu_user_annotation): our
-    ``call_<i>`` and the ranges torch opens itself (Dynamo's compiled region, Inductor's
-    ``CompiledFxGraph`` calls). Counted as work, one such range spans many kernels and their
-    gaps: the profiles up to ``3ee4289`` read GPU busy time as the union of kernels and those
-    ranges, about twice the kernels' own time.
+    ``call_<i>`` and the ranges torch opens itself. Counted as work, one such range would span
+    many kernels and their gaps.
     """
     return (event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
             and not event.name.startswith("call_"))
+
+
+def _call_ranges(events: Any) -> list[tuple[float, float]]:
+    """(start, end) of each profiled call on the host: our ``call_<i>`` ranges on the CPU only.
+
+    The profiler mirrors them on the GPU too, starting when the GPU reaches them. Up to
+    ``acf25a4`` those mirrors were taken as calls as well: every call counted twice, so the
+    kernel µs per call read half, and the call windows began at the GPU's first kernel (the
+    "µs to the first kernel" column read 0). Busy and idle time were right: a window holding
+    no kernel is skipped.
+    """
+    return sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.name.startswith("call_") and e.device_type == torch.autograd.DeviceType.CPU)
 
 
 def _idle_by_decile(kernels: list[tuple[float, float, str]]) -> list[float]:

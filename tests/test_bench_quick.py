@@ -205,3 +205,17 @@ def test_profile_counts_idle_gaps_per_tenth_of_the_span_and_skips_annotations() 
     assert not _is_gpu_work(event("Torch-Compiled Region", cuda, annotation=True))
     assert not _is_gpu_work(event("call_3", cuda))
     assert not _is_gpu_work(event("cudaGraphLaunch", cpu))
+
+
+def test_profile_takes_each_call_once_from_its_host_range_not_its_gpu_mirror() -> None:
+    from types import SimpleNamespace
+
+    from bench.profile_decode import _call_ranges
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda name, device, start, end: SimpleNamespace(  # noqa: E731
+        name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+    events = [event("call_1", cpu, 500.0, 520.0), event("call_0", cpu, 0.0, 40.0),
+              event("call_0", cuda, 35.0, 300.0), event("call_1", cuda, 515.0, 800.0),
+              event("aten::mm", cpu, 5.0, 9.0)]
+    assert _call_ranges(events) == [(0.0, 40.0), (500.0, 520.0)]
