@@ -149,7 +149,8 @@ def markdown(results: dict[str, Any], plot_name: str | None = None) -> str:
     lines += ["## Latency per call, median ms", "", *_latency_table(results, names, "median_ms"), ""]
     lines += ["## Setup, memory, mixed traffic", "", *_setup_table(results, names), ""]
     lines += _ratio_section(results)
-    lines += ["## Speedup over eager (median)", "", *_speedup_table(results, names), ""]
+    if any(row["mode"] == "eager" for row in results["results"]):  # a table of dashes says nothing
+        lines += ["## Speedup over eager (median)", "", *_speedup_table(results, names), ""]
     lines += ["## Latency per call, p90 ms", "", *_latency_table(results, names, "p90_ms"), ""]
     lines += _notes(results, names)
     lines += ["## Modes", "", *[f"- `{n}`: {results['modes'].get(n, SUMMARIES[n])}" for n in names], ""]

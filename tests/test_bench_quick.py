@@ -92,6 +92,22 @@ def test_quick_bench_writes_markdown_and_png(quick_run) -> None:
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+def test_report_shows_speedup_over_eager_only_when_eager_ran(quick_run) -> None:
+    from bench import report
+
+    _, out = quick_run
+    results = _results(out)
+    eager = {row["tokens"]: row["median_ms"] for row in results["results"] if row["mode"] == "eager"}
+    piecewise = {row["tokens"]: row["median_ms"] for row in results["results"] if row["mode"] == "piecewise"}
+    text = report.markdown(results)
+    assert "## Speedup over eager (median)" in text
+    speedups = text.split("## Speedup over eager (median)")[1]
+    assert f"{eager[1] / piecewise[1]:.2f}x" in speedups.split("\n| 1 | ")[1].split("\n")[0]
+    results["results"] = [row for row in results["results"] if row["mode"] != "eager"]
+    assert "Speedup over eager" not in report.markdown(results)  # a bench run without eager (the GPU stage)
+
+
 def test_bench_fails_loudly_when_a_mode_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def build_off_by_one(ctx):
         return lambda ids, positions: ctx.model(ids, positions, ctx.kv_cache) + 1.0
