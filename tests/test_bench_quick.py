@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench import decoder  # noqa: E402
 from bench.modes import MODE_NAMES, MODES, Mode  # noqa: E402
+from bench.profile_decode import _call_ranges, _idle_by_decile, _is_gpu_work  # noqa: E402
 
 REQUIRED_KEYS = {"device", "torch", "commit", "config", "results", "mixed", "setup_s", "memory_mb"}
 ROW_KEYS = {"mode", "tokens", "median_ms", "p90_ms", "max_abs_diff", "rel_err", "correct"}
@@ -205,10 +207,6 @@ def test_graph_memory_less_the_capture_streams_workspace_counts_it_once_for_torc
 
 
 def test_profile_counts_idle_gaps_per_tenth_of_the_span_and_skips_annotations() -> None:
-    from types import SimpleNamespace
-
-    from bench.profile_decode import _idle_by_decile, _is_gpu_work
-
     # Span 0..100 µs: a 10 µs gap in the second tenth, a 60 µs one over the fourth to ninth.
     kernels = [(0.0, 10.0, "a"), (20.0, 30.0, "b"), (90.0, 100.0, "c")]
     assert _idle_by_decile(kernels) == [0.0, 10.0, 0.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 0.0]
@@ -224,10 +222,6 @@ def test_profile_counts_idle_gaps_per_tenth_of_the_span_and_skips_annotations() 
 
 
 def test_profile_takes_each_call_once_from_its_host_range_not_its_gpu_mirror() -> None:
-    from types import SimpleNamespace
-
-    from bench.profile_decode import _call_ranges
-
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     event = lambda name, device, start, end: SimpleNamespace(  # noqa: E731
         name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
