@@ -40,6 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_TOKENS = (1, 4, 16)
 ATTENTION_OP = "torchpcg_models::kv_attention"
+# --attention: the reference decoder's op, or bench/packed_attention.py's (k/v stacked in the graph).
+ATTENTION_VARIANTS = {"reference": ATTENTION_OP, "packed": "torchpcg_bench::kv_attention_packed"}
 QUICK_CAPTURE_SIZES = (1, 2, 4, 8)  # 16 is above the largest bucket: the fallback path runs too
 QUICK_SKIPPED = {"inductor": "skipped by --quick: a cold CPU Inductor compile takes 5-30 s on 2 cores; "
                             "pass --modes to run it"}
@@ -82,6 +84,7 @@ class Settings:
     progress: bool
     argv: tuple[str, ...]  # the flags of this run, for the record
     isolate: bool = False  # each mode in its own process (run_isolated)
+    attention: str = "reference"  # the decoder's split op: ATTENTION_VARIANTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=None, help="max rel_err vs eager (default 3e-2 bf16, 1e-4 fp32)")
     p.add_argument("--commit", default=None, help="commit to record when git is unavailable")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars on stderr")
+    p.add_argument("--attention", choices=sorted(ATTENTION_VARIANTS), default="reference",
+                   help="the decoder's split op: the reference kv_attention, or 'packed' (k and v stacked in the "
+                        "graph, one cache-write kernel; bench/packed_attention.py), for every mode")
     p.add_argument("--isolate", action="store_true",
                    help="run each mode in its own Python process (nothing left over from earlier modes: Dynamo "
                         "caches, graph pools, Python objects); results merged into one report")
@@ -130,7 +136,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     model_config = dataclasses.replace(base, **overrides)
     device = torch.device(args.device or ("cpu" if quick else "cuda"))
     # The decoder's attention is a custom op: name it as a split op, as a user of such a model would.
-    options: dict[str, Any] = {"split_ops": (ATTENTION_OP,)}
+    options: dict[str, Any] = {"split_ops": (ATTENTION_VARIANTS[args.attention],)}
     if quick or device.type != "cuda":
         options.update(cudagraph="emulate", compiler="eager" if quick else "inductor")
     capture_sizes = args.capture_sizes or (QUICK_CAPTURE_SIZES if quick else None)
@@ -154,7 +160,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         rounds=args.rounds,
         mixed_calls=args.mixed_calls, seed=args.seed, tol=args.tol or DEFAULT_TOL[dtype],
         out_dir=args.out, commit=args.commit, progress=not args.no_progress, argv=tuple(args.argv),
-        isolate=args.isolate,
+        isolate=args.isolate, attention=args.attention,
     )
     _check_fits(settings)
     return settings
@@ -176,6 +182,10 @@ def build_model(settings: Settings) -> tuple[FlatDecoder, torch.Tensor]:
     """Random-weight decoder on the device (weights cast to dtype; buffers such as rotary stay fp32)."""
     with torch.device(settings.device):
         model = FlatDecoder(settings.model_config, seed=settings.seed)
+    if settings.attention == "packed":
+        from bench.packed_attention import use_packed_attention  # registers its op: only when asked for
+
+        use_packed_attention(model)
     for param in model.parameters():
         param.data = param.data.to(settings.dtype)
     model.eval().requires_grad_(False)

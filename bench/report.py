@@ -93,6 +93,7 @@ def _config(settings: Any, buckets: tuple[int, ...], param_count: int) -> dict[s
         "seed": settings.seed,
         "tol_rel": settings.tol,
         "quick": settings.quick,
+        "attention": settings.attention,
     }
 
 
@@ -165,7 +166,9 @@ def _config_line(cfg: dict[str, Any]) -> str:
             f"({m['num_kv_heads']} kv), intermediate {m['intermediate_size']}, vocab {m['vocab_size']}, "
             f"{cfg['param_count'] / 1e6:.0f}M params, {cfg['dtype']}; cache context {cfg['context']}. "
             f"Buckets: {len(buckets)} ({buckets[0]}..{buckets[-1]}). {cfg['warmup']} warmup + {cfg['repeats']} "
-            f"timed calls per cell. Piecewise options: {cfg['piecewise_options'] or 'defaults'}.")
+            f"timed calls per cell. Piecewise options: {cfg['piecewise_options'] or 'defaults'}."
+            + (f" Attention op: {cfg['attention']} (`--attention`)." if cfg.get("attention", "reference") != "reference"
+               else ""))
 
 
 def _rows_by_mode(results: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:

@@ -229,3 +229,33 @@ def test_profile_takes_each_call_once_from_its_host_range_not_its_gpu_mirror() -
               event("call_0", cuda, 35.0, 300.0), event("call_1", cuda, 515.0, 800.0),
               event("aten::mm", cpu, 5.0, 9.0)]
     assert _call_ranges(events) == [(0.0, 40.0), (500.0, 520.0)]
+
+
+def test_packed_attention_gives_the_reference_decoders_logits_and_cache() -> None:
+    import copy
+
+    import torchpcg
+    from bench.packed_attention import PackedAttention, use_packed_attention
+    from torchpcg.models import DecoderConfig, FlatDecoder
+
+    reference = FlatDecoder(DecoderConfig(), seed=0).eval()
+    packed = use_packed_attention(copy.deepcopy(reference))
+    assert all(type(layer.self_attn) is PackedAttention for layer in packed.layers)
+    assert not any(p.is_meta for p in packed.parameters())  # the reference weights, taken over
+    compiled = torch.compile(packed, backend="piecewise",
+                             options={"compiler": "eager", "cudagraph": "emulate", "capture_sizes": "1,2,4,8"})
+    caches = [reference.new_kv_cache() for _ in range(3)]
+    torchpcg.reset_stats()
+    with torch.no_grad():
+        for start, num_tokens in ((0, 5), (5, 1), (6, 3), (9, 12)):  # 12: above the largest bucket
+            ids, positions = torch.arange(1, num_tokens + 1), torch.arange(start, start + num_tokens)
+            expected = reference(ids, positions, caches[0])
+            torch.testing.assert_close(packed(ids, positions, caches[1]), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled(ids, positions, caches[2]), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1], caches[0], rtol=0, atol=0)  # k/v written at the same slots
+    torch.testing.assert_close(caches[2], caches[0], rtol=1e-5, atol=1e-5)
+    stats = torchpcg.stats()
+    # cut at the packed op once per layer in each Dynamo graph (plain torch.compile: static sizes first)
+    assert stats["split_ops"] == DecoderConfig().num_layers * stats["dynamo_graphs"] and stats["recompiles"] == 0
+    with pytest.raises(TypeError, match="layer 0 has PackedAttention"):
+        use_packed_attention(packed)  # swapped already: not the reference Attention

@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kv_attention", "KV_ATTENTION_OP", "attention_bias"]
+__all__ = ["kv_attention", "KV_ATTENTION_OP", "attention_bias", "attend"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ def _kv_attention_impl(
     values = kv_cache[layer, 1]
     if bias is None:
         bias = attention_bias(positions, keys.shape[0], q.dtype)
+    return attend(q, keys, values, bias)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D] over keys/values [S, Hkv, D] with the additive mask ``bias`` [T, S] -> [T, Hq, D],
+    laid out like ``torch.empty_like(q)``: the attention half of the op, for other split ops that
+    write the cache their own way (``bench/packed_attention.py``)."""
     return _like_q(_causal_attention(q, keys, values, bias), q)
 
 

@@ -150,16 +150,20 @@ class Attention(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``bias``: the causal mask (``attention_bias``), made once per forward by the model; made here if None."""
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [T, Hq*D], [T, Hkv*D] x2
-        q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # [T, Hq, D]
-        k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)  # [T, Hkv, D]
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = self.project(x, cos, sin)
         if bias is None:  # made in compiled code, not inside the eagerly run op (host time per layer)
             bias = attention_bias(positions, kv_cache.shape[2], q.dtype)
         # contiguous(): the op's inputs are the split boundary; dense rows copy cleanly into static buffers.
         out = kv_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_cache, self.layer_index, positions, bias)
         return self.o_proj(out.flatten(-2))  # [T, H]
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T, H] -> q [T, Hq, D] and k [T, Hkv, D] rotated, v [T, Hkv, D]: one fused qkv matmul."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [T, Hq*D], [T, Hkv*D] x2
+        q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # [T, Hq, D]
+        k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)  # [T, Hkv, D]
+        return q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim))
 
 
 class MLP(nn.Module):
