@@ -25,7 +25,7 @@ import torchpcg
 from torchpcg.models.attention import attend, attention_bias
 from torchpcg.models.decoder import Attention, FlatDecoder
 
-__all__ = ["PACKED_ATTENTION_OP", "PackedAttention", "use_packed_attention"]
+__all__ = ["PACKED_ATTENTION_OP", "kv_attention_packed", "PackedAttention", "use_packed_attention"]
 
 _LIB = torch.library.Library("torchpcg_bench", "DEF")
 _LIB.define("kv_attention_packed(Tensor q, Tensor kv, Tensor(a!) kv_cache, int layer, Tensor positions, "
@@ -52,6 +52,7 @@ def _packed_fake(q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, laye
 
 PACKED_ATTENTION_OP = "torchpcg_bench::kv_attention_packed"
 torchpcg.register_splitting_op(PACKED_ATTENTION_OP, capturable=True)
+kv_attention_packed = torch.ops.torchpcg_bench.kv_attention_packed  # (q, kv, kv_cache, layer, positions, bias)
 
 
 class PackedAttention(Attention):
@@ -65,8 +66,7 @@ class PackedAttention(Attention):
         if bias is None:
             bias = attention_bias(positions, kv_cache.shape[2], q.dtype)
         kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]: one graph kernel with the rotary, not an eager one
-        out = torch.ops.torchpcg_bench.kv_attention_packed(q.contiguous(), kv, kv_cache, self.layer_index,
-                                                          positions, bias)
+        out = kv_attention_packed(q.contiguous(), kv, kv_cache, self.layer_index, positions, bias)
         return self.o_proj(out.flatten(-2))
 
 

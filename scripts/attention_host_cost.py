@@ -2,7 +2,8 @@
 
 Piecewise graphs run the attention op eagerly between replays, so its host time is paid once per
 layer and call. This measures variants of the reference op (torchpcg.models.attention) at the
-bench decoder's shapes: 16 heads of 128, cache of 128 slots, T = 1 and 8, bf16.
+bench decoder's shapes: 16 heads of 128, cache of 128 slots, T = 1 and 8, bf16; and the bench's
+packed op (``bench/packed_attention.py``: k and v stacked by the graph before it, one cache write).
 
     python scripts/attention_host_cost.py            # prints a Markdown table
 
@@ -24,10 +25,15 @@ import statistics
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from torchpcg.models.attention import KV_ATTENTION_OP, attention_bias
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a repo package, not installed
+from bench.packed_attention import kv_attention_packed  # noqa: E402
 
 
 def _bool_mask(positions: torch.Tensor, slots: int) -> torch.Tensor:
@@ -87,8 +93,8 @@ def main() -> int:
     cache = torch.zeros(layers, 2, slots, heads, dim, dtype=dtype, device="cuda")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; host µs per call (GPU µs per call)\n")
     print("| T | op, bias passed in (the decoder's call) | op, mask made inside | its SDPA call, default backend "
-          "| its SDPA call, efficient backend forced |")
-    print("|---:|---:|---:|---:|---:|")
+          "| its SDPA call, efficient backend forced | packed op, k/v stacked before (`--attention packed`) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with torch.no_grad():
@@ -102,7 +108,10 @@ def main() -> int:
                     host_us(lambda: premasked_one_write(q, k, v, cache, 3, positions, float_mask))]
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
                 rows.append(host_us(lambda: premasked_one_write(q, k, v, cache, 3, positions, float_mask)))
+            kv = torch.stack((k, v), dim=1)  # made in the graph before the op, so not timed here
+            rows.append(host_us(lambda: kv_attention_packed(q, kv, cache, 3, positions, bias)))
             reference = premasked_one_write(q, k, v, cache, 3, positions, float_mask)
+            torch.testing.assert_close(kv_attention_packed(q, kv, cache, 3, positions, bias), reference)
             torch.testing.assert_close(KV_ATTENTION_OP(q, k, v, cache, 3, positions, bias), reference)
             torch.testing.assert_close(premasked(q, k, v, cache, 3, positions, _bool_mask(positions, slots)), reference)
             print(f"| {num_tokens} | " + " | ".join(f"{h:.1f} ({g:.1f})" for h, g in rows) + " |")
