@@ -3,8 +3,8 @@
 Under piecewise graphs the reference decoder's ``torchpcg_models::kv_attention`` runs eagerly once
 per layer, and launches three kernels between two graph replays: ``torch.stack`` of k and v, the
 cache's ``index_copy_`` and the attention. The profile at ``3ee4289`` (docs/benchmarks.md, third
-session of 2026-11-30) put two thirds of piecewise's host time per call in that op, and the GPU's
-extra idle time in the switches around its kernels. This variant moves the stack into the graph
+session of 2026-11-30) put about two thirds of piecewise's host time per call in that op (as
+cProfile ranks it), and the GPU's extra idle time in the switches around its kernels. This variant moves the stack into the graph
 before the op (Inductor fuses it with the rotary), so the op launches two kernels and does one
 tensor op less on the host:
 
@@ -72,10 +72,10 @@ class PackedAttention(Attention):
 
 def use_packed_attention(model: FlatDecoder) -> FlatDecoder:
     """Swap every layer's attention for ``PackedAttention``, sharing its weights; returns ``model``."""
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
         old = layer.self_attn
         if type(old) is not Attention:
-            raise TypeError(f"use_packed_attention: layer {old.layer_index} has {type(old).__name__}; expected the "
+            raise TypeError(f"use_packed_attention: layer {index} has {type(old).__name__}; expected the "
                             "reference decoder's Attention")
         with torch.device("meta"):  # no weights allocated: the old module's are taken over below
             new = PackedAttention(model.config, old.layer_index)
