@@ -39,3 +39,26 @@ def test_reference_run_captures_every_default_bucket_before_its_call(monkeypatch
         run = warm_start.child(layers=0, hidden=0, device="cpu", reference=True)
     assert run["max_abs_diff"] < 1e-5  # fp32 vs the uncompiled model
     assert run["capture_sizes"] == sorted(PiecewiseConfig.resolve({}).buckets)
+
+
+@pytest.mark.slow
+def test_aot_compiled_piecewise_model_loads_in_a_fresh_process_and_matches_eager(tmp_path):
+    """scripts/precompile_probe.py: Dynamo's AOT artifact of a piecewise model, saved and loaded in
+    two processes on one cache; the loaded one skips the trace, rebuilds the pieces and agrees."""
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if not hasattr(torch._dynamo, "aot_compile"):
+        pytest.skip(f"torch {torch.__version__} has no torch._dynamo.aot_compile (torch >= 2.10)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import precompile_probe
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    saved = precompile_probe.spawn("save", tmp_path / "model.aot", 1, env)
+    loaded = precompile_probe.spawn("load", tmp_path / "model.aot", 1, env)
+    assert saved["max_abs_diff"] < 1e-5 and loaded["max_abs_diff"] < 1e-5  # fp32, T = 1, 3, 8, 12 vs eager
+    assert loaded["recompiles"] == 0 and loaded["dynamo_graphs"] == 1  # the backend ran once, from the artifact
+    assert loaded["fxgraph_cache_hit"] > 0  # some pieces from the save's cache (not all: see the probe's note)
