@@ -11,10 +11,11 @@
 #   bash scripts/gpu_session.sh warmref setup       # ~4 min: warm start of the bench's decoder, cold setup per mode
 #   bash scripts/gpu_session.sh profile             # ~2 min: host time, GPU busy/idle per call (bench.profile_decode)
 #   bash scripts/gpu_session.sh bench packed        # ~6 min: the bench with the reference op, then with --attention packed
+#   bash scripts/gpu_session.sh precompile          # not run on a GPU yet (CPU: ~2.5 min): plain warm start vs Dynamo's AOT artifact
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup, profile, packed. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -78,11 +79,14 @@ run_stage() {
             timeout 400 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 --attention packed \
                 --modes inductor-cudagraph,piecewise,piecewise-full-decode --out "$dir" > "$dir/bench.log" 2>&1; code=$?
             grep -A4 "^| T | piecewise / inductor-cudagraph" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
+        precompile)
+            timeout 400 python scripts/precompile_probe.py compare --runs 3 > "$dir/precompile.md" 2> "$dir/precompile.err"; code=$?
+            grep -E "median" "$dir/precompile.md" | tr '\n' ' ' > "$dir/line" ;;
         warm)
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup, profile, packed" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
