@@ -17,12 +17,14 @@ Each child prints one JSON line: seconds from compile/load to the end of the fir
 graph cache counters, the max abs diff vs eager at T = 1, 3, 8, 12 and torchpcg's recompile
 counter. Runs on CPU (emulated graphs) and on a GPU.
 
-Note: measured on CPU (2 cores, torch 2.13.0, 16-layer tiny decoder, ``compare --runs 4``): the
+Note: measured on CPU (2 cores, torch 2.13.0, 16-layer tiny decoder, ``compare --runs 5``): the
 loaded model matched eager (max abs diff 7.3e-7) with 0 recompiles, but its first call took no
-less than a plain warm start: median 8.64 s against 8.20 s. Re-propagating fake values and
-rebuilding the pieces cost what skipping the trace saved. The first load also missed the FX graph
-cache for 3 of its 6 codes, as did the first plain run (the three processes' graphs are keyed
-apart); later runs hit all 6. Not measured on a GPU, where the trace is a larger share.
+less than a plain warm start: median 10.49 s against 9.66 s (an earlier run of 4 pairs: 8.64 s
+against 8.20 s). Re-propagating fake values and rebuilding the pieces cost what skipping the
+trace saved. Torch's AOT load turns on ``enable_autograd_for_aot``, which is part of Inductor's
+cache key: the backend runs with it off, so a load hits the entries a plain process wrote (with
+it on, the first load missed 3 of its 6 codes). Not measured on a GPU, where the trace is a larger
+share.
 """
 from __future__ import annotations
 
@@ -137,7 +139,9 @@ class PiecewiseSerializable(SerializableCallable):  # type: ignore[misc,valid-ty
         for node in gm.graph.nodes:  # the backend reads Dynamo's key
             if "val" in node.meta:
                 node.meta["example_value"] = node.meta["val"]
-        return cls(gm, state["records"], piecewise_backend(gm, inputs, options=OPTIONS))
+        with torch._inductor.config.patch(enable_autograd_for_aot=False):  # AOT load turns it on; plain compiles run without
+            runtime = piecewise_backend(gm, inputs, options=OPTIONS)
+        return cls(gm, state["records"], runtime)
 
 
 def serializable_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> PiecewiseSerializable:
