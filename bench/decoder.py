@@ -41,7 +41,7 @@ DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_TOKENS = (1, 4, 16)
 ATTENTION_OP = "torchpcg_models::kv_attention"
 # --attention: the reference decoder's op, or bench/packed_attention.py's (k/v stacked in the graph).
-ATTENTION_VARIANTS = {"reference": ATTENTION_OP, "packed": "torchpcg_bench::kv_attention_packed"}
+ATTENTION_VARIANTS = ("reference", "packed")
 QUICK_CAPTURE_SIZES = (1, 2, 4, 8)  # 16 is above the largest bucket: the fallback path runs too
 QUICK_SKIPPED = {"inductor": "skipped by --quick: a cold CPU Inductor compile takes 5-30 s on 2 cores; "
                             "pass --modes to run it"}
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=None, help="max rel_err vs eager (default 3e-2 bf16, 1e-4 fp32)")
     p.add_argument("--commit", default=None, help="commit to record when git is unavailable")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars on stderr")
-    p.add_argument("--attention", choices=sorted(ATTENTION_VARIANTS), default="reference",
+    p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="reference",
                    help="the decoder's split op: the reference kv_attention, or 'packed' (k and v stacked in the "
                         "graph, one cache-write kernel; bench/packed_attention.py), for every mode")
     p.add_argument("--isolate", action="store_true",
@@ -136,7 +136,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     model_config = dataclasses.replace(base, **overrides)
     device = torch.device(args.device or ("cpu" if quick else "cuda"))
     # The decoder's attention is a custom op: name it as a split op, as a user of such a model would.
-    options: dict[str, Any] = {"split_ops": (ATTENTION_VARIANTS[args.attention],)}
+    options: dict[str, Any] = {"split_ops": (_split_op(args.attention),)}
     if quick or device.type != "cuda":
         options.update(cudagraph="emulate", compiler="eager" if quick else "inductor")
     capture_sizes = args.capture_sizes or (QUICK_CAPTURE_SIZES if quick else None)
@@ -166,6 +166,15 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _split_op(attention: str) -> str:
+    """The decoder's split op for ``--attention``; the packed one is registered only when asked for."""
+    if attention == "reference":
+        return ATTENTION_OP
+    from bench.packed_attention import PACKED_ATTENTION_OP
+
+    return PACKED_ATTENTION_OP
+
+
 def _check_fits(settings: Settings) -> None:
     needed = settings.context + max(settings.tokens) + 1  # +1: the scratch slot padded rows write
     if needed > settings.model_config.max_seq_len:
@@ -183,7 +192,7 @@ def build_model(settings: Settings) -> tuple[FlatDecoder, torch.Tensor]:
     with torch.device(settings.device):
         model = FlatDecoder(settings.model_config, seed=settings.seed)
     if settings.attention == "packed":
-        from bench.packed_attention import use_packed_attention  # registers its op: only when asked for
+        from bench.packed_attention import use_packed_attention
 
         use_packed_attention(model)
     for param in model.parameters():

@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Hashable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -153,13 +153,14 @@ def private_pool_segments(call: Callable[[], object], device: torch.device) -> l
     """The allocator segments (``torch.cuda.MemPool.snapshot()`` entries) that ``call`` makes in a
     private memory pool of its own, with its output still alive. Segments only grow in a pool, so
     they hold the call's peak. None on CPU or where torch has no ``MemPool``."""
-    pool_type, use_pool = getattr(torch.cuda, "MemPool", None), getattr(torch.cuda, "use_mem_pool", None)
-    if device.type != "cuda" or pool_type is None or use_pool is None:
+    api = _pool_api(device)
+    if api is None:
         return None
+    pool_type, use_pool, index = api
     synchronize(device)
     pool = pool_type()
     try:
-        with use_pool(pool, torch.cuda.current_device() if device.index is None else device.index):
+        with use_pool(pool, index):
             output = call()
             synchronize(device)
         segments = pool.snapshot()
@@ -180,17 +181,16 @@ def stream_workspace_mb(device: torch.device, dtype: torch.dtype) -> float | Non
     matmul puts one such workspace in the graph pool; eager's stream made its own long before.
     Measured as one matmul on a side stream in a private pool, with cuBLAS's cached workspaces
     cleared around it (call before any graph is captured). None on CPU or without ``MemPool``."""
-    pool_type, use_pool = getattr(torch.cuda, "MemPool", None), getattr(torch.cuda, "use_mem_pool", None)
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if device.type != "cuda" or pool_type is None or use_pool is None or clear is None:
+    api, clear = _pool_api(device), getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if api is None or clear is None:
         return None
+    pool_type, use_pool, index = api
     matrix = torch.ones(64, 64, device=device, dtype=dtype)
     synchronize(device)
     clear()
     pool, stream = pool_type(), torch.cuda.Stream(device=device)
     try:
-        with torch.cuda.stream(stream), use_pool(pool, torch.cuda.current_device() if device.index is None
-                                                  else device.index):
+        with torch.cuda.stream(stream), use_pool(pool, index):
             product = matrix @ matrix
             stream.synchronize()
             del product
@@ -204,6 +204,15 @@ def stream_workspace_mb(device: torch.device, dtype: torch.dtype) -> float | Non
     gc.collect()
     torch.cuda.empty_cache()
     return active / MIB
+
+
+def _pool_api(device: torch.device) -> tuple[Any, Any, int] | None:
+    """(``torch.cuda.MemPool``, ``torch.cuda.use_mem_pool``, device index) on CUDA with a torch that
+    has private memory pools; None otherwise."""
+    pool_type, use_pool = getattr(torch.cuda, "MemPool", None), getattr(torch.cuda, "use_mem_pool", None)
+    if device.type != "cuda" or pool_type is None or use_pool is None:
+        return None
+    return pool_type, use_pool, torch.cuda.current_device() if device.index is None else device.index
 
 
 def _peak_of(call: Callable[[], object], device: torch.device, now: Callable[[torch.device], int],
