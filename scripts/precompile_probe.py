@@ -15,7 +15,8 @@ graph cache. vLLM's ``VllmSerializableFunction`` works the same way.
 
 Each child prints one JSON line: seconds from compile/load to the end of the first call, the FX
 graph cache counters, the max abs diff vs eager at T = 1, 3, 8, 12 and torchpcg's recompile
-counter. Runs on CPU (emulated graphs) and on a GPU.
+counter. ``--device`` picks CPU (emulated graphs) or CUDA (real graphs); the default is CUDA when
+there is one. ``compare`` prints each child's row to stderr as it finishes.
 
 Note: measured on CPU (2 cores, torch 2.13.0, 16-layer tiny decoder, ``compare --runs 5``): the
 loaded model matched eager (max abs diff 7.3e-7) with 0 recompiles, but its first call took no
@@ -154,20 +155,36 @@ def serializable_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) ->
     return PiecewiseSerializable(pristine, records, piecewise_backend(gm, example_inputs, options=OPTIONS))
 
 
-def child(step: str, artifact: Path, layers: int) -> dict[str, Any]:
-    """One process: ``plain`` (torch.compile + first call), ``save`` or ``load``; timings and checks."""
+def child(step: str, artifact: Path, layers: int, device: str, reference: bool = False) -> dict[str, Any]:
+    """One process: ``plain`` (torch.compile + first call), ``save`` or ``load``; timings and checks.
+
+    ``reference``: the bench's decoder in bf16 with the default buckets, every one captured before
+    the first call (as ``python -m bench.warm_start --reference`` times a server's start).
+    """
     import torchpcg
     from torch._dynamo.utils import counters
-    from torchpcg.models import DecoderConfig, FlatDecoder
+    from torchpcg.config import PiecewiseConfig
+    from torchpcg.models import DecoderConfig, FlatDecoder, reference_config
 
     torch._dynamo.config.enable_aot_compile = True
-    config = DecoderConfig(vocab_size=512, hidden_size=128, num_layers=layers, num_heads=4, num_kv_heads=4,
-                           intermediate_size=256, max_seq_len=128)
-    model = FlatDecoder(config, seed=0).eval()
-    ids, positions = torch.arange(1, 6), torch.arange(5)
-    if step != "load":  # T unbacked, as torchpcg.compile marks it; a load takes the saved graph's symbols
-        torch._dynamo.decorators.mark_unbacked(ids, 0)
-        torch._dynamo.decorators.mark_unbacked(positions, 0)
+    if reference:
+        OPTIONS.clear()  # the default buckets; the backend reads OPTIONS on save, plain and load alike
+        config, dtype = reference_config(), torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        config = DecoderConfig(vocab_size=512, hidden_size=128, num_layers=layers, num_heads=4, num_kv_heads=4,
+                               intermediate_size=256, max_seq_len=128)
+        dtype = torch.float32
+    model = FlatDecoder(config, seed=0).eval().to(device, dtype)
+
+    def tokens(num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.arange(1, num_tokens + 1, device=device) % config.vocab_size
+        positions = torch.arange(num_tokens, device=device)
+        if step != "load":  # T unbacked, as torchpcg.compile marks it; a load takes the saved graph's symbols
+            torch._dynamo.decorators.mark_unbacked(ids, 0)
+            torch._dynamo.decorators.mark_unbacked(positions, 0)
+        return ids, positions
+
+    ids, positions = tokens(5)
     start = time.perf_counter()
     if step == "plain":
         compiled = torch.compile(model, backend="piecewise", options=OPTIONS, fullgraph=True)
@@ -182,36 +199,47 @@ def child(step: str, artifact: Path, layers: int) -> dict[str, Any]:
     elif step == "load":
         compiled._load_aot_compiled_module(artifact.read_bytes())
     with torch.no_grad():
+        if reference:
+            scratch = model.new_kv_cache()
+            torchpcg.capture(compiled, lambda n: (*tokens(n), scratch), sizes=PiecewiseConfig.resolve({}).buckets,
+                             progress=False)
         compiled(ids, positions, model.new_kv_cache())
         first_call_s = time.perf_counter() - start
         diffs = []
         for num_tokens in CHECK_TOKENS:
-            ids, positions = torch.arange(1, num_tokens + 1), torch.arange(num_tokens)
+            ids, positions = tokens(num_tokens)
             expected = model(ids, positions, model.new_kv_cache())
             diffs.append((compiled(ids, positions, model.new_kv_cache()) - expected).abs().max().item())
-    return {"step": step, "first_call_s": round(first_call_s, 3), "max_abs_diff": max(diffs),
-            "recompiles": torchpcg.stats()["recompiles"], "dynamo_graphs": torchpcg.stats()["dynamo_graphs"],
+    return {"step": step, "device": device, "reference": reference, "first_call_s": round(first_call_s, 3),
+            "max_abs_diff": max(diffs), "recompiles": torchpcg.stats()["recompiles"],
+            "dynamo_graphs": torchpcg.stats()["dynamo_graphs"],
             "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
             "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"]}
 
 
-def spawn(step: str, artifact: Path, layers: int, env: dict[str, str]) -> dict[str, Any]:
+def spawn(step: str, artifact: Path, layers: int, env: dict[str, str], device: str = "cpu",
+          reference: bool = False) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, step, "--artifact", str(artifact), "--layers", str(layers),
-                           "--child"], capture_output=True, text=True, env=env, timeout=900)
+                           "--device", device, *(["--reference"] if reference else []), "--child"],
+                          capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{step} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    row = json.loads(lines[-1])
+    print(f"{step}: first call {row['first_call_s']:.2f} s, max abs diff {row['max_abs_diff']:.1e}, "
+          f"recompiles {row['recompiles']}", file=sys.stderr, flush=True)
+    return row
 
 
-def compare(runs: int, layers: int) -> list[dict[str, Any]]:
-    """Save once on a fresh cache, then ``runs`` alternating plain / load processes on that warm cache."""
+def compare(runs: int, layers: int, device: str, reference: bool = False) -> list[dict[str, Any]]:
+    """Save once on a fresh cache (the cold start), then ``runs`` alternating plain / load processes
+    on that warm cache."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
         artifact = Path(tmp) / "piecewise.aot"
-        rows = [spawn("save", artifact, layers, env)]
+        rows = [spawn("save", artifact, layers, env, device, reference)]
         for _ in range(runs):
-            rows += [spawn("plain", artifact, layers, env), spawn("load", artifact, layers, env)]
+            rows += [spawn(step, artifact, layers, env, device, reference) for step in ("plain", "load")]
     return rows
 
 
@@ -221,16 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=4, help="compare: plain/load pairs")
     parser.add_argument("--layers", type=int, default=16, help="decoder layers (tiny sizes otherwise)")
     parser.add_argument("--artifact", type=Path, default=Path(tempfile.gettempdir()) / "torchpcg-probe.aot")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: cuda when there is one)")
+    parser.add_argument("--reference", action="store_true",
+                        help="the bench's decoder (bf16 on CUDA), every default bucket captured in the timed start")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not hasattr(torch._dynamo, "aot_compile"):
         print(f"torch {torch.__version__} has no torch._dynamo.aot_compile (torch >= 2.10 needed)", file=sys.stderr)
         return 2
     if args.step != "compare":
-        print(json.dumps(child(args.step, args.artifact, args.layers)))
+        print(json.dumps(child(args.step, args.artifact, args.layers, args.device, args.reference)))
         return 0
-    rows = compare(args.runs, args.layers)
-    print(f"torch {torch.__version__}, {args.layers} layers, {args.runs} alternating runs on one warm cache\n")
+    rows = compare(args.runs, args.layers, args.device, args.reference)
+    model = "the bench's reference decoder, every default bucket captured" if args.reference else f"{args.layers} layers"
+    print(f"torch {torch.__version__}, {args.device}, {model}, {args.runs} alternating runs on one warm cache\n")
     print("| step | first call s | max abs diff | recompiles | FX cache hit / miss |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
@@ -238,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['fxgraph_cache_hit']} / {row['fxgraph_cache_miss']} |")
     for step in ("plain", "load"):
         times = [row["first_call_s"] for row in rows if row["step"] == step]
-        print(f"\n{step}: median {statistics.median(times):.2f} s over {len(times)} runs", end="")
+        print(f"\n{step}: median {statistics.median(times):.2f} s over {len(times)} runs, "
+              f"{statistics.median(times) / rows[0]['first_call_s']:.2f}x the cold save", end="")
     print()
     return 0
 
