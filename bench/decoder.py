@@ -287,6 +287,7 @@ def run_mode(mode: Mode, ctx: BenchContext, workload: Workload, settings: Settin
     free_memory(settings.device)
     measure.reset_peak(settings.device)
     before = measure.memory_snapshot(settings.device)
+    runner: Runner | None = None
     try:
         bar.set_postfix_str(f"{mode.name}: setup")
         runner, outcome.setup_s = _setup(mode, ctx, settings)
@@ -294,6 +295,7 @@ def run_mode(mode: Mode, ctx: BenchContext, workload: Workload, settings: Settin
         outcome.memory_mb = _memory_delta(before, measure.memory_snapshot(settings.device))
         bar.set_postfix_str(f"{mode.name}: check")
         _check(runner, ctx, workload, settings, outcome)
+        outcome.info["host_op_us"] = round(measure.host_op_us(settings.device), 2)  # the host's speed now
         _time_tokens(runner, workload, settings, outcome, bar)
         bar.set_postfix_str(f"{mode.name}: mixed")
         calls = [_call(runner, *args) for args in workload.mixed]
@@ -310,7 +312,7 @@ def run_mode(mode: Mode, ctx: BenchContext, workload: Workload, settings: Settin
         outcome.info["traceback"] = traceback.format_exc()
         print(outcome.info["traceback"], file=sys.stderr)
     outcome.info.update(ctx.info)
-    outcome.info.update(_torchpcg_stats(mode.name))
+    outcome.info.update(_torchpcg_stats(mode.name, runner))
     if hasattr(ctx.kv_cache, "_dynamo_static_input_type"):  # marked by reduce-overhead: later modes see it plain
         del ctx.kv_cache._dynamo_static_input_type
     try:
@@ -411,11 +413,16 @@ def _reset_torchpcg_stats() -> None:
         torchpcg.reset_stats()
 
 
-def _torchpcg_stats(mode_name: str) -> dict[str, Any]:
+def _torchpcg_stats(mode_name: str, runner: Runner | None) -> dict[str, Any]:
+    """torchpcg's counters after a piecewise mode, and how many calls ran without Dynamo (skip_guard_check)."""
     torchpcg = sys.modules.get("torchpcg")
     if not mode_name.startswith("piecewise") or torchpcg is None or not hasattr(torchpcg, "stats"):
         return {}
-    return {"torchpcg_stats": torchpcg.stats()}
+    stats: dict[str, Any] = {"torchpcg_stats": torchpcg.stats()}
+    direct_calls = getattr(getattr(runner, "compiled", None), "direct_calls", None)
+    if direct_calls is not None:
+        stats["direct_calls"] = direct_calls
+    return stats
 
 
 # ---- the run -------------------------------------------------------------------------------------

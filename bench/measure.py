@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "Latency", "ErrorReport", "MemorySnapshot", "synchronize", "time_call", "time_calls", "time_sequence", "compare",
     "memory_snapshot", "reset_peak", "peak_allocated_mb", "activation_peak_mb", "activation_reserved_mb", "machine_speed",
+    "host_op_us",
 ]
 
 MIB = 1024 * 1024
@@ -232,14 +233,12 @@ def peak_allocated_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
 
 
-def machine_speed(device: torch.device) -> dict[str, float | None]:
-    """Two numbers that say how fast this machine is, so runs on lent machines can be compared.
+def host_op_us(device: torch.device) -> float:
+    """Host µs to issue one small in-place op: median of 5 x 1000 calls (about 50 ms on a GPU host).
 
-    ``host_op_us``: host time to issue one small in-place op (median of 5 x 1000 calls).
-    ``gpu_matmul_ms``: device time of 20 bf16 matmuls of 2048 x 2048 (CUDA events; None on CPU).
-    Two H200s lent for this bench differed by 2x in host op time (8.5 vs 16.7 µs) and 1.6x in GPU
-    busy time per whole-model graph call (1675 vs 2738 µs): compare ratios across runs only when
-    these match.
+    The bench takes it once per run and again just before each mode is timed: on lent machines it
+    drifted by 20 % between two back-to-back runs on one machine (7.6 and 9.2 µs), which moves a
+    mode's latency by its host share and so the ratios between modes timed minutes apart.
     """
     small = torch.zeros(1, 2048, device=device)
     samples = []
@@ -250,7 +249,19 @@ def machine_speed(device: torch.device) -> dict[str, float | None]:
             small.add_(1)
         samples.append((time.perf_counter() - start) * 1e3)  # ms per 1000 calls = µs per call
     synchronize(device)
-    speed: dict[str, float | None] = {"host_op_us": statistics.median(samples), "gpu_matmul_ms": None}
+    return statistics.median(samples)
+
+
+def machine_speed(device: torch.device) -> dict[str, float | None]:
+    """Two numbers that say how fast this machine is, so runs on lent machines can be compared.
+
+    ``host_op_us``: host time to issue one small in-place op (median of 5 x 1000 calls).
+    ``gpu_matmul_ms``: device time of 20 bf16 matmuls of 2048 x 2048 (CUDA events; None on CPU).
+    Two H200s lent for this bench differed by 2x in host op time (8.5 vs 16.7 µs) and 1.6x in GPU
+    busy time per whole-model graph call (1675 vs 2738 µs): compare ratios across runs only when
+    these match.
+    """
+    speed: dict[str, float | None] = {"host_op_us": host_op_us(device), "gpu_matmul_ms": None}
     if device.type == "cuda":
         a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16)
         for _ in range(3):

@@ -322,7 +322,15 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
                      f"matmul on a side stream). torchpcg captures on one stream per device, so in one process only "
                      f"its first mode pays it. Less it, over the private-pool yardstick: "
                      f"{_over(results, paid, reserved, less=workspace)}.")
-    skips = results.get("info", {}).get("reduce-overhead", {}).get("cudagraph_skip_messages")
+    info = results.get("info", {})
+    hosts = [f"`{n}` {info[n]['host_op_us']:.1f}" for n in names if info.get(n, {}).get("host_op_us")]
+    if hosts:
+        lines.append(f"- Host speed just before each mode was timed, µs to issue a small op: {', '.join(hosts)}. "
+                     f"A mode timed while the host ran slower reads slower by its host share of a call.")
+    direct = [f"`{n}` {info[n]['direct_calls']}" for n in names if "direct_calls" in info.get(n, {})]
+    if direct and "skip_guard_check" in (results.get("config", {}).get("piecewise_options") or {}):
+        lines.append(f"- Calls that ran Dynamo's compiled code directly (`skip_guard_check`): {', '.join(direct)}.")
+    skips = info.get("reduce-overhead", {}).get("cudagraph_skip_messages")
     if skips:
         lines.append(f"- `reduce-overhead` ran without CUDA graphs: {skips[0]}")
     return ["## Notes", "", *lines, ""]

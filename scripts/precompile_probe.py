@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.step, args.artifact, args.layers, args.device, args.reference)))
         return 0
     rows = compare(args.runs, args.layers, args.device, args.reference)
-    model = "the bench's reference decoder, every default bucket captured" if args.reference else f"{args.layers} layers"
+    model = ("the bench's reference decoder, every default bucket captured" if args.reference
+             else f"{args.layers} layers")
     print(f"torch {torch.__version__}, {args.device}, {model}, {args.runs} alternating runs on one warm cache\n")
     print("| step | first call s | max abs diff | recompiles | FX cache hit / miss |")
     print("|---|---:|---:|---:|---:|")

@@ -110,6 +110,26 @@ def test_report_shows_speedup_over_eager_only_when_eager_ran(quick_run) -> None:
     assert "Speedup over eager" not in report.markdown(results)  # a bench run without eager (the GPU stage)
 
 
+@pytest.mark.slow
+def test_report_shows_host_speed_per_mode_and_direct_calls_under_skip_guard_check(quick_run) -> None:
+    from bench import report
+
+    _, out = quick_run
+    results = _results(out)
+    ran = sorted({row["mode"] for row in results["results"]})
+    for mode in ran:  # measured just before the mode's timing, beside the run's one machine_speed
+        assert results["info"][mode]["host_op_us"] > 0, mode
+    text = report.markdown(results)
+    line = next(line for line in text.splitlines() if line.startswith("- Host speed just before each mode"))
+    for mode in ran:
+        assert f"`{mode}` {results['info'][mode]['host_op_us']:.1f}" in line
+    assert results["info"]["piecewise"]["direct_calls"] == 0  # read off the compiled model; option off
+    assert "ran Dynamo's compiled code directly" not in text
+    results["config"]["piecewise_options"] = {"skip_guard_check": "1"}
+    results["info"]["piecewise"]["direct_calls"] = 7
+    assert "ran Dynamo's compiled code directly (`skip_guard_check`): `piecewise` 7." in report.markdown(results)
+
+
 def test_bench_fails_loudly_when_a_mode_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def build_off_by_one(ctx):
         return lambda ids, positions: ctx.model(ids, positions, ctx.kv_cache) + 1.0
