@@ -11,7 +11,7 @@
 #   bash scripts/gpu_session.sh warmref setup       # ~4 min: warm start of the bench's decoder, cold setup per mode
 #   bash scripts/gpu_session.sh profile             # ~2 min: host time, GPU busy/idle per call (bench.profile_decode)
 #   bash scripts/gpu_session.sh bench packed        # ~6 min: the bench with the reference op, then with --attention packed
-#   bash scripts/gpu_session.sh precompile          # not run on a GPU yet (CPU: ~2.5 min): plain warm start vs Dynamo's AOT artifact
+#   bash scripts/gpu_session.sh precompile          # ~4 min: warm start of the bench's decoder, plain vs Dynamo's AOT artifact
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
@@ -80,7 +80,7 @@ run_stage() {
                 --modes inductor-cudagraph,piecewise,piecewise-full-decode --out "$dir" > "$dir/bench.log" 2>&1; code=$?
             grep -A4 "^| T | piecewise / inductor-cudagraph" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
         precompile)
-            timeout 400 python scripts/precompile_probe.py compare --runs 3 > "$dir/precompile.md" 2> "$dir/precompile.err"; code=$?
+            timeout 400 python scripts/precompile_probe.py compare --runs 2 --reference > "$dir/precompile.md" 2> "$dir/precompile.err"; code=$?
             grep -E "median" "$dir/precompile.md" | tr '\n' ' ' > "$dir/line" ;;
         warm)
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?

@@ -24,8 +24,13 @@ less than a plain warm start: median 10.49 s against 9.66 s (an earlier run of 4
 against 8.20 s). Re-propagating fake values and rebuilding the pieces cost what skipping the
 trace saved. Torch's AOT load turns on ``enable_autograd_for_aot``, which is part of Inductor's
 cache key: the backend runs with it off, so a load hits the entries a plain process wrote (with
-it on, the first load missed 3 of its 6 codes). Not measured on a GPU, where the trace is a larger
-share.
+it on, the first load missed 3 of its 6 codes).
+
+On an H200 (torch 2.11, ``compare --runs 1 --reference``: the bench's decoder, all 43 default
+buckets captured inside the timed start) it is no faster either: 9.80 s loaded against 9.55 s for a
+plain warm start, 20.65 s cold (bench/results/2026-11-30-nvidia-h200-precompile-d21f3ab-reference.md).
+An earlier GPU run read 9.27 s against 11.47 s only because its plain process compiled 3 codes the
+save had not written; ``compare`` now runs one plain process to fill the cache first.
 """
 from __future__ import annotations
 
