@@ -11,12 +11,12 @@
 #   bash scripts/gpu_session.sh warmref setup       # ~4 min: warm start of the bench's decoder, cold setup per mode
 #   bash scripts/gpu_session.sh profile             # ~2 min: host time, GPU busy/idle per call (bench.profile_decode)
 #   bash scripts/gpu_session.sh bench packed        # ~6 min: the bench with the reference op, then with --attention packed
-#   bash scripts/gpu_session.sh abdirect            # ~7 min: skip_guard_check off/on/off/on, one process each, one machine
+#   AB_OPTION=skip_module_guards=1 bash scripts/gpu_session.sh abopt   # ~7 min: the option off/on/off/on, a process each
 #   bash scripts/gpu_session.sh precompile          # ~4 min: warm start of the bench's decoder, plain vs Dynamo's AOT artifact
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, ab, direct, abdirect, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, ab, direct, abopt, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -80,18 +80,19 @@ run_stage() {
             timeout 400 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 --attention packed \
                 --modes inductor-cudagraph,piecewise,piecewise-full-decode --out "$dir" > "$dir/bench.log" 2>&1; code=$?
             grep -A4 "^| T | piecewise / inductor-cudagraph" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
-        abdirect)
-            # Alternating processes, so a drift of the host's speed (7.6 -> 9.2 µs per op between two
-            # back-to-back runs on 2026-11-30) falls on both settings; each record notes the host speed per mode.
-            local i option
+        abopt)
+            # AB_OPTION (default skip_guard_check=1) off/on/off/on, one process each on one machine, so a
+            # drift of the host's speed (7.6 -> 9.2 µs per op between two back-to-back runs on 2026-11-30)
+            # falls on both settings; each record notes the host speed per mode.
+            local i option=${AB_OPTION:-skip_guard_check=1} flags name
             for i in 1 2 3 4; do
-                option=$([ $((i % 2)) -eq 0 ] && echo 1 || echo 0)
-                mkdir -p "$dir/run$i-skip$option"
+                if [ $((i % 2)) -eq 0 ]; then flags=(--piecewise-option "$option"); name="run$i-on"; else flags=(); name="run$i-off"; fi
+                mkdir -p "$dir/$name"
                 timeout 140 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 \
-                    --modes inductor-cudagraph,piecewise,piecewise-full-decode --piecewise-option skip_guard_check=$option \
-                    --out "$dir/run$i-skip$option" > "$dir/run$i-skip$option/bench.log" 2>&1 || code=$?
-                grep -A3 "^| T | piecewise / inductor-cudagraph" "$dir/run$i-skip$option"/*.md | tail -2 \
-                    | tr '\n' ' ' | sed "s/^/skip_guard_check=$option: /" >> "$dir/line"
+                    --modes inductor-cudagraph,piecewise,piecewise-full-decode "${flags[@]}" \
+                    --out "$dir/$name" > "$dir/$name/bench.log" 2>&1 || code=$?
+                grep -A3 "^| T | piecewise / inductor-cudagraph" "$dir/$name"/*.md | tail -2 \
+                    | tr '\n' ' ' | sed "s/^/$name ($option): /" >> "$dir/line"
             done ;;
         precompile)
             timeout 400 python scripts/precompile_probe.py compare --runs 2 --reference > "$dir/precompile.md" 2> "$dir/precompile.err"; code=$?
@@ -100,7 +101,7 @@ run_stage() {
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, abdirect, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, abopt, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
