@@ -5,18 +5,19 @@
 #
 #   bash scripts/gpu_session.sh tests probe         # ~4 min: pytest -m cuda, the newcomer probe
 #   bash scripts/gpu_session.sh kernels bench       # ~7 min: kernel counts, the decoder bench
-#   bash scripts/gpu_session.sh ab attention warm   # ~6 min: backed_compile=0 run, attention op, warm start
+#   bash scripts/gpu_session.sh attention warm      # ~3 min: attention op's host cost, warm start
 #   bash scripts/gpu_session.sh direct              # ~2.5 min: the bench with skip_guard_check=1
 #   bash scripts/gpu_session.sh memory              # ~1 min: the piecewise pool's growth per capture
 #   bash scripts/gpu_session.sh warmref setup       # ~4 min: warm start of the bench's decoder, cold setup per mode
 #   bash scripts/gpu_session.sh profile             # ~2 min: host time, GPU busy/idle per call (bench.profile_decode)
 #   bash scripts/gpu_session.sh bench packed        # ~6 min: the bench with the reference op, then with --attention packed
 #   AB_OPTION=skip_module_guards=1 bash scripts/gpu_session.sh abopt   # ~7 min: the option off/on/off/on, a process each
+#                                                   # (AB_OPTION=backed_compile=0 replaces the old 'ab' stage)
 #   bash scripts/gpu_session.sh precompile          # ~4 min: warm start of the bench's decoder, plain vs Dynamo's AOT artifact
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, ab, direct, abopt, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, direct, abopt, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -44,11 +45,6 @@ run_stage() {
                 --modes reduce-overhead,eager-cudagraph,inductor-cudagraph,piecewise,piecewise-full-decode \
                 --out "$dir" > "$dir/bench.log" 2>&1; code=$?
             grep -A4 "^| T | piecewise / inductor-cudagraph" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
-        ab)
-            timeout 300 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 \
-                --modes inductor-cudagraph,piecewise,piecewise-full-decode --piecewise-option backed_compile=0 \
-                --out "$dir" > "$dir/bench.log" 2>&1; code=$?
-            grep -A4 "median ms" "$dir"/*.md | tail -3 | tr '\n' ' ' > "$dir/line" ;;
         direct)
             timeout 300 python -m bench.decoder --no-progress --tokens 1,8,32,128,512 --repeats 20 \
                 --modes inductor-cudagraph,piecewise,piecewise-full-decode --piecewise-option skip_guard_check=1 \
@@ -101,7 +97,7 @@ run_stage() {
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, ab, direct, abopt, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
@@ -109,7 +105,7 @@ run_stage() {
     tar czf "$out/$stage.tar.gz" -C "$dir" .
 }
 
-[ $# -gt 0 ] || { sed -n '2,13p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
 for stage in "$@"; do
     run_stage "$stage" || exit $?
 done
