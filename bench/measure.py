@@ -255,7 +255,7 @@ def host_op_us(device: torch.device) -> float:
 def machine_speed(device: torch.device) -> dict[str, float | None]:
     """Two numbers that say how fast this machine is, so runs on lent machines can be compared.
 
-    ``host_op_us``: host time to issue one small in-place op (median of 5 x 1000 calls).
+    ``host_op_us``: ``host_op_us(device)``.
     ``gpu_matmul_ms``: device time of 20 bf16 matmuls of 2048 x 2048 (CUDA events; None on CPU).
     Two H200s lent for this bench differed by 2x in host op time (8.5 vs 16.7 µs) and 1.6x in GPU
     busy time per whole-model graph call (1675 vs 2738 µs): compare ratios across runs only when
