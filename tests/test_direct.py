@@ -37,6 +37,24 @@ def test_direct_calls_equal_eager_and_serve_the_graphs():
     assert stats["graph_calls"] == len(MIX) - 1  # T=11 runs without graphs; every other call replays or captures
 
 
+def test_a_direct_call_runs_without_grad_and_leaves_the_callers_grad_mode_as_it_was():
+    model = tiny_decoder(num_layers=1)
+    compiled = _compile(model)
+    for num_tokens in (3, 5):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    ids, positions, cache = decoder_inputs(model, 2, mark=False)
+    with torch.enable_grad():
+        out = compiled(ids, positions, cache)
+        assert torch.is_grad_enabled()  # restored after the call
+    assert compiled.direct_calls == 1 and out.grad_fn is None and not out.requires_grad
+    with pytest.raises((RuntimeError, IndexError)), torch.enable_grad():
+        try:
+            compiled(ids, positions[:1], cache)  # the same call key, rows that disagree: fails inside
+        finally:
+            assert torch.is_grad_enabled()
+    assert compiled.direct_calls == 2
+
+
 def test_off_by_default():
     model = tiny_decoder(num_layers=1)
     compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)

@@ -83,3 +83,28 @@ def test_each_piece_copies_only_what_no_earlier_graph_made():
     copies = [len(plan.copies) for runner in runtime.runners for captured in runner.captured.values()
               for plan in captured.plans.values()]
     assert len(copies) == num_layers + 1 and copies == [2] + [1] * num_layers, copies
+
+
+def test_a_pieces_input_copies_and_padding_go_out_as_one_foreach_each(monkeypatch):
+    """Before a replay, the first piece's two token inputs are copied in one ``_foreach_copy_`` and
+    their padding rows (T=3 in bucket 4) zeroed in one ``_foreach_zero_``; outputs equal eager."""
+    calls = []
+    real_copy, real_zero = torch._foreach_copy_, torch._foreach_zero_
+
+    def foreach_copy(dsts, srcs, *rest, **kwargs):
+        calls.append(("copy", len(dsts)))
+        return real_copy(dsts, srcs, *rest, **kwargs)
+
+    def foreach_zero(tensors):
+        calls.append(("zero", len(tensors)))
+        return real_zero(tensors)
+
+    model = tiny_decoder(num_layers=2)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+    compare(model, compiled, 3, atol=1e-5, rtol=1e-5)  # captures bucket 4
+    monkeypatch.setattr(torch, "_foreach_copy_", foreach_copy)
+    monkeypatch.setattr(torch, "_foreach_zero_", foreach_zero)
+    for _ in range(2):
+        compare(model, compiled, 3, atol=1e-5, rtol=1e-5)
+    assert calls == [("copy", 2), ("zero", 2)] * 2, calls
+    assert torchpcg.stats()["replays"] == 2 * 3

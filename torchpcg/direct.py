@@ -82,10 +82,10 @@ def _global_state() -> tuple[Any, ...]:
 
 def _describe(key: str, value: Any, token_dims: Mapping[str, int], parts: list[Any]) -> bool:
     if isinstance(value, torch.Tensor):
-        sizes = list(value.shape)
+        sizes = value.shape
         dim = token_dims.get(key)
         if dim is not None and dim < len(sizes):
-            sizes[dim] = -1  # the token count: dynamic in the graph
+            sizes = (*sizes[:dim], -1, *sizes[dim + 1:])  # the token count: dynamic in the graph
         # Dynamo guards strides too (symbolically, for a dynamic dim): contiguous tensors share one
         # layout at every T; any other layout is compared as is (a new T then means a new key).
         layout = "contiguous" if value.is_contiguous() else value.stride()

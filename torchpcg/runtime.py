@@ -437,17 +437,31 @@ def _copy_inputs(zero_whole: Sequence[torch.Tensor],
 
     ``copies``: (input index, destination, broadcast dims of the destination that the source is
     narrowed along (see ``_writable``; empty nearly always), padding rows or None).
+
+    The copies go out as one ``torch._foreach_copy_`` and the padding as one ``_foreach_zero_``
+    (one launch each on CUDA, not one per input): they come before the graph's launch, so on a
+    synchronized decode step every µs of host time here adds to the step's latency.
     """
-    for view in zero_whole:
+    for view in zero_whole:  # first: the copies below write the real block inside these
         view.zero_()
+    dsts, srcs, pads = [], [], []
     for index, dst, broadcast, padding in copies:
         src = args[index]
         for d in broadcast:
             src = src.narrow(d, 0, 1)
-        if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():
-            dst.copy_(src)  # [T, ...] -> static [B, ...] rows :T; or a copied input into its buffer
+        if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():  # not the buffer itself
+            dsts.append(dst)  # [T, ...] -> static [B, ...] rows :T; or a copied input into its buffer
+            srcs.append(src)
         if padding is not None:
-            padding.zero_()  # rows T.. hold zeros, never an earlier call's data
+            pads.append(padding)  # rows T.. hold zeros, never an earlier call's data
+    if len(dsts) > 1:
+        torch._foreach_copy_(dsts, srcs)
+    elif dsts:
+        dsts[0].copy_(srcs[0])
+    if len(pads) > 1:
+        torch._foreach_zero_(pads)
+    elif pads:
+        pads[0].zero_()
 
 
 def _input_specs(fake_args: Sequence[Any], symbol: sympy.Symbol | None,
@@ -542,8 +556,15 @@ class Runtime:
     # ---- the call ------------------------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
-        with self._lock, torch.no_grad():
-            self._drop_pending_graphs()  # dropped by the last call, whose outputs were views of them
+        if torch.is_grad_enabled():  # a plain torch.compile call; torchpcg.compile's wrapper has it off
+            with torch.no_grad():
+                return self._call(args)
+        return self._call(args)
+
+    def _call(self, args: tuple[Any, ...]) -> Any:
+        with self._lock:
+            if self._drop_after_call:
+                self._drop_pending_graphs()  # dropped by the last call, whose outputs were views of them
             num_tokens = self.num_tokens(args)
             bucket = self.bucket_for(num_tokens)
             if bucket is not None:
