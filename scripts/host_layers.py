@@ -11,8 +11,9 @@ starts, as in the bench's synchronized calls):
   locks, token count, the static-address check, the route to the full graph, counters;
 * ``dynamo code``: Dynamo's compiled bytecode called directly (what ``skip_guard_check`` runs):
   loads ~115 parameters, calls the runtime through Dynamo's wrapper;
-* ``through Dynamo``: the ``torch.compile`` function (frame hook and guards), no torchpcg wrapper;
-* ``torchpcg.compile``: the user's call, with ``skip_guard_check`` on (direct) and off (Dynamo).
+* ``torchpcg.compile``: the user's call with ``skip_guard_check`` on: the wrapper around ``dynamo code``;
+* ``through Dynamo``: the ``torch.compile`` function (frame hook and guards), no torchpcg wrapper:
+  what the default path adds to ``dynamo code``.
 
 Two numbers per layer: ``issue`` (host µs until the call returns) and ``latency`` (until the GPU
 is done: what the bench times). A layer's cost is its difference to the layer inside it. Layers
@@ -37,7 +38,7 @@ import torch
 
 import torchpcg
 from bench import decoder
-from torchpcg.runtime import CallState, Runtime, _copy_inputs
+from torchpcg.runtime import CallState, Runtime, _copy_inputs  # internals: this script times them one by one
 
 
 def _record_runtime_args(compiled: Any, args: tuple[Any, ...]) -> tuple[Runtime, tuple[Any, ...]]:
@@ -83,8 +84,8 @@ def layers_for(compiled: Any, args: tuple[Any, ...], num_tokens: int) -> dict[st
     direct = getattr(compiled, "_direct", None)
     if direct is not None:
         layers["dynamo code"] = lambda: direct(args, {})
-    layers["through Dynamo"] = lambda: compiled.monitor(*args)
-    layers["torchpcg.compile"] = lambda: compiled(*args)
+    layers["torchpcg.compile"] = lambda: compiled(*args)  # skip_guard_check: the wrapper around "dynamo code"
+    layers["through Dynamo"] = lambda: compiled.monitor(*args)  # frame hook and guards, no wrapper
     return layers
 
 
@@ -163,15 +164,17 @@ def markdown(results: dict[str, Any]) -> str:
              f"`{results['commit']}`; median (min) µs of {results['rounds']} x {results['calls']} calls; "
              f"host {results['host_op_us']:.1f} µs per small op", ""]
     for num_tokens, rows in results["tokens"].items():
-        lines += [f"T={num_tokens}:", "", "| layer | issue µs | + over the layer inside | latency µs | min |",
+        lines += [f"T={num_tokens}:", "", "| layer | issue µs | latency µs | min | latency over the row above |",
                   "|---|---:|---:|---:|---:|"]
         previous = None
         for name, row in rows.items():
-            extra = "" if previous is None else f"{row['issue_us'] - previous:+.1f}"
-            lines.append(f"| {name} | {row['issue_us']:.1f} | {extra} | {row['latency_us']:.1f} | "
-                         f"{row['latency_us_min']:.1f} |")
-            previous = row["issue_us"]
-        lines.append("")
+            extra = "" if previous is None else f"{row['latency_us'] - previous:+.1f}"
+            lines.append(f"| {name} | {row['issue_us']:.1f} | {row['latency_us']:.1f} | "
+                         f"{row['latency_us_min']:.1f} | {extra} |")
+            previous = row["latency_us"]
+        lines += ["", "A row's latency over the row above is host work it adds before the graph's launch (work "
+                  "after the launch overlaps the GPU). `through Dynamo` is the `torch.compile` function without "
+                  "torchpcg's wrapper: compare it with `dynamo code`.", ""]
     return "\n".join(lines)
 
 
