@@ -414,14 +414,17 @@ def _reset_torchpcg_stats() -> None:
 
 
 def _torchpcg_stats(mode_name: str, runner: Runner | None) -> dict[str, Any]:
-    """torchpcg's counters after a piecewise mode, and how many calls ran without Dynamo (skip_guard_check)."""
+    """torchpcg's counters after a piecewise mode, and how many calls ran Dynamo's code directly: on
+    the call key alone (``direct_calls``, skip_guard_check) or after its guards (``guarded_calls``)."""
     torchpcg = sys.modules.get("torchpcg")
     if not mode_name.startswith("piecewise") or torchpcg is None or not hasattr(torchpcg, "stats"):
         return {}
     stats: dict[str, Any] = {"torchpcg_stats": torchpcg.stats()}
-    direct_calls = getattr(getattr(runner, "compiled", None), "direct_calls", None)
-    if direct_calls is not None:
-        stats["direct_calls"] = direct_calls
+    compiled = getattr(runner, "compiled", None)
+    for counter in ("direct_calls", "guarded_calls"):
+        value = getattr(compiled, counter, None)
+        if value is not None:
+            stats[counter] = value
     return stats
 
 

@@ -330,6 +330,10 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
     direct = [f"`{n}` {info[n]['direct_calls']}" for n in names if "direct_calls" in info.get(n, {})]
     if direct and "skip_guard_check" in (results.get("config", {}).get("piecewise_options") or {}):
         lines.append(f"- Calls that ran Dynamo's compiled code directly (`skip_guard_check`): {', '.join(direct)}.")
+    guarded = [f"`{n}` {info[n]['guarded_calls']}" for n in names if info.get(n, {}).get("guarded_calls")]
+    if guarded:
+        lines.append(f"- Calls that ran Dynamo's compiled code directly after its guards passed (`guarded_direct`, "
+                     f"the default): {', '.join(guarded)}.")
     skips = info.get("reduce-overhead", {}).get("cudagraph_skip_messages")
     if skips:
         lines.append(f"- `reduce-overhead` ran without CUDA graphs: {skips[0]}")

@@ -9,9 +9,11 @@ starts, as in the bench's synchronized calls):
 * ``runner``: the full graph's ``PieceRunner`` (plan lookup, copies, replay);
 * ``runtime``: ``Runtime.__call__`` with the arguments Dynamo passes it (parameters included):
   locks, token count, the static-address check, the route to the full graph, counters;
-* ``dynamo code``: Dynamo's compiled bytecode called directly (what ``skip_guard_check`` runs):
-  loads ~115 parameters, calls the runtime through Dynamo's wrapper;
-* ``torchpcg.compile``: the user's call with ``skip_guard_check`` on: the wrapper around ``dynamo code``;
+* ``dynamo code``: Dynamo's compiled bytecode called directly (what a direct call runs): loads
+  ~115 parameters, calls the runtime through Dynamo's wrapper;
+* ``torchpcg.compile``: the user's call: the wrapper around ``dynamo code``, with Dynamo's guards
+  checked first (``guarded_direct``, the default) or only the call key (``--piecewise-option
+  skip_guard_check=1``);
 * ``through Dynamo``: the ``torch.compile`` function (frame hook and guards), no torchpcg wrapper:
   what the default path adds to ``dynamo code``.
 
@@ -20,6 +22,7 @@ is done: what the bench times). A layer's cost is its difference to the layer in
 are timed in interleaved rounds, so a drift of the host's speed falls on all of them alike.
 
     python scripts/host_layers.py --tokens 1,8 --out /tmp/layers.json      # GPU: the bench's decoder
+    python scripts/host_layers.py --piecewise-option skip_guard_check=1 --out /tmp/layers-unguarded.json
     python scripts/host_layers.py --quick --out /tmp/layers.json           # CPU smoke, emulated graphs
 """
 from __future__ import annotations
@@ -84,7 +87,7 @@ def layers_for(compiled: Any, args: tuple[Any, ...], num_tokens: int) -> dict[st
     direct = getattr(compiled, "_direct", None)
     if direct is not None:
         layers["dynamo code"] = lambda: direct(args, {})
-    layers["torchpcg.compile"] = lambda: compiled(*args)  # skip_guard_check: the wrapper around "dynamo code"
+    layers["torchpcg.compile"] = lambda: compiled(*args)  # the wrapper around "dynamo code"
     layers["through Dynamo"] = lambda: compiled.monitor(*args)  # frame hook and guards, no wrapper
     return layers
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.piecewise_option:
         flags += ["--piecewise-option", item]
     settings = decoder.resolve_settings(decoder.parse_args(flags + ["--tokens", args.tokens, "--no-progress"]))
-    options = {**settings.piecewise_options, "cudagraph_mode": "full_and_piecewise", "skip_guard_check": True,
+    options = {**settings.piecewise_options, "cudagraph_mode": "full_and_piecewise",
                "capture_sizes": sorted(set(tokens) | {max(tokens)})}
     results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
                                if settings.device.type == "cuda" else "cpu", "commit": decoder.commit_of(settings),
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         for num_tokens, call in calls.items():
             results["tokens"][num_tokens] = time_layers(layers_for(compiled, call, num_tokens), settings.device,
                                                         args.rounds, args.calls)
-        results["direct_calls"] = compiled.direct_calls
+        results["direct_calls"], results["guarded_calls"] = compiled.direct_calls, compiled.guarded_calls
         results["host_op_us"] = decoder.measure.host_op_us(settings.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Host layers of a full-decode call, {results['device']}, torch {results['torch']}, commit "
              f"`{results['commit']}`; median (min) µs of {results['rounds']} x {results['calls']} calls; "
-             f"host {results['host_op_us']:.1f} µs per small op", ""]
+             f"host {results['host_op_us']:.1f} µs per small op; options {results['options']}; direct calls "
+             f"{results.get('guarded_calls', 0)} guarded, {results['direct_calls']} on the call key only", ""]
     for num_tokens, rows in results["tokens"].items():
         lines += [f"T={num_tokens}:", "", "| layer | issue µs | latency µs | min | latency over the row above |",
                   "|---|---:|---:|---:|---:|"]

@@ -55,6 +55,52 @@ def test_a_direct_call_runs_without_grad_and_leaves_the_callers_grad_mode_as_it_
     assert compiled.direct_calls == 2
 
 
+def test_guarded_direct_calls_are_the_default_and_equal_eager():
+    """Without skip_guard_check, calls after warm-up pass Dynamo's own guards, then run its code directly."""
+    model = tiny_decoder(num_layers=2)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+    for num_tokens in MIX:
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert compiled.guarded_calls == len(MIX) - 2 and compiled.direct_calls == 0
+    stats = torchpcg.stats()
+    assert stats["recompiles"] == 0 and stats["graph_calls"] == len(MIX) - 1
+
+
+def test_a_submodule_replaced_after_warm_up_fails_a_guard_so_the_call_goes_through_dynamo():
+    """What the call key cannot see and Dynamo's guards do: a submodule of another type."""
+    model = tiny_decoder(num_layers=2)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+    for num_tokens in (3, 5, 2):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    guarded_before = compiled.guarded_calls
+    model.norm = torch.nn.Identity()  # eager sees it too
+    for num_tokens in (3, 1):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert guarded_before == 1 and compiled.guarded_calls == guarded_before
+    assert torchpcg.stats()["recompiles"] == 1
+
+
+def test_guarded_direct_leaves_a_non_default_stance_to_dynamo():
+    model = tiny_decoder(num_layers=1)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+    for num_tokens in (3, 5, 2):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    guarded_before, graph_calls = compiled.guarded_calls, torchpcg.stats()["graph_calls"]
+    with torch.compiler.set_stance("force_eager"):
+        compare(model, compiled, 3, atol=1e-5, rtol=1e-5)
+    assert compiled.guarded_calls == guarded_before and torchpcg.stats()["graph_calls"] == graph_calls
+    compare(model, compiled, 3, atol=1e-5, rtol=1e-5)
+    assert compiled.guarded_calls == guarded_before + 1
+
+
+def test_guarded_direct_off_sends_every_call_through_dynamo():
+    model = tiny_decoder(num_layers=1)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS, guarded_direct=False)
+    for num_tokens in (3, 5, 2, 1):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert compiled.guarded_calls == 0 and compiled.direct_calls == 0
+
+
 def test_off_by_default():
     model = tiny_decoder(num_layers=1)
     compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)

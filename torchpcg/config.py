@@ -132,6 +132,13 @@ class PiecewiseConfig:
     dims aside) and plain values match the warm-up call's (``torchpcg.direct``). Unsafe if the
     model's parameters, submodules or attributes are replaced after warm-up; for serving loops."""
 
+    guarded_direct: bool = True
+    """``torchpcg.compile`` only: after warm-up, evaluate Dynamo's own guards of the compiled entry
+    (its C++ guard manager) and, when they pass, call Dynamo's compiled forward directly: the same
+    checks as a call through ``torch.compile``, without Dynamo's frame hook, the token marking and
+    the recompile monitor around it (``torchpcg.direct``). A failing guard sends the call through
+    Dynamo. Off: every call goes through ``torch.compile``'s function."""
+
     max_autotune: bool = False
     """Compile pieces with Inductor's max-autotune (slower compile, tuned kernels). Also set by
     ``torch.compile(..., mode="max-autotune")``."""
@@ -292,6 +299,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "full_max_size": _parse_int,
     "skip_module_guards": _parse_bool,
     "skip_guard_check": _parse_bool,
+    "guarded_direct": _parse_bool,
     "backed_compile": _parse_bool,
     "max_autotune": _parse_bool,
 }

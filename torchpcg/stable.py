@@ -567,6 +567,15 @@ def describe_callable(fn: Any) -> str:
 # ---- torchpcg.compile ----------------------------------------------------------------------------
 
 _MISSED = object()  # StableModel._call_direct: the call's key differs, go through Dynamo
+_DIRECT_MISS_LIMIT = 8  # such calls that Dynamo served without compiling before direct calls stop
+
+
+def _default_stance() -> bool:
+    """Whether torch's compiler stance is the default one (``set_stance("force_eager")`` and the
+    like change what Dynamo's frame hook does; a guarded direct call leaves those to it)."""
+    stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+    return (stance is not None and getattr(stance, "stance", None) == "default"
+            and not getattr(stance, "skip_guard_eval_unsafe", False))
 
 
 class _Bound:
@@ -654,9 +663,11 @@ class StableModel:
         self._unmarked: set[str] = set()  # token inputs already warned about for a size != T
         self._backed_kinds: set[int] = set()  # min(T, 2) of calls compiled with a backed token dim
         self._grad_mode = torch.inference_mode if inference_mode else torch.no_grad
-        self._direct: DirectCode | None = None  # skip_guard_check: Dynamo's code, called directly
+        self._direct: DirectCode | None = None  # Dynamo's code, called directly (torchpcg.direct)
         self._direct_reason: str | None = None  # why not (logged once), or None while not yet tried
-        self.direct_calls = 0  # calls that ran Dynamo's compiled code without Dynamo (skip_guard_check)
+        self.direct_calls = 0  # calls that ran Dynamo's compiled code on the call key alone (skip_guard_check)
+        self.guarded_calls = 0  # calls that ran it directly after Dynamo's guards passed (guarded_direct)
+        self._direct_misses = 0  # calls the direct path refused that Dynamo then served without compiling
         self._lock = threading.Lock()  # the stable buffers are shared by every call
 
     @property
@@ -668,11 +679,12 @@ class StableModel:
         return self.monitor.recompiles
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        direct = self._direct
+        direct, missed = self._direct, False
         if direct is not None and self._grad_mode is torch.no_grad:
             out = self._call_direct(direct, args, kwargs)
             if out is not _MISSED:
                 return out
+            missed = True
         with self._lock, self._grad_mode():
             bound = self._binder.bind(args, kwargs)  # the same positional layout whatever the caller spelled
             first = self._layout is None
@@ -685,27 +697,48 @@ class StableModel:
                 log.info("%s: token inputs %s (%s)", describe_callable(self.model), layout.dims,
                          "token_inputs=" if self._token_inputs else
                          f"inferred from shapes at T={layout.num_tokens(bound.arguments)}; token_inputs= overrides")
-            return self._run_compiled(bound, first)
+            return self._run_compiled(bound, first, missed)
 
     forward = __call__
 
     def _call_direct(self, direct: DirectCode, args: tuple, kwargs: dict) -> Any:
-        """skip_guard_check after warm-up: Dynamo's code on a call whose key matches, else ``_MISSED``.
+        """After warm-up: Dynamo's code on a call its guards (or, under ``skip_guard_check``, its
+        argument key) accept, else ``_MISSED``.
 
         Every µs here comes before the graph's launch. So no lock: this path touches no
-        stable buffer (``skip_guard_check`` is refused with ``stable_kwargs``) and the runtime
-        holds its own. Grad mode is switched by one C call, not a context-manager object.
+        stable buffer (direct calls are refused with ``stable_kwargs``) and the runtime holds
+        its own. Grad mode is switched by one C call, not a context-manager object; it is set
+        before the guards run, which check it.
         """
+        if direct.guard is not None and not _default_stance():
+            return _MISSED  # set_stance("force_eager") and the like: Dynamo's frame hook decides
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
             bound = self._binder.bind(args, kwargs)
-            if call_key(bound.arguments, self._layout.dims) != direct.key:  # type: ignore[union-attr]
+            if direct.guard is not None:
+                self._fresh_token_tensors(bound.arguments)
+            if not direct.matches(bound.arguments, self._layout.dims):  # type: ignore[union-attr]
                 return _MISSED
-            self.direct_calls += 1
+            self._count_direct(direct)
             return direct(bound.args, bound.kwargs)
         finally:
             torch._C._set_grad_enabled(enabled)
+
+    def _fresh_token_tensors(self, arguments: dict[str, Any]) -> None:
+        """The token inputs as the Dynamo path passes them: new tensor objects over the same memory
+        (``_mark_tokens``), so a caller's own ``mark_dynamic`` is not what the guards see."""
+        layout = self._layout
+        for name in layout.dims:  # type: ignore[union-attr]
+            value = layout.leaf(arguments, name)  # type: ignore[union-attr]
+            if isinstance(value, torch.Tensor):
+                layout.replace(arguments, name, value.detach())  # type: ignore[union-attr]
+
+    def _count_direct(self, direct: DirectCode) -> None:
+        if direct.guard is None:
+            self.direct_calls += 1
+        else:
+            self.guarded_calls += 1
 
     def _run_eager(self, layout: _TokenLayout, args: tuple, kwargs: dict) -> Any:
         """A T <= 1 call before the first T > 1 one: the uncompiled model, same answer, nothing marked."""
@@ -718,27 +751,46 @@ class StableModel:
         self.eager_calls += 1
         return self.model(*args, **kwargs)
 
-    def _run_compiled(self, bound: _Bound | inspect.BoundArguments, first: bool) -> Any:
+    def _run_compiled(self, bound: _Bound | inspect.BoundArguments, first: bool, missed: bool = False) -> Any:
+        """``missed``: the direct path was tried on this call and refused it."""
         arguments = bound.arguments
-        if self._direct is not None:
-            if call_key(arguments, self._layout.dims) == self._direct.key:  # type: ignore[union-attr]
-                self.direct_calls += 1
-                return self._direct(bound.args, bound.kwargs)
+        direct = self._direct  # reached here under inference_mode, or when _call_direct missed
+        if direct is not None and not missed and (direct.guard is None or _default_stance()):
+            if direct.guard is not None:
+                self._fresh_token_tensors(arguments)
+            if direct.matches(arguments, self._layout.dims):  # type: ignore[union-attr]
+                self._count_direct(direct)
+                return direct(bound.args, bound.kwargs)
         num_tokens = self._layout.num_tokens(arguments)  # type: ignore[union-attr]
         self._expect_backed_graph(num_tokens)
         self._mark_tokens(arguments, num_tokens)
+        recompiles = len(self.monitor.recompiles)
         out = self._call_dynamo(bound, first, num_tokens)
-        if self.config.skip_guard_check and not first:
+        if missed and self._direct is not None and len(self.monitor.recompiles) == recompiles:
+            self._direct_missed()
+        if (self.config.skip_guard_check or self.config.guarded_direct) and not first:
             self._update_direct(arguments)
         return out
 
+    def _direct_missed(self) -> None:
+        """Dynamo served without compiling a call the direct path refused: a guard that depends on
+        more than the frame's locals, or a call key too strict. A few are fine (a stance, a kind of
+        call seen before); if they keep coming, each call would pay both checks, so stop."""
+        self._direct_misses += 1
+        if self._direct_misses >= _DIRECT_MISS_LIMIT:
+            log.debug("%s: %d calls refused by the direct path ran through Dynamo without compiling; calls go "
+                      "through Dynamo from now on", describe_callable(self.model), self._direct_misses)
+            self._direct, self._direct_reason = None, "its check kept refusing calls that Dynamo's guards passed"
+
     def _update_direct(self, arguments: Mapping[str, Any]) -> None:
-        """skip_guard_check: after a call through Dynamo, call its code directly from now on (once it
-        ran a call after warm-up), or stop doing so if Dynamo compiled again."""
+        """After a call through Dynamo, call its code directly from now on (once it ran a call after
+        warm-up), or stop doing so if Dynamo compiled again. Only ``skip_guard_check``, which the
+        user asked for, warns when direct calls cannot be used; ``guarded_direct`` logs at DEBUG."""
+        unguarded = self.config.skip_guard_check
         if self.monitor.recompiles:
             if self._direct is not None:
-                log.warning("%s: Dynamo compiled again, so calls go through Dynamo from now on (skip_guard_check)",
-                            describe_callable(self.model))
+                log.log(logging.WARNING if unguarded else logging.DEBUG,
+                        "%s: Dynamo compiled again, so calls go through Dynamo from now on", describe_callable(self.model))
             self._direct, self._direct_reason = None, "Dynamo compiled again after warm-up"
             return
         if self._direct is not None or self._direct_reason is not None:
@@ -746,18 +798,21 @@ class StableModel:
         if self._stable:
             found: DirectCode | str = "stable_kwargs are filled per call by the Dynamo path"
         elif self.dynamic_dim not in ("auto", "unbacked"):  # auto fell back to "backed" if it had to
-            found = (f"the token dim is {self.dynamic_dim}, and Dynamo guards on its value (a backed T >= 2; "
-                     "a static T per size), which the argument key cannot check")
+            found = (f"the token dim is {self.dynamic_dim}: T=1 and T >= 2 get a compiled entry each, and "
+                     "a direct call serves exactly one")
         else:
-            found = direct_code(self.model, call_key(arguments, self._layout.dims))  # type: ignore[union-attr]
+            key = call_key(arguments, self._layout.dims) if unguarded else None  # type: ignore[union-attr]
+            found = direct_code(self.model, key, guarded=not unguarded)
         if isinstance(found, str):
             self._direct_reason = found
-            log.warning("%s: skip_guard_check is on, but calls go through Dynamo: %s",
-                        describe_callable(self.model), found)
+            log.log(logging.WARNING if unguarded else logging.DEBUG, "%s: %s, but calls go through Dynamo: %s",
+                    describe_callable(self.model), "skip_guard_check is on" if unguarded else "guarded_direct", found)
         else:
             self._direct = found
-            log.info("%s: skip_guard_check: calls with the dtypes, devices and sizes of this one now run "
-                     "Dynamo's compiled code directly", describe_callable(self.model))
+            log.info("%s: %s", describe_callable(self.model),
+                     "skip_guard_check: calls with the dtypes, devices and sizes of this one now run Dynamo's "
+                     "compiled code directly" if unguarded else
+                     "calls that pass Dynamo's guards now run its compiled code directly (guarded_direct)")
 
     def _call_dynamo(self, bound: _Bound | inspect.BoundArguments, first: bool, num_tokens: int) -> Any:
         arguments = bound.arguments
