@@ -111,7 +111,7 @@ def test_report_shows_speedup_over_eager_only_when_eager_ran(quick_run) -> None:
 
 
 @pytest.mark.slow
-def test_report_shows_host_speed_per_mode_and_direct_calls_under_skip_guard_check(quick_run) -> None:
+def test_report_shows_host_speed_per_mode_and_direct_calls_guarded_and_not(quick_run) -> None:
     from bench import report
 
     _, out = quick_run
@@ -124,7 +124,10 @@ def test_report_shows_host_speed_per_mode_and_direct_calls_under_skip_guard_chec
     for mode in ran:
         assert f"`{mode}` {results['info'][mode]['host_op_us']:.1f}" in line
     assert results["info"]["piecewise"]["direct_calls"] == 0  # read off the compiled model; option off
-    assert "ran Dynamo's compiled code directly" not in text
+    assert "directly (`skip_guard_check`)" not in text
+    guarded = results["info"]["piecewise"]["guarded_calls"]  # the default: Dynamo's guards, then its code
+    assert guarded > 0
+    assert f"directly after its guards passed (`guarded_direct`, the default): `piecewise` {guarded}." in text
     results["config"]["piecewise_options"] = {"skip_guard_check": "1"}
     results["info"]["piecewise"]["direct_calls"] = 7
     assert "ran Dynamo's compiled code directly (`skip_guard_check`): `piecewise` 7." in report.markdown(results)
