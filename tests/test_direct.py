@@ -93,6 +93,21 @@ def test_guarded_direct_leaves_a_non_default_stance_to_dynamo():
     assert compiled.guarded_calls == guarded_before + 1
 
 
+def test_a_guard_check_that_keeps_refusing_what_dynamo_serves_is_dropped():
+    """If torchpcg's run of the guards refuses calls that Dynamo then serves without compiling,
+    every call would pay both checks: after a few such calls the direct path is dropped."""
+    model = tiny_decoder(num_layers=1)
+    compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS)
+    for num_tokens in (3, 5):
+        compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert compiled._direct is not None
+    compiled._direct.guard = lambda f_locals: False  # a check that disagrees with Dynamo's frame hook
+    for _ in range(12):
+        compare(model, compiled, 2, atol=1e-5, rtol=1e-5)
+    assert compiled._direct is None and compiled.guarded_calls == 0
+    assert torchpcg.stats()["recompiles"] == 0
+
+
 def test_guarded_direct_off_sends_every_call_through_dynamo():
     model = tiny_decoder(num_layers=1)
     compiled = torchpcg.compile(model, **EMULATE, token_inputs=TOKENS, guarded_direct=False)
