@@ -710,20 +710,27 @@ class StableModel:
         its own. Grad mode is switched by one C call, not a context-manager object; it is set
         before the guards run, which check it.
         """
-        if direct.guard is not None and not _default_stance():
-            return _MISSED  # set_stance("force_eager") and the like: Dynamo's frame hook decides
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            bound = self._binder.bind(args, kwargs)
-            if direct.guard is not None:
-                self._fresh_token_tensors(bound.arguments)
-            if not direct.matches(bound.arguments, self._layout.dims):  # type: ignore[union-attr]
-                return _MISSED
-            self._count_direct(direct)
-            return direct(bound.args, bound.kwargs)
+            return self._try_direct(direct, self._binder.bind(args, kwargs))
         finally:
             torch._C._set_grad_enabled(enabled)
+
+    def _try_direct(self, direct: DirectCode, bound: _Bound | inspect.BoundArguments) -> Any:
+        """Dynamo's code on these bound arguments if its guards (or the call key) accept them, else
+        ``_MISSED``; grad mode is already the compiled one."""
+        if direct.guard is not None:
+            if not _default_stance():
+                return _MISSED  # set_stance("force_eager") and the like: Dynamo's frame hook decides
+            self._fresh_token_tensors(bound.arguments)
+        if not direct.matches(bound.arguments, self._layout.dims):  # type: ignore[union-attr]
+            return _MISSED
+        if direct.guard is None:
+            self.direct_calls += 1
+        else:
+            self.guarded_calls += 1
+        return direct(bound.args, bound.kwargs)
 
     def _fresh_token_tensors(self, arguments: dict[str, Any]) -> None:
         """The token inputs as the Dynamo path passes them: new tensor objects over the same memory
@@ -733,12 +740,6 @@ class StableModel:
             value = layout.leaf(arguments, name)  # type: ignore[union-attr]
             if isinstance(value, torch.Tensor):
                 layout.replace(arguments, name, value.detach())  # type: ignore[union-attr]
-
-    def _count_direct(self, direct: DirectCode) -> None:
-        if direct.guard is None:
-            self.direct_calls += 1
-        else:
-            self.guarded_calls += 1
 
     def _run_eager(self, layout: _TokenLayout, args: tuple, kwargs: dict) -> Any:
         """A T <= 1 call before the first T > 1 one: the uncompiled model, same answer, nothing marked."""
@@ -754,13 +755,10 @@ class StableModel:
     def _run_compiled(self, bound: _Bound | inspect.BoundArguments, first: bool, missed: bool = False) -> Any:
         """``missed``: the direct path was tried on this call and refused it."""
         arguments = bound.arguments
-        direct = self._direct  # reached here under inference_mode, or when _call_direct missed
-        if direct is not None and not missed and (direct.guard is None or _default_stance()):
-            if direct.guard is not None:
-                self._fresh_token_tensors(arguments)
-            if direct.matches(arguments, self._layout.dims):  # type: ignore[union-attr]
-                self._count_direct(direct)
-                return direct(bound.args, bound.kwargs)
+        if self._direct is not None and not missed:  # under inference_mode: __call__ did not try it
+            out = self._try_direct(self._direct, bound)
+            if out is not _MISSED:
+                return out
         num_tokens = self._layout.num_tokens(arguments)  # type: ignore[union-attr]
         self._expect_backed_graph(num_tokens)
         self._mark_tokens(arguments, num_tokens)
