@@ -14,11 +14,12 @@
 #   AB_OPTION=skip_module_guards=1 bash scripts/gpu_session.sh abopt   # ~7 min: the option off/on/off/on, a process each
 #                                                   # (AB_OPTION=backed_compile=0 replaces the old 'ab' stage)
 #   bash scripts/gpu_session.sh layers              # ~1.5 min: a full-decode call's host time, layer by layer (scripts/host_layers.py)
+#   bash scripts/gpu_session.sh gpuside             # ~2 min: each call's GPU-alone span vs its latency (scripts/gpu_side.py)
 #   bash scripts/gpu_session.sh precompile          # ~4 min: warm start of the bench's decoder, plain vs Dynamo's AOT artifact
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, direct, abopt, layers, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -94,6 +95,9 @@ run_stage() {
         layers)
             timeout 200 python scripts/host_layers.py --tokens 1,8 --out "$dir/host-layers.json" > "$dir/host-layers.md" 2> "$dir/host-layers.err"; code=$?
             grep -E "^\| (copy\+replay|torchpcg.compile) " "$dir/host-layers.md" | tr '\n' ' ' > "$dir/line" ;;
+        gpuside)
+            timeout 300 python scripts/gpu_side.py --out "$dir/gpu-side.json" > "$dir/gpu-side.md" 2> "$dir/gpu-side.err"; code=$?
+            grep -E "^\| piecewise \| (1|32|512) " "$dir/gpu-side.md" | tr '\n' ' ' > "$dir/line" ;;
         precompile)
             timeout 400 python scripts/precompile_probe.py compare --runs 2 --reference > "$dir/precompile.md" 2> "$dir/precompile.err"; code=$?
             grep -E "median" "$dir/precompile.md" | tr '\n' ' ' > "$dir/line" ;;
@@ -101,7 +105,7 @@ run_stage() {
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
@@ -109,7 +113,7 @@ run_stage() {
     tar czf "$out/$stage.tar.gz" -C "$dir" .
 }
 
-[ $# -gt 0 ] || { sed -n '2,17p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
 for stage in "$@"; do
     run_stage "$stage" || exit $?
 done

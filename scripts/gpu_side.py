@@ -1,0 +1,141 @@
+"""How much of a call's latency is the GPU's own work, and how much is the GPU waiting for the host.
+
+For each bench mode and T, two timings of the same call, in interleaved rounds:
+
+* ``latency``: the GPU idle when the call starts (as in the bench's synchronized calls); CUDA
+  events around the call. The GPU waits whenever the host has not queued the next work yet.
+* ``queued``: the same call queued behind a GPU sleep longer than the host needs to issue it, so
+  every kernel and graph is already queued when the GPU gets to them: the call's span on the GPU
+  alone (kernels, graph launches and the gaps between them that the GPU itself makes).
+
+``latency - queued`` is what host work costs the call; ``queued`` minus the whole-model graph's
+``queued`` is what more kernels and launches cost on the GPU, whatever the host does. A lever that
+only makes the host faster can win at most the first.
+
+    python scripts/gpu_side.py --tokens 1,8,32,128,512 --out /tmp/gpu-side.json   # GPU only
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import decoder
+from bench.modes import MODES, ModeUnavailable
+
+DEFAULT_MODES = "inductor-cudagraph,piecewise,piecewise-full-decode"
+
+
+def _sleep_cycles(device: torch.device, milliseconds: float) -> int:
+    """GPU clock cycles that ``torch.cuda._sleep`` spins for about ``milliseconds``."""
+    cycles = 1_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize(device)
+    return int(cycles * milliseconds / max(start.elapsed_time(end), 1e-3))
+
+
+def time_mode(runner: Any, ids: torch.Tensor, positions: torch.Tensor, device: torch.device, rounds: int,
+              sleep_cycles: int) -> dict[str, float]:
+    """Median µs of ``latency``, ``queued`` and the host's time to issue the call."""
+    for _ in range(5):
+        runner(ids, positions)
+    latency, queued, issue = [], [], []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
+        torch.cuda.synchronize(device)
+        begun = time.perf_counter()
+        start.record()
+        runner(ids, positions)
+        end.record()
+        issue.append((time.perf_counter() - begun) * 1e6)
+        torch.cuda.synchronize(device)
+        latency.append(start.elapsed_time(end) * 1e3)
+        torch.cuda._sleep(sleep_cycles)
+        start.record()
+        runner(ids, positions)
+        end.record()
+        torch.cuda.synchronize(device)
+        queued.append(start.elapsed_time(end) * 1e3)
+    return {"latency_us": statistics.median(latency), "queued_us": statistics.median(queued),
+            "issue_us": statistics.median(issue), "issue_us_max": max(issue)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python scripts/gpu_side.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", default="1,8,32,128,512", help="comma list of T")
+    p.add_argument("--modes", default=DEFAULT_MODES, help="comma list of bench modes")
+    p.add_argument("--rounds", type=int, default=30, help="timed calls per (mode, T) and kind")
+    p.add_argument("--sleep-ms", type=float, default=15.0, help="GPU sleep before a queued call; above the issue time")
+    p.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra torchpcg knob for the piecewise modes (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="JSON output path")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_side.py needs a CUDA device", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.modes.split(",") if n.strip()]
+    unknown = sorted(set(names) - {m.name for m in MODES})
+    if unknown:
+        print(f"--modes: unknown {unknown}; choose from {[m.name for m in MODES]}", file=sys.stderr)
+        return 2
+    flags = [f for item in args.piecewise_option for f in ("--piecewise-option", item)]
+    settings = decoder.resolve_settings(decoder.parse_args(flags + ["--tokens", args.tokens, "--no-progress"]))
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    sleep_cycles = _sleep_cycles(settings.device, args.sleep_ms)
+    results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(),
+                               "commit": decoder.commit_of(settings), "rounds": args.rounds,
+                               "sleep_ms": args.sleep_ms, "host_op_us": decoder.measure.host_op_us(settings.device),
+                               "modes": {}}
+    with torch.no_grad():
+        model, kv_cache = decoder.build_model(settings)
+        decoder.prefill(model, kv_cache, settings)
+        ctx = decoder.bench_context(settings, model, kv_cache)
+        inputs = {t: ctx.make_inputs(t) for t in tokens}
+        for mode in decoder.run_order(tuple(names)):
+            try:
+                runner = mode.build(dataclasses.replace(ctx, info={}))
+            except ModeUnavailable as err:
+                results["modes"][mode.name] = {"unavailable": str(err)}
+                continue
+            results["modes"][mode.name] = {t: time_mode(runner, *inputs[t], settings.device, args.rounds,
+                                                        sleep_cycles) for t in tokens}
+            del runner
+            if hasattr(kv_cache, "_dynamo_static_input_type"):
+                del kv_cache._dynamo_static_input_type
+            decoder.free_memory(settings.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> str:
+    modes = {name: rows for name, rows in results["modes"].items() if "unavailable" not in rows}
+    reference = modes.get("inductor-cudagraph")
+    lines = [f"GPU side of a call, {results['device']}, torch {results['torch']}, commit `{results['commit']}`, "
+             f"median of {results['rounds']} calls each; host {results['host_op_us']:.1f} µs per small op", "",
+             "| mode | T | latency µs | queued µs (GPU alone) | host-bound µs | issue µs | "
+             "queued - whole graph's queued µs |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in modes.items():
+        for t, row in rows.items():
+            extra = "-" if reference is None else f"{row['queued_us'] - reference[t]['queued_us']:.0f}"
+            lines.append(f"| {name} | {t} | {row['latency_us']:.0f} | {row['queued_us']:.0f} | "
+                         f"{row['latency_us'] - row['queued_us']:.0f} | {row['issue_us']:.0f} | {extra} |")
+    lines += ["", f"A queued call is behind a {results['sleep_ms']:.0f} ms GPU sleep; it is valid while the issue "
+              "time stays below that (max issue µs per mode and T is in the JSON)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
