@@ -9,6 +9,7 @@
 #   bash scripts/gpu_session.sh direct              # ~2.5 min: the bench with skip_guard_check=1
 #   bash scripts/gpu_session.sh memory              # ~1 min: the piecewise pool's growth per capture
 #   bash scripts/gpu_session.sh warmref setup       # ~4 min: warm start of the bench's decoder, cold setup per mode
+#   bash scripts/gpu_session.sh warmsetup           # ~1.5 min: piecewise's setup, cold then warm, profiled (where a warm start goes)
 #   bash scripts/gpu_session.sh profile             # ~2 min: host time, GPU busy/idle per call (bench.profile_decode)
 #   bash scripts/gpu_session.sh bench packed        # ~6 min: the bench with the reference op, then with --attention packed
 #   AB_OPTION=skip_module_guards=1 bash scripts/gpu_session.sh abopt   # ~7 min: the option off/on/off/on, a process each
@@ -19,7 +20,7 @@
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, profile, packed, precompile. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -69,6 +70,10 @@ run_stage() {
             timeout 400 python scripts/setup_breakdown.py --modes inductor-cudagraph,piecewise --out "$dir/setup.json" \
                 > "$dir/setup.md" 2> "$dir/setup.err"; code=$?
             grep "^## " "$dir/setup.md" | tr '\n' ' ' > "$dir/line" ;;
+        warmsetup)
+            timeout 400 python scripts/setup_breakdown.py --modes piecewise --warm --out "$dir/warm-setup.json" \
+                > "$dir/warm-setup.md" 2> "$dir/warm-setup.err"; code=$?
+            grep "^## " "$dir/warm-setup.md" | tr '\n' ' ' > "$dir/line" ;;
         profile)
             timeout 240 python -m bench.profile_decode --tokens 1,8,32,512 --calls 20 \
                 --modes inductor-cudagraph,piecewise,piecewise-full-decode --out "$dir/profile.json" \
@@ -105,7 +110,7 @@ run_stage() {
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, profile, packed, precompile" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
@@ -113,7 +118,7 @@ run_stage() {
     tar czf "$out/$stage.tar.gz" -C "$dir" .
 }
 
-[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
 for stage in "$@"; do
     run_stage "$stage" || exit $?
 done

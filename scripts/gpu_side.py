@@ -50,7 +50,7 @@ def time_mode(runner: Any, ids: torch.Tensor, positions: torch.Tensor, device: t
     """Median µs of ``latency``, ``queued`` and the host's time to issue the call."""
     for _ in range(5):
         runner(ids, positions)
-    latency, queued, issue = [], [], []
+    latency, queued, issue, issue_queued = [], [], [], []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(rounds):
         torch.cuda.synchronize(device)
@@ -62,13 +62,47 @@ def time_mode(runner: Any, ids: torch.Tensor, positions: torch.Tensor, device: t
         torch.cuda.synchronize(device)
         latency.append(start.elapsed_time(end) * 1e3)
         torch.cuda._sleep(sleep_cycles)
+        begun = time.perf_counter()
         start.record()
         runner(ids, positions)
         end.record()
+        issue_queued.append((time.perf_counter() - begun) * 1e6)
         torch.cuda.synchronize(device)
         queued.append(start.elapsed_time(end) * 1e3)
     return {"latency_us": statistics.median(latency), "queued_us": statistics.median(queued),
-            "issue_us": statistics.median(issue), "issue_us_max": max(issue)}
+            "issue_us": statistics.median(issue), "issue_us_max": max(issue),
+            "issue_queued_us": statistics.median(issue_queued), "issue_queued_us_max": max(issue_queued)}
+
+
+def launch_costs(device: torch.device, sleep_cycles: int, launches: int = 200) -> dict[str, float]:
+    """Host µs per small kernel launch and per graph replay, with the GPU idle and with it busy
+    (behind a sleep): whether issuing work gets slower while the GPU runs."""
+    x = torch.zeros(16, device=device)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        x.add_(1)
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(8):
+                x.add_(1)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    work = {"kernel": lambda: x.add_(1), "graph replay": graph.replay}
+    out: dict[str, float] = {}
+    for name, call in work.items():
+        for busy in (False, True):
+            samples = []
+            for _ in range(5):
+                torch.cuda.synchronize(device)
+                if busy:
+                    torch.cuda._sleep(sleep_cycles)
+                begun = time.perf_counter()
+                for _ in range(launches):
+                    call()
+                samples.append((time.perf_counter() - begun) * 1e6 / launches)
+            torch.cuda.synchronize(device)
+            out[f"{name}, GPU {'busy' if busy else 'idle'}"] = min(samples)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                                "commit": decoder.commit_of(settings), "rounds": args.rounds,
                                "sleep_ms": args.sleep_ms, "host_op_us": decoder.measure.host_op_us(settings.device),
                                "modes": {}}
+    results["launch_us"] = launch_costs(settings.device, sleep_cycles)
     with torch.no_grad():
         model, kv_cache = decoder.build_model(settings)
         decoder.prefill(model, kv_cache, settings)
@@ -125,13 +160,14 @@ def markdown(results: dict[str, Any]) -> str:
     reference = modes.get("inductor-cudagraph")
     lines = [f"GPU side of a call, {results['device']}, torch {results['torch']}, commit `{results['commit']}`, "
              f"median of {results['rounds']} calls each; host {results['host_op_us']:.1f} µs per small op", "",
-             "| mode | T | latency µs | queued µs (GPU alone) | host-bound µs | issue µs | "
-             "queued - whole graph's queued µs |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| mode | T | latency µs | queued µs (GPU alone) | host-bound µs | issue µs | issue µs, queued | "
+             "queued - whole graph's queued µs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rows in modes.items():
         for t, row in rows.items():
             extra = "-" if reference is None else f"{row['queued_us'] - reference[t]['queued_us']:.0f}"
             lines.append(f"| {name} | {t} | {row['latency_us']:.0f} | {row['queued_us']:.0f} | "
-                         f"{row['latency_us'] - row['queued_us']:.0f} | {row['issue_us']:.0f} | {extra} |")
+                         f"{row['latency_us'] - row['queued_us']:.0f} | {row['issue_us']:.0f} | {row['issue_queued_us']:.0f} | {extra} |")
+    lines += ["", "Host µs per launch: " + ", ".join(f"{k} {v:.1f}" for k, v in results.get("launch_us", {}).items())]
     lines += ["", f"A queued call is behind a {results['sleep_ms']:.0f} ms GPU sleep; it is valid while the issue "
               "time stays below that (max issue µs per mode and T is in the JSON)."]
     return "\n".join(lines)

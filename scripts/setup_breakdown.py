@@ -12,6 +12,8 @@ graph cache counters, torchpcg's compiles by kind with their seconds (from the
     python scripts/setup_breakdown.py --modes inductor-cudagraph,piecewise
     python scripts/setup_breakdown.py --modes piecewise --piecewise-option backed_compile=0
     python scripts/setup_breakdown.py --quick --modes piecewise     # CPU smoke, tiny model
+    python scripts/setup_breakdown.py --modes piecewise --warm      # then a second process on that cache:
+                                                                    # where a warm start's time goes
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def _kind(name: str) -> str:
 
 
 def child(mode_name: str, flags: list[str]) -> dict[str, Any]:
-    """Build one mode from a cold cache; its setup seconds, compiles and top cumulative functions."""
+    """Build one mode on the cache the parent set; its setup seconds, compiles and top functions."""
     import cProfile
     import dataclasses
     import pstats
@@ -86,6 +88,8 @@ def child(mode_name: str, flags: list[str]) -> dict[str, Any]:
     rows = sorted(((func, entry[3]) for func, entry in stats.stats.items()), key=lambda r: -r[1])
     interesting = [f"{cum:7.2f} s  {Path(func[0]).name}:{func[1]}({func[2]})" for func, cum in rows
                    if "torch/" in func[0] or "torchpcg" in func[0] or "bench" in func[0]][:40]
+    own = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:25]  # (file, line, name) -> (.., tottime, ..)
+    top_own = [f"{entry[2]:7.2f} s  {Path(func[0]).name}:{func[1]}({func[2]})" for func, entry in own]
     by_kind: dict[str, list[float]] = {}
     for name, secs in handler.compiles:
         by_kind.setdefault(_kind(name), []).append(secs)
@@ -94,7 +98,18 @@ def child(mode_name: str, flags: list[str]) -> dict[str, Any]:
             "fxgraph_cache_miss": counters["fxgraph_cache_miss"],
             "compiles": {k: {"count": len(v), "seconds": sum(v), "max_s": max(v)} for k, v in by_kind.items()},
             "dynamo_compile_times": torch._dynamo.utils.compile_times(repr="str", aggregate=True),
-            "top_cumulative": interesting}
+            "top_cumulative": interesting, "top_own": top_own}
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    cache = "a cold cache" if result["start"] == "cold" else "the cache the cold process filled"
+    print(f"## {result['mode']}, {result['start']}: setup {result['setup_s']:.1f} s from {cache}; FX graph cache "
+          f"{result['fxgraph_cache_miss']} miss, {result['fxgraph_cache_hit']} hit")
+    for kind, c in result["compiles"].items():
+        print(f"- torchpcg compiles, {kind}: {c['count']}, {c['seconds']:.1f} s (longest {c['max_s']:.1f} s)")
+    print("\n```\n" + result["dynamo_compile_times"] + "\n```\n\nTop cumulative:\n```")
+    print("\n".join(result["top_cumulative"]) + "\n```\n\nTop own time:\n```")
+    print("\n".join(result.get("top_own", [])) + "\n```\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="inductor-cudagraph,piecewise")
     parser.add_argument("--quick", action="store_true", help="CPU smoke: the bench's tiny model")
     parser.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--warm", action="store_true",
+                        help="after each cold process, a second one on the same cache (a warm start), reported too")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = parser.parse_args(argv)
     flags = ["--quick"] if args.quick else []
@@ -124,18 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
             command = [sys.executable, __file__, CHILD_FLAG, name, "--modes", name, *flags]
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"## {name}: failed (exit {done.returncode})\n{done.stderr[-3000:]}")
-            continue
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        results.append(result)
-        print(f"## {name}: setup {result['setup_s']:.1f} s from a cold cache; FX graph cache "
-              f"{result['fxgraph_cache_miss']} miss, {result['fxgraph_cache_hit']} hit")
-        for kind, c in result["compiles"].items():
-            print(f"- torchpcg compiles, {kind}: {c['count']}, {c['seconds']:.1f} s (longest {c['max_s']:.1f} s)")
-        print("\n```\n" + result["dynamo_compile_times"] + "\n```\n\nTop cumulative:\n```")
-        print("\n".join(result["top_cumulative"]) + "\n```\n")
+            for start in ("cold", "warm") if args.warm else ("cold",):
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"## {name}, {start}: failed (exit {done.returncode})\n{done.stderr[-3000:]}")
+                    break
+                result = {**json.loads(done.stdout.strip().splitlines()[-1]), "start": start}
+                results.append(result)
+                _print_result(result)
     if args.out:
         args.out.write_text(json.dumps({"options": args.piecewise_option, "results": results}, indent=1))
     return 0 if results else 1
