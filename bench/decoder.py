@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,8 +314,7 @@ def run_mode(mode: Mode, ctx: BenchContext, workload: Workload, settings: Settin
         print(outcome.info["traceback"], file=sys.stderr)
     outcome.info.update(ctx.info)
     outcome.info.update(_torchpcg_stats(mode.name, runner))
-    if hasattr(ctx.kv_cache, "_dynamo_static_input_type"):  # marked by reduce-overhead: later modes see it plain
-        del ctx.kv_cache._dynamo_static_input_type
+    unmark_cache(ctx.kv_cache)
     try:
         ctx.kv_cache[:, :, : settings.context].copy_(workload.prefix)  # the next mode starts from the same cache
     except RuntimeError:
@@ -429,6 +429,29 @@ def _torchpcg_stats(mode_name: str, runner: Runner | None) -> dict[str, Any]:
 
 
 # ---- the run -------------------------------------------------------------------------------------
+
+def unmark_cache(kv_cache: torch.Tensor) -> None:
+    """Undo reduce-overhead's ``mark_static_address`` on the cache: later modes see it plain."""
+    if hasattr(kv_cache, "_dynamo_static_input_type"):
+        del kv_cache._dynamo_static_input_type
+
+
+def measure_modes(ctx: BenchContext, names: tuple[str, ...], measure: Callable[[Runner], Any]) -> dict[str, Any]:
+    """``{mode: measure(runner)}`` for each mode in run order, built one after another on ``ctx``'s
+    one model and cache (``{"unavailable": why}`` where a mode cannot be built). Each mode's graphs
+    and compiled code are freed before the next is built; for the scripts that profile modes."""
+    results: dict[str, Any] = {}
+    for mode in run_order(names):
+        try:
+            runner = mode.build(dataclasses.replace(ctx, info={}))
+            results[mode.name] = measure(runner)
+            del runner
+        except ModeUnavailable as err:
+            results[mode.name] = {"unavailable": str(err)}
+        unmark_cache(ctx.kv_cache)
+        free_memory(ctx.device)
+    return results
+
 
 def run_order(names: tuple[str, ...]) -> list[Mode]:
     """Display order, except modes whose failed capture may break CUDA run last."""

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from bench import decoder
-from bench.modes import MODES, ModeUnavailable
+from bench.modes import MODES
 
 __all__ = ["main", "profile_mode"]
 
@@ -199,18 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         model, kv_cache = decoder.build_model(settings)
         decoder.prefill(model, kv_cache, settings)
         ctx = decoder.bench_context(settings, model, kv_cache)
-        for mode in decoder.run_order(tuple(names)):
-            try:
-                runner = mode.build(dataclasses.replace(ctx, info={}))
-                results["modes"][mode.name] = [profile_mode(runner, ctx.make_inputs, t, settings.device, args.calls,
-                                                                            args.breakdown)
-                                               for t in tokens]
-                del runner
-            except ModeUnavailable as err:
-                results["modes"][mode.name] = {"unavailable": str(err)}
-            if hasattr(kv_cache, "_dynamo_static_input_type"):
-                del kv_cache._dynamo_static_input_type
-            decoder.free_memory(settings.device)
+        results["modes"] = decoder.measure_modes(ctx, tuple(names), lambda runner: [
+            profile_mode(runner, ctx.make_inputs, t, settings.device, args.calls, args.breakdown) for t in tokens])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))

@@ -17,7 +17,6 @@ only makes the host faster can win at most the first.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from bench import decoder
-from bench.modes import MODES, ModeUnavailable
+from bench.modes import MODES
 
 DEFAULT_MODES = "inductor-cudagraph,piecewise,piecewise-full-decode"
 
@@ -45,30 +44,36 @@ def _sleep_cycles(device: torch.device, milliseconds: float) -> int:
     return int(cycles * milliseconds / max(start.elapsed_time(end), 1e-3))
 
 
+def _one_call(runner: Any, ids: torch.Tensor, positions: torch.Tensor,
+              events: tuple[torch.cuda.Event, torch.cuda.Event], device: torch.device) -> tuple[float, float]:
+    """(host µs to issue one call, µs between CUDA events around it on the GPU)."""
+    start, end = events
+    begun = time.perf_counter()
+    start.record()
+    runner(ids, positions)
+    end.record()
+    issued = (time.perf_counter() - begun) * 1e6
+    torch.cuda.synchronize(device)
+    return issued, start.elapsed_time(end) * 1e3
+
+
+def _append(pair: tuple[float, float], hosts: list[float], gpus: list[float]) -> None:
+    hosts.append(pair[0])
+    gpus.append(pair[1])
+
+
 def time_mode(runner: Any, ids: torch.Tensor, positions: torch.Tensor, device: torch.device, rounds: int,
               sleep_cycles: int) -> dict[str, float]:
     """Median µs of ``latency``, ``queued`` and the host's time to issue the call."""
     for _ in range(5):
         runner(ids, positions)
     latency, queued, issue, issue_queued = [], [], [], []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(rounds):
         torch.cuda.synchronize(device)
-        begun = time.perf_counter()
-        start.record()
-        runner(ids, positions)
-        end.record()
-        issue.append((time.perf_counter() - begun) * 1e6)
-        torch.cuda.synchronize(device)
-        latency.append(start.elapsed_time(end) * 1e3)
+        _append(_one_call(runner, ids, positions, events, device), issue, latency)
         torch.cuda._sleep(sleep_cycles)
-        begun = time.perf_counter()
-        start.record()
-        runner(ids, positions)
-        end.record()
-        issue_queued.append((time.perf_counter() - begun) * 1e6)
-        torch.cuda.synchronize(device)
-        queued.append(start.elapsed_time(end) * 1e3)
+        _append(_one_call(runner, ids, positions, events, device), issue_queued, queued)
     return {"latency_us": statistics.median(latency), "queued_us": statistics.median(queued),
             "issue_us": statistics.median(issue), "issue_us_max": max(issue),
             "issue_queued_us": statistics.median(issue_queued), "issue_queued_us_max": max(issue_queued)}
@@ -137,18 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         decoder.prefill(model, kv_cache, settings)
         ctx = decoder.bench_context(settings, model, kv_cache)
         inputs = {t: ctx.make_inputs(t) for t in tokens}
-        for mode in decoder.run_order(tuple(names)):
-            try:
-                runner = mode.build(dataclasses.replace(ctx, info={}))
-            except ModeUnavailable as err:
-                results["modes"][mode.name] = {"unavailable": str(err)}
-                continue
-            results["modes"][mode.name] = {t: time_mode(runner, *inputs[t], settings.device, args.rounds,
-                                                        sleep_cycles) for t in tokens}
-            del runner
-            if hasattr(kv_cache, "_dynamo_static_input_type"):
-                del kv_cache._dynamo_static_input_type
-            decoder.free_memory(settings.device)
+        results["modes"] = decoder.measure_modes(ctx, tuple(names), lambda runner: {
+            t: time_mode(runner, *inputs[t], settings.device, args.rounds, sleep_cycles) for t in tokens})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
