@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import operator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -190,3 +192,34 @@ def test_nodes_touching_cpu_tensors_of_a_cuda_graph_run_eagerly():
         node.meta["example_value"] = node.meta.get("val")
     reasons = {node.name: why for node, why in split_reasons(gm, PiecewiseConfig(), None).items()}
     assert list(reasons) == ["to"] and reasons["to"].startswith("host tensor")
+
+
+def test_a_check_message_function_lifted_as_an_attribute_splits():
+    """torch 2.11's Dynamo lifts ``torch._check(cond, lambda: msg)``'s message into a ``get_attr``
+    node whose example value is the function. ``split_module`` read symbols from that value and
+    failed ("cannot extract sympy expressions from <function ...>"), the vision encoder's cuda
+    tests met it on an H200. The graph below is that shape, built by hand (torch 2.13 emits an
+    assert node instead)."""
+    from torchpcg.split import split_graph
+
+    def message() -> str:
+        return "rows must be even"
+
+    root = torch.nn.Module()
+    root._check_message = message
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["example_value"] = torch.empty(4, 8)
+    text = graph.get_attr("_check_message")
+    text.meta["example_value"] = message
+    rows = graph.call_function(torch.ops.aten.sym_size.int, (x, 0))
+    even = graph.call_function(operator.eq, (graph.call_function(operator.mod, (rows, 2)), 0))
+    graph.call_function(torch._check, (even, text))
+    h = graph.call_function(torch.relu, (x,))
+    cut = graph.call_function(torch.softmax, (h, 0))
+    graph.output(graph.call_function(torch.neg, (cut,)))
+    gm = torch.fx.GraphModule(root, graph)
+    split = split_graph(gm, {cut: "softmax over the token dim"})
+    x_in = torch.randn(4, 8)
+    torch.testing.assert_close(split.split_gm(x_in), gm(x_in))
+    assert [p.is_split_op for p in split.pieces][:2] == [False, True]  # cut at the softmax

@@ -284,6 +284,21 @@ def _foreign_writes(ids: Mapping[torch.fx.Node, int], split_ids: set[int],
     return found
 
 
+def _drop_opaque_attr_values(gm: torch.fx.GraphModule) -> None:
+    """Forget the example value of a ``get_attr`` that holds a plain Python object.
+
+    ``split_module`` reads the symbols of the example value of every value used across pieces,
+    and fails on an object that is not a tensor, a size or a number ("cannot extract sympy
+    expressions from <function ...>"). torch 2.11's Dynamo lifts ``torch._check(cond, lambda:
+    msg)``'s message function into such a node when ``cond`` is symbolic: the vision encoder's
+    ``PatchMerger`` has one. Such an object has no shape to track; the pieces receive it as it is.
+    """
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if node.op == "get_attr" and value is not None and not isinstance(value, (torch.Tensor, torch.nn.Module)):
+            del node.meta["example_value"]
+
+
 def split_graph(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str],
                 written_bases: Callable[[torch.fx.Node], list[torch.fx.Node]] | None = None) -> SplitGraph:
     """Cut ``gm`` before and after every node in ``reasons`` (node -> why it is cut).
@@ -309,6 +324,7 @@ def split_graph(gm: torch.fx.GraphModule, reasons: Mapping[torch.fx.Node, str],
         names_by_id.setdefault(pid, []).append(node.name)
         if node in reasons and reasons[node] not in reasons_by_id.setdefault(pid, []):
             reasons_by_id[pid].append(reasons[node])
+    _drop_opaque_attr_values(gm)
     split_gm = split_module(gm, None, lambda node: ids[node], keep_original_order=True)
     pieces = []
     for node in split_gm.graph.nodes:
