@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import free_symbols
 from torch.fx.passes.split_module import split_module
 
 from .config import split_op_name
@@ -294,8 +295,11 @@ def _drop_opaque_attr_values(gm: torch.fx.GraphModule) -> None:
     ``PatchMerger`` has one. Such an object has no shape to track; the pieces receive it as it is.
     """
     for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        if node.op == "get_attr" and value is not None and not isinstance(value, (torch.Tensor, torch.nn.Module)):
+        if node.op != "get_attr" or node.meta.get("example_value") is None:
+            continue
+        try:
+            free_symbols(node.meta["example_value"])  # what split_module will ask of it
+        except AssertionError:
             del node.meta["example_value"]
 
 
