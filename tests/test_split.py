@@ -196,10 +196,10 @@ def test_nodes_touching_cpu_tensors_of_a_cuda_graph_run_eagerly():
 
 def test_a_check_message_function_lifted_as_an_attribute_splits():
     """torch 2.11's Dynamo lifts ``torch._check(cond, lambda: msg)``'s message into a ``get_attr``
-    node whose example value is the function. ``split_module`` read symbols from that value and
-    failed ("cannot extract sympy expressions from <function ...>"), the vision encoder's cuda
-    tests met it on an H200. The graph below is that shape, built by hand (torch 2.13 emits an
-    assert node instead)."""
+    node whose example value is the function, when ``cond`` is symbolic. ``split_module`` read
+    symbols from that value and failed ("cannot extract sympy expressions from <function ...>"):
+    the vision encoder's cuda tests met it on an H200 after a recompile made its patch count
+    symbolic. The graph below has that shape, built by hand (torch 2.13 emits an assert node)."""
     from torchpcg.split import split_graph
 
     def message() -> str:
