@@ -282,3 +282,35 @@ def test_packed_attention_gives_the_reference_decoders_logits_and_cache() -> Non
     assert stats["split_ops"] == DecoderConfig().num_layers * stats["dynamo_graphs"] and stats["recompiles"] == 0
     with pytest.raises(TypeError, match="layer 0 has PackedAttention"):
         use_packed_attention(packed)  # swapped already: not the reference Attention
+
+
+def test_modes_are_measured_one_after_another_and_unavailable_ones_say_why() -> None:
+    """``decoder.measure_modes`` (the loop bench.profile_decode and scripts/gpu_side.py share):
+    each buildable mode's runner is measured, CUDA-only modes on CPU are recorded as unavailable,
+    and the cache is left unmarked for the next mode."""
+    settings = decoder.resolve_settings(decoder.parse_args(["--quick", "--tokens", "1,3", "--no-progress"]))
+    with torch.no_grad():
+        model, kv_cache = decoder.build_model(settings)
+        ctx = decoder.bench_context(settings, model, kv_cache)
+        seen = []
+
+        def measure(runner) -> int:
+            ids, positions = ctx.make_inputs(3)
+            seen.append(runner(ids, positions).shape[0])
+            return len(seen)
+
+        results = decoder.measure_modes(ctx, ("eager", "piecewise", "inductor-cudagraph"), measure)
+    assert results["eager"] == 1 and results["piecewise"] == 2 and seen == [3, 3]
+    assert "CUDA" in results["inductor-cudagraph"]["unavailable"]
+    assert not hasattr(kv_cache, "_dynamo_static_input_type")
+
+
+def test_setup_breakdown_warm_runs_a_second_process_on_the_first_ones_cache(tmp_path: Path) -> None:
+    out = tmp_path / "setup.json"
+    proc = subprocess.run([sys.executable, "scripts/setup_breakdown.py", "--quick", "--modes", "piecewise", "--warm",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["start"]) for r in results] == [("piecewise", "cold"), ("piecewise", "warm")]
+    assert all(r["setup_s"] > 0 and r["top_own"] for r in results)
+    assert "## piecewise, warm: setup" in proc.stdout
