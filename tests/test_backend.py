@@ -189,6 +189,29 @@ def test_capture_failure_falls_back_and_enforce_raises(monkeypatch):
         strict(*decoder_inputs(model, 3))
 
 
+def test_a_graph_the_splitter_fails_on_runs_as_traced_and_enforce_raises(monkeypatch, caplog):
+    """torch.fx's split_module failing on a graph shape (as it did on torch 2.11's lifted
+    torch._check messages) costs speed, not the call: a warning, a fallback, eager's numbers."""
+    model = tiny_decoder()
+
+    def failing(*args, **kwargs):
+        raise AssertionError("cannot extract sympy expressions from <function <lambda>>")
+
+    monkeypatch.setattr("torchpcg.backend.split_graph", failing)
+    compiled = _compile(model, compiler="eager")
+    with caplog.at_level("WARNING", logger="torchpcg.backend"):
+        for num_tokens in (3, 1, 9):
+            compare(model, compiled, num_tokens, atol=1e-5, rtol=1e-5)
+    assert "splitting a Dynamo graph" in caplog.text and "cannot extract sympy" in caplog.text
+    stats = torchpcg.stats()
+    assert stats["fallbacks"] >= 1 and stats["captured"] == 0 and stats["replays"] == 0
+
+    torch._dynamo.reset()
+    strict = _compile(model, compiler="eager", enforce=True)
+    with pytest.raises(Exception, match="splitting a Dynamo graph"):
+        strict(*decoder_inputs(model, 3))
+
+
 def test_two_threads_never_share_static_buffers():
     model = tiny_decoder()
     compiled = _compile(model, compiler="eager", capture_sizes=(4, 8))

@@ -51,7 +51,10 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     _check_symbols(gm, symbol, config)
     static_names = static_inputs(gm, example_inputs)
     reasons = split_reasons(gm, config, symbol)
-    split = split_graph(gm, reasons, written_bases)
+    try:
+        split = split_graph(gm, reasons, written_bases)
+    except Exception as exc:  # noqa: BLE001 - torch.fx's splitter on a graph shape it does not handle
+        return _unsplit(gm, exc, config)
     _check_split(split, config)
     device = graph_device(gm)
     locator = token_locator(gm, symbol)
@@ -85,6 +88,23 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     for collector in getattr(_collectors, "stack", ()):
         collector.append(runtime)
     return runtime
+
+
+def _unsplit(gm: torch.fx.GraphModule, exc: Exception, config: PiecewiseConfig) -> Callable[..., Any]:
+    """A Dynamo graph torch.fx could not split runs as it is, without graphs: correct, slow, loud.
+
+    The first such failure seen was ``split_module`` reading symbols from a lifted
+    ``torch._check`` message function (now handled, ``split._drop_opaque_attr_values``); another
+    graph shape it cannot handle should cost speed, not the user's call.
+    """
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    message = (f"splitting a Dynamo graph of {len(gm.graph.nodes)} nodes failed ({type(exc).__name__}: {first}); "
+               "it runs as traced, without CUDA graphs. Please report it with the graph (TORCH_LOGS=graph_code prints it)")
+    if config.enforce:
+        raise SplitError(message + " (TORCHPCG_ENFORCE=1)") from exc
+    log.warning("%s", message)
+    COUNTERS.add("fallbacks")
+    return gm.forward
 
 
 def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | None,
