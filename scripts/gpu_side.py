@@ -57,23 +57,19 @@ def _one_call(runner: Any, ids: torch.Tensor, positions: torch.Tensor,
     return issued, start.elapsed_time(end) * 1e3
 
 
-def _append(pair: tuple[float, float], hosts: list[float], gpus: list[float]) -> None:
-    hosts.append(pair[0])
-    gpus.append(pair[1])
-
-
 def time_mode(runner: Any, ids: torch.Tensor, positions: torch.Tensor, device: torch.device, rounds: int,
               sleep_cycles: int) -> dict[str, float]:
     """Median µs of ``latency``, ``queued`` and the host's time to issue the call."""
     for _ in range(5):
         runner(ids, positions)
-    latency, queued, issue, issue_queued = [], [], [], []
+    idle, behind = [], []  # (issue µs, GPU µs) per call: the GPU idle at the start, or busy with a sleep
     events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(rounds):
         torch.cuda.synchronize(device)
-        _append(_one_call(runner, ids, positions, events, device), issue, latency)
+        idle.append(_one_call(runner, ids, positions, events, device))
         torch.cuda._sleep(sleep_cycles)
-        _append(_one_call(runner, ids, positions, events, device), issue_queued, queued)
+        behind.append(_one_call(runner, ids, positions, events, device))
+    (issue, latency), (issue_queued, queued) = zip(*idle), zip(*behind)
     return {"latency_us": statistics.median(latency), "queued_us": statistics.median(queued),
             "issue_us": statistics.median(issue), "issue_us_max": max(issue),
             "issue_queued_us": statistics.median(issue_queued), "issue_queued_us_max": max(issue_queued)}

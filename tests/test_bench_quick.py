@@ -314,3 +314,35 @@ def test_setup_breakdown_warm_runs_a_second_process_on_the_first_ones_cache(tmp_
     assert [(r["mode"], r["start"]) for r in results] == [("piecewise", "cold"), ("piecewise", "warm")]
     assert all(r["setup_s"] > 0 and r["top_own"] for r in results)
     assert "## piecewise, warm: setup" in proc.stdout
+
+
+def test_gpu_side_times_each_call_idle_then_queued_and_reports_the_host_bound_part(monkeypatch) -> None:
+    """scripts/gpu_side.py's bookkeeping, with CUDA's events, sync and sleep faked on CPU: each
+    round times one call with the GPU idle, then one behind the sleep; the table's host-bound
+    column is latency minus the GPU-alone span."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    import gpu_side
+
+    spans = iter([2.0, 1.5] * 3)  # ms: idle call, queued call, per round
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self) -> None:
+            pass
+
+        def elapsed_time(self, other) -> float:
+            return next(spans)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: calls.append("sleep"))
+    row = gpu_side.time_mode(lambda ids, positions: calls.append("call"), None, None, "cpu", rounds=3, sleep_cycles=1)
+    assert calls == ["call"] * 5 + ["call", "sleep", "call"] * 3  # 5 warm-up calls, then the rounds
+    assert row["latency_us"] == 2000.0 and row["queued_us"] == 1500.0 and row["issue_us"] >= 0
+    table = gpu_side.markdown({"device": "fake", "torch": "x", "commit": "c", "rounds": 3, "host_op_us": 7.0,
+                               "sleep_ms": 15.0, "modes": {"inductor-cudagraph": {1: dict(row, queued_us=1400.0)},
+                                                           "piecewise": {1: row}}})
+    assert "| piecewise | 1 | 2000 | 1500 | 500 |" in table and "| 100 |" in table and table.rstrip().endswith("in the JSON).")
