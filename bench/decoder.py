@@ -482,6 +482,23 @@ def run(settings: Settings) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def script_settings(tokens: str, piecewise_options: list[str], quick: bool = False) -> Settings:
+    """The bench's settings for a profiling script: its ``--tokens`` and ``--piecewise-option``
+    values (and ``--quick``), everything else the bench's defaults, no progress bar."""
+    flags = ["--quick"] if quick else []
+    for item in piecewise_options:
+        flags += ["--piecewise-option", item]
+    return resolve_settings(parse_args(flags + ["--tokens", tokens, "--no-progress"]))
+
+
+def prefilled_context(settings: Settings) -> BenchContext:
+    """The decoder built, its cache prefilled, and the context every mode builder gets: what the
+    profiling scripts start from (``ctx.model``, ``ctx.kv_cache``). Call under ``torch.no_grad()``."""
+    model, kv_cache = build_model(settings)
+    prefill(model, kv_cache, settings)
+    return bench_context(settings, model, kv_cache)
+
+
 def bench_context(settings: Settings, model: FlatDecoder, kv_cache: torch.Tensor) -> BenchContext:
     """What every mode builder gets: the model, its cache, the default buckets, fresh inputs per T."""
     return BenchContext(model=model, kv_cache=kv_cache, device=settings.device, buckets=default_buckets(settings),

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 
 from bench import decoder
-from bench.modes import MODES
+from bench.cli import names_from
+from bench.modes import MODE_NAMES
 
 __all__ = ["main", "profile_mode"]
 
-DEFAULT_MODES = ("piecewise", "piecewise-full-decode", "inductor-cudagraph")
+DEFAULT_MODES = "piecewise,piecewise-full-decode,inductor-cudagraph"
 
 
 def host_breakdown(runner: Any, ids: torch.Tensor, positions: torch.Tensor, device: torch.device, calls: int,
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, emulated graphs")
     p.add_argument("--tokens", default="1,8", help="comma list of T")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma list of bench modes")
+    p.add_argument("--modes", default=DEFAULT_MODES, type=names_from(MODE_NAMES), help="comma list of bench modes")
     p.add_argument("--calls", type=int, default=50, help="profiled calls per (mode, T)")
     p.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra torchpcg knob for the piecewise modes (repeatable), e.g. skip_module_guards=1")
@@ -180,15 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="JSON output path")
     args = p.parse_args(argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
-    names = [n.strip() for n in args.modes.split(",") if n.strip()]
-    unknown = sorted(set(names) - {m.name for m in MODES})
-    if unknown:
-        print(f"--modes: unknown {unknown}; choose from {[m.name for m in MODES]}", file=sys.stderr)
-        return 2
-    flags = ["--quick"] if args.quick else []
-    for item in args.piecewise_option:
-        flags += ["--piecewise-option", item]
-    settings = decoder.resolve_settings(decoder.parse_args(flags + ["--tokens", args.tokens, "--no-progress"]))
+    settings = decoder.script_settings(args.tokens, args.piecewise_option, quick=args.quick)
     results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
                                if settings.device.type == "cuda" else "cpu", "commit": decoder.commit_of(settings),
                                "model": dataclasses.asdict(settings.model_config), "dtype": str(settings.dtype),
@@ -196,10 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           settings.piecewise_options.items()},
                                "modes": {}}
     with torch.no_grad():
-        model, kv_cache = decoder.build_model(settings)
-        decoder.prefill(model, kv_cache, settings)
-        ctx = decoder.bench_context(settings, model, kv_cache)
-        results["modes"] = decoder.measure_modes(ctx, tuple(names), lambda runner: [
+        ctx = decoder.prefilled_context(settings)
+        results["modes"] = decoder.measure_modes(ctx, args.modes, lambda runner: [
             profile_mode(runner, ctx.make_inputs, t, settings.device, args.calls, args.breakdown) for t in tokens])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from bench import decoder
-from bench.modes import MODES
+from bench.cli import names_from
+from bench.modes import MODE_NAMES
 
 DEFAULT_MODES = "inductor-cudagraph,piecewise,piecewise-full-decode"
 
@@ -109,7 +110,7 @@ def launch_costs(device: torch.device, sleep_cycles: int, launches: int = 200) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/gpu_side.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", default="1,8,32,128,512", help="comma list of T")
-    p.add_argument("--modes", default=DEFAULT_MODES, help="comma list of bench modes")
+    p.add_argument("--modes", default=DEFAULT_MODES, type=names_from(MODE_NAMES), help="comma list of bench modes")
     p.add_argument("--rounds", type=int, default=30, help="timed calls per (mode, T) and kind")
     p.add_argument("--sleep-ms", type=float, default=15.0, help="GPU sleep before a queued call; above the issue time")
     p.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE",
@@ -119,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_side.py needs a CUDA device", file=sys.stderr)
         return 2
-    names = [n.strip() for n in args.modes.split(",") if n.strip()]
-    unknown = sorted(set(names) - {m.name for m in MODES})
-    if unknown:
-        print(f"--modes: unknown {unknown}; choose from {[m.name for m in MODES]}", file=sys.stderr)
-        return 2
-    flags = [f for item in args.piecewise_option for f in ("--piecewise-option", item)]
-    settings = decoder.resolve_settings(decoder.parse_args(flags + ["--tokens", args.tokens, "--no-progress"]))
+    settings = decoder.script_settings(args.tokens, args.piecewise_option)
     tokens = tuple(int(t) for t in args.tokens.split(","))
     sleep_cycles = _sleep_cycles(settings.device, args.sleep_ms)
     results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(),
@@ -134,11 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                                "modes": {}}
     results["launch_us"] = launch_costs(settings.device, sleep_cycles)
     with torch.no_grad():
-        model, kv_cache = decoder.build_model(settings)
-        decoder.prefill(model, kv_cache, settings)
-        ctx = decoder.bench_context(settings, model, kv_cache)
+        ctx = decoder.prefilled_context(settings)
         inputs = {t: ctx.make_inputs(t) for t in tokens}
-        results["modes"] = decoder.measure_modes(ctx, tuple(names), lambda runner: {
+        results["modes"] = decoder.measure_modes(ctx, args.modes, lambda runner: {
             t: time_mode(runner, *inputs[t], settings.device, args.rounds, sleep_cycles) for t in tokens})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

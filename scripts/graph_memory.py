@@ -91,9 +91,8 @@ def main(argv: list[str]) -> int:
     trace_captures(records)
     mode = {m.name: m for m in MODES}["piecewise"]
     with torch.no_grad():
-        model, kv_cache = decoder.build_model(settings)
-        decoder.prefill(model, kv_cache, settings)
-        ctx = decoder.bench_context(settings, model, kv_cache)
+        ctx = decoder.prefilled_context(settings)
+        model, kv_cache = ctx.model, ctx.kv_cache
         largest = ctx.buckets[-1]
         eager = decoder.measure.private_pool_segments(lambda: model(*ctx.make_inputs(largest), kv_cache),
                                                       settings.device)

@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="JSON output path")
     args = p.parse_args(argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
-    flags = ["--quick"] if args.quick else []
-    for item in args.piecewise_option:
-        flags += ["--piecewise-option", item]
-    settings = decoder.resolve_settings(decoder.parse_args(flags + ["--tokens", args.tokens, "--no-progress"]))
+    settings = decoder.script_settings(args.tokens, args.piecewise_option, quick=args.quick)
     options = {**settings.piecewise_options, "cudagraph_mode": "full_and_piecewise",
                "capture_sizes": sorted(set(tokens) | {max(tokens)})}
     results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
@@ -143,9 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                "rounds": args.rounds, "calls": args.calls,
                                "options": {k: str(v) for k, v in options.items()}, "tokens": {}}
     with torch.no_grad():
-        model, kv_cache = decoder.build_model(settings)
-        decoder.prefill(model, kv_cache, settings)
-        ctx = decoder.bench_context(settings, model, kv_cache)
+        ctx = decoder.prefilled_context(settings)
+        model, kv_cache = ctx.model, ctx.kv_cache
         compiled = torchpcg.compile(model, token_inputs={"input_ids": 0, "positions": 0}, **options)
         calls = {num_tokens: (*ctx.make_inputs(num_tokens), kv_cache) for num_tokens in tokens}
         for num_tokens in sorted(tokens, reverse=True):  # compile, warm-up, capture, first direct call

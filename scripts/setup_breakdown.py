@@ -73,9 +73,7 @@ def child(mode_name: str, flags: list[str]) -> dict[str, Any]:
     compilers_log.setLevel(logging.DEBUG)
     mode = {m.name: m for m in MODES}[mode_name]
     with torch.no_grad():
-        model, kv_cache = decoder.build_model(settings)
-        decoder.prefill(model, kv_cache, settings)
-        ctx = decoder.bench_context(settings, model, kv_cache)
+        ctx = decoder.prefilled_context(settings)
         profiler = cProfile.Profile()
         start = time.perf_counter()
         profiler.enable()
