@@ -24,6 +24,7 @@ import torch
 import torch.fx
 
 from .config import COMPILERS
+from .inductor_passes import piece_passes
 from .layout import expr_of, symbols_of, token_source, tokens_at
 from .stats import COUNTERS
 
@@ -49,7 +50,8 @@ def compile_piece(gm: torch.fx.GraphModule, fake_args: Sequence[Any], compiler: 
     from torch._inductor.compile_fx import compile_fx
 
     # no_grad: pieces are inference-only, so AOT builds a forward graph, not a joint one.
-    patches = {**_INDUCTOR_PATCHES, **(_AUTOTUNE_PATCHES if max_autotune else {})}
+    # piece_passes: what a piece's cut changes in Inductor's choices, undone (inductor_passes.py).
+    patches = {**_INDUCTOR_PATCHES, **piece_passes(), **(_AUTOTUNE_PATCHES if max_autotune else {})}
     with torch.no_grad(), torch._inductor.config.patch(patches):
         compiled = compile_fx(gm, hinted_symints(fake_args))
     log.debug("inductor compiled %s in %.2fs", name or "piece", time.perf_counter() - start)
