@@ -115,7 +115,7 @@ if _PassBase is not None:
             unfuse_output_addmm(graph)
 
         def uuid(self) -> Any:
-            return "torchpcg.unfuse_output_addmm.v1"  # bump when the rewrite changes: cached code differs
+            return "torchpcg.unfuse_output_addmm.v2"  # bump when the rewrite changes: cached code differs
 else:  # pragma: no cover
     UnfuseOutputAddmm = None  # type: ignore[assignment,misc]
 
