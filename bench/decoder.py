@@ -499,6 +499,19 @@ def prefilled_context(settings: Settings) -> BenchContext:
     return bench_context(settings, model, kv_cache)
 
 
+def script_record(settings: Settings, **fields: Any) -> dict[str, Any]:
+    """A profiling script's JSON record: torch, device and commit first, then ``fields``."""
+    device = torch.cuda.get_device_name(settings.device) if settings.device.type == "cuda" else "cpu"
+    return {"torch": torch.__version__, "device": device, "commit": commit_of(settings), **fields}
+
+
+def write_script_record(path: Path, results: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write a profiling script's record to ``path`` as JSON and print its Markdown table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+
+
 def bench_context(settings: Settings, model: FlatDecoder, kv_cache: torch.Tensor) -> BenchContext:
     """What every mode builder gets: the model, its cache, the default buckets, fresh inputs per T."""
     return BenchContext(model=model, kv_cache=kv_cache, device=settings.device, buckets=default_buckets(settings),

@@ -20,7 +20,6 @@ import collections
 import cProfile
 import dataclasses
 import pstats
-import json
 import statistics
 import sys
 import time
@@ -182,19 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
     settings = decoder.script_settings(args.tokens, args.piecewise_option, quick=args.quick)
-    results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
-                               if settings.device.type == "cuda" else "cpu", "commit": decoder.commit_of(settings),
-                               "model": dataclasses.asdict(settings.model_config), "dtype": str(settings.dtype),
-                               "calls": args.calls, "piecewise_options": {k: str(v) for k, v in
-                                                                          settings.piecewise_options.items()},
-                               "modes": {}}
+    results = decoder.script_record(
+        settings, model=dataclasses.asdict(settings.model_config), dtype=str(settings.dtype), calls=args.calls,
+        piecewise_options={k: str(v) for k, v in settings.piecewise_options.items()}, modes={})
     with torch.no_grad():
         ctx = decoder.prefilled_context(settings)
         results["modes"] = decoder.measure_modes(ctx, args.modes, lambda runner: [
             profile_mode(runner, ctx.make_inputs, t, settings.device, args.calls, args.breakdown) for t in tokens])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
+    decoder.write_script_record(args.out, results, markdown)
     return 0
 
 

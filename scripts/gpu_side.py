@@ -17,7 +17,6 @@ only makes the host faster can win at most the first.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -123,19 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = decoder.script_settings(args.tokens, args.piecewise_option)
     tokens = tuple(int(t) for t in args.tokens.split(","))
     sleep_cycles = _sleep_cycles(settings.device, args.sleep_ms)
-    results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(),
-                               "commit": decoder.commit_of(settings), "rounds": args.rounds,
-                               "sleep_ms": args.sleep_ms, "host_op_us": decoder.measure.host_op_us(settings.device),
-                               "modes": {}}
+    results = decoder.script_record(settings, rounds=args.rounds, sleep_ms=args.sleep_ms,
+                                    host_op_us=decoder.measure.host_op_us(settings.device), modes={})
     results["launch_us"] = launch_costs(settings.device, sleep_cycles)
     with torch.no_grad():
         ctx = decoder.prefilled_context(settings)
         inputs = {t: ctx.make_inputs(t) for t in tokens}
         results["modes"] = decoder.measure_modes(ctx, args.modes, lambda runner: {
             t: time_mode(runner, *inputs[t], settings.device, args.rounds, sleep_cycles) for t in tokens})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
+    decoder.write_script_record(args.out, results, markdown)
     return 0
 
 

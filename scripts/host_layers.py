@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -135,10 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = decoder.script_settings(args.tokens, args.piecewise_option, quick=args.quick)
     options = {**settings.piecewise_options, "cudagraph_mode": "full_and_piecewise",
                "capture_sizes": sorted(set(tokens) | {max(tokens)})}
-    results: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
-                               if settings.device.type == "cuda" else "cpu", "commit": decoder.commit_of(settings),
-                               "rounds": args.rounds, "calls": args.calls,
-                               "options": {k: str(v) for k, v in options.items()}, "tokens": {}}
+    results = decoder.script_record(settings, rounds=args.rounds, calls=args.calls,
+                                    options={k: str(v) for k, v in options.items()}, tokens={})
     with torch.no_grad():
         ctx = decoder.prefilled_context(settings)
         model, kv_cache = ctx.model, ctx.kv_cache
@@ -152,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         args.rounds, args.calls)
         results["direct_calls"], results["guarded_calls"] = compiled.direct_calls, compiled.guarded_calls
         results["host_op_us"] = decoder.measure.host_op_us(settings.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
+    decoder.write_script_record(args.out, results, markdown)
     return 0
 
 

@@ -3,6 +3,7 @@ record (JSON schema, Markdown, PNG), prints the table, checks every mode against
 loudly when a mode is wrong. The numbers themselves are not tested: benchmarks are scripts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -303,6 +304,19 @@ def test_modes_are_measured_one_after_another_and_unavailable_ones_say_why() -> 
     assert results["eager"] == 1 and results["piecewise"] == 2 and seen == [3, 3]
     assert "CUDA" in results["inductor-cudagraph"]["unavailable"]
     assert not hasattr(kv_cache, "_dynamo_static_input_type")
+
+
+def test_a_script_record_names_torch_device_and_commit_and_is_written_as_json(tmp_path: Path, capsys) -> None:
+    """``decoder.script_record`` / ``write_script_record``, what the profiling scripts write."""
+    settings = decoder.script_settings("1,3", [], quick=True)
+    settings = dataclasses.replace(settings, commit="abc1234")
+    record = decoder.script_record(settings, calls=3, modes={})
+    assert list(record) == ["torch", "device", "commit", "calls", "modes"]
+    assert (record["torch"], record["device"], record["commit"]) == (torch.__version__, "cpu", "abc1234")
+    path = tmp_path / "deeper" / "record.json"
+    decoder.write_script_record(path, record, lambda r: f"table of {r['calls']} calls")
+    assert json.loads(path.read_text()) == record
+    assert capsys.readouterr().out == "table of 3 calls\n"
 
 
 def test_setup_breakdown_warm_runs_a_second_process_on_the_first_ones_cache(tmp_path: Path) -> None:
