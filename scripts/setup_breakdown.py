@@ -111,9 +111,13 @@ def _print_result(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.cli import names_from
+    from bench.modes import MODE_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(CHILD_FLAG, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--modes", default="inductor-cudagraph,piecewise")
+    parser.add_argument("--modes", default="inductor-cudagraph,piecewise", type=names_from(MODE_NAMES),
+                        help="comma list of bench modes, each set up in a fresh process")
     parser.add_argument("--quick", action="store_true", help="CPU smoke: the bench's tiny model")
     parser.add_argument("--piecewise-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--warm", action="store_true",
@@ -126,16 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.child, flags)))
         return 0
-    from bench.modes import MODE_NAMES
-
-    names = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [n for n in names if n not in MODE_NAMES]
-    if unknown or not names:
-        print(f"--modes={args.modes!r}: unknown {unknown or 'none given'}; choose from {', '.join(MODE_NAMES)}",
-              file=sys.stderr)
-        return 2
     results = []
-    for name in names:
+    for name in args.modes:
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
             command = [sys.executable, __file__, CHILD_FLAG, name, "--modes", name, *flags]
