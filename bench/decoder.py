@@ -225,13 +225,12 @@ class InputMaker:
         return ids, torch.arange(s.context, s.context + num_tokens, device=s.device)
 
 
-def mixed_traffic_sizes(settings: Settings, largest_bucket: int) -> list[int]:
-    """Seeded T per call: 60% decode-like 1..8, 30% up to the largest bucket, 10% above it (up to max T)."""
-    rng = random.Random(settings.seed)
-    max_tokens = max(settings.tokens)
+def mixed_traffic_sizes(calls: int, seed: int, largest_bucket: int, max_tokens: int) -> list[int]:
+    """Seeded T per call: 60% decode-like 1..8, 30% up to the largest bucket, 10% above it (up to max_tokens)."""
+    rng = random.Random(seed)
     small_top, bucket_top = min(8, max_tokens), min(largest_bucket, max_tokens)
     sizes = []
-    for _ in range(settings.mixed_calls):
+    for _ in range(calls):
         draw = rng.random()
         if draw < 0.1 and max_tokens > largest_bucket:
             sizes.append(rng.randint(largest_bucket + 1, max_tokens))
@@ -241,6 +240,17 @@ def mixed_traffic_sizes(settings: Settings, largest_bucket: int) -> list[int]:
             sizes.append(rng.randint(1, small_top))
     if max_tokens > largest_bucket and all(t <= largest_bucket for t in sizes) and sizes:
         sizes[-1] = max_tokens  # always exercise the no-graph path when the flags allow it
+    return sizes
+
+
+def distinct_traffic_sizes(calls: int, seed: int, largest_bucket: int, max_tokens: int) -> list[int]:
+    """Seeded T per call, uniform over 1..min(largest bucket, max_tokens), every T distinct while sizes
+    are left (a server's traffic: nearly every call a token count not seen before)."""
+    rng = random.Random(seed)
+    top = min(largest_bucket, max_tokens)
+    sizes: list[int] = []
+    while len(sizes) < calls:
+        sizes += rng.sample(range(1, top + 1), min(top, calls - len(sizes)))
     return sizes
 
 
@@ -266,6 +276,7 @@ class ModeOutcome:
     errors: dict[int, measure.ErrorReport] = dataclasses.field(default_factory=dict)
     mixed_s: float | None = None
     mixed_again_s: float | None = None  # the same calls once more: first-sight costs paid
+    distinct_s: float | None = None  # calls of distinct T, uniform over 1..largest bucket (distinct_traffic_sizes)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -276,6 +287,7 @@ class Workload:
     inputs: dict[int, tuple[torch.Tensor, torch.Tensor]]
     references: dict[int, torch.Tensor]  # eager logits on the CPU
     mixed: list[tuple[torch.Tensor, torch.Tensor]]
+    distinct: list[tuple[torch.Tensor, torch.Tensor]]  # every call a new T (distinct_traffic_sizes)
     prefix: torch.Tensor  # cache[:, :, :context] after prefill; modes must never change it
 
 
@@ -302,6 +314,8 @@ def run_mode(mode: Mode, ctx: BenchContext, workload: Workload, settings: Settin
         calls = [_call(runner, *args) for args in workload.mixed]
         outcome.mixed_s = measure.time_sequence(calls, settings.device)
         outcome.mixed_again_s = measure.time_sequence(calls, settings.device)
+        bar.set_postfix_str(f"{mode.name}: every T new")
+        outcome.distinct_s = measure.time_sequence([_call(runner, *args) for args in workload.distinct], settings.device)
         outcome.memory_mb["peak_allocated"] = measure.peak_allocated_mb(settings.device)
         _check_prefix(ctx, workload, outcome)
     except ModeUnavailable as err:
@@ -373,7 +387,7 @@ def _unavailable(outcome: ModeOutcome, reason: str) -> ModeOutcome:
     outcome.status, outcome.reason = "unavailable", reason
     outcome.latency.clear()
     outcome.errors.clear()
-    outcome.mixed_s = outcome.mixed_again_s = outcome.setup_s = None
+    outcome.mixed_s = outcome.mixed_again_s = outcome.distinct_s = outcome.setup_s = None
     outcome.memory_mb = {}
     return outcome
 
@@ -467,8 +481,11 @@ def build_workload(model: FlatDecoder, ctx: BenchContext, settings: Settings, pr
         ctx.kv_cache[:, :, : settings.context].copy_(prefix)
         references[num_tokens] = model(ids, positions, ctx.kv_cache).to("cpu")
     mixed_make = InputMaker(settings, seed_offset=3)
-    mixed = [mixed_make(t) for t in mixed_traffic_sizes(settings, ctx.buckets[-1])]
-    return Workload(inputs, references, mixed, prefix)
+    traffic = (settings.mixed_calls, settings.seed, ctx.buckets[-1], max(settings.tokens))
+    mixed = [mixed_make(t) for t in mixed_traffic_sizes(*traffic)]
+    distinct_make = InputMaker(settings, seed_offset=4)
+    distinct = [distinct_make(t) for t in distinct_traffic_sizes(*traffic)]
+    return Workload(inputs, references, mixed, distinct, prefix)
 
 
 def run(settings: Settings) -> dict[str, Any]:
@@ -609,7 +626,7 @@ def run_isolated(settings: Settings) -> dict[str, Any]:
 
 def _merge(merged: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     merged["results"] += child["results"]
-    for key in ("mixed", "mixed_again", "setup_s", "memory_mb", "unavailable", "failed", "wrong", "info", "modes"):
+    for key in ("mixed", "mixed_again", "mixed_distinct", "setup_s", "memory_mb", "unavailable", "failed", "wrong", "info", "modes"):
         merged.setdefault(key, {}).update(child.get(key, {}))
     order = {name: i for i, name in enumerate(MODE_NAMES)}  # the report's tables list modes in table order
     merged["results"].sort(key=lambda row: (order[row["mode"]], row["tokens"]))

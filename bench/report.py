@@ -35,6 +35,7 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
     by_status = {status: {n: outcomes[n].reason for n in names if outcomes[n].status == status}
                  for status in ("unavailable", "failed", "wrong")}
     mixed_sizes = [ids.shape[0] for ids, _ in workload.mixed]
+    distinct_sizes = [ids.shape[0] for ids, _ in workload.distinct]
     return {
         "device": device_name(settings.device),
         "torch": torch.__version__,
@@ -43,6 +44,7 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
         "results": [_result_row(outcomes[n], t) for n in names for t in settings.tokens if t in outcomes[n].latency],
         "mixed": {n: outcomes[n].mixed_s for n in names if outcomes[n].mixed_s is not None},
         "mixed_again": {n: outcomes[n].mixed_again_s for n in names if outcomes[n].mixed_again_s is not None},
+        "mixed_distinct": {n: outcomes[n].distinct_s for n in names if outcomes[n].distinct_s is not None},
         "setup_s": {n: outcomes[n].setup_s for n in names if outcomes[n].setup_s is not None},
         "memory_mb": {n: outcomes[n].memory_mb for n in names if outcomes[n].memory_mb},
         **by_status,
@@ -57,6 +59,8 @@ def build(settings: Any, outcomes: dict[str, Any], buckets: tuple[int, ...], wor
         "mixed_traffic": {"calls": len(mixed_sizes), "seed": settings.seed, "tokens_total": sum(mixed_sizes),
                           "distinct_sizes": len(set(mixed_sizes)), "largest_bucket": buckets[-1],
                           "above_largest_bucket": sum(t > buckets[-1] for t in mixed_sizes)},
+        "distinct_traffic": {"calls": len(distinct_sizes), "seed": settings.seed, "tokens_total": sum(distinct_sizes),
+                             "distinct_sizes": len(set(distinct_sizes)), "largest_bucket": buckets[-1]},
         "info": {n: outcomes[n].info for n in names if outcomes[n].info},
         "modes": {n: SUMMARIES[n] for n in names},
         "complete": set(names) == set(settings.modes),  # False in the files written after each mode
@@ -216,7 +220,8 @@ def _setup_table(results: dict[str, Any], names: list[str]) -> list[str]:
     calls = results["mixed_traffic"]["calls"]
     rows = _rows_by_mode(results)
     lines = [f"| mode | setup s | reserved Δ setup MiB | allocated Δ setup MiB | peak MiB | mixed s ({calls} calls) "
-             "| mixed again s | max rel_err | status |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"| mixed again s | every T new s ({results.get('distinct_traffic', {}).get('calls', '-')} calls) "
+             "| max rel_err | status |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name in names:
         memory = results["memory_mb"].get(name, {})
         errors = [row.get("rel_err") for (mode, _), row in rows.items() if mode == name and "rel_err" in row]
@@ -224,7 +229,8 @@ def _setup_table(results: dict[str, Any], names: list[str]) -> list[str]:
         status = next((s for s in ("unavailable", "failed", "wrong") if name in results.get(s, {})), "ok")
         cells = [_num(results["setup_s"].get(name), 1), _num(memory.get("setup_reserved_delta"), 0),
                  _num(memory.get("setup_allocated_delta"), 0), _num(memory.get("peak_allocated"), 0),
-                 _num(results["mixed"].get(name), 3), _num(results.get("mixed_again", {}).get(name), 3), worst,
+                 _num(results["mixed"].get(name), 3), _num(results.get("mixed_again", {}).get(name), 3),
+                 _num(results.get("mixed_distinct", {}).get(name), 3), worst,
                  status]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -237,7 +243,7 @@ _OTHERS = ("eager", "inductor", "reduce-overhead", "reduce-overhead-unmarked", "
 
 # Mixed-traffic results keys and their row labels: the first pass (first-sight costs included) and
 # the same calls again (every size seen once).
-_MIXED_ROWS = (("mixed", "mixed"), ("mixed_again", "mixed, again"))
+_MIXED_ROWS = (("mixed", "mixed"), ("mixed_again", "mixed, again"), ("mixed_distinct", "every T new"))
 
 
 def ratios(results: dict[str, Any], name: str) -> dict[str, dict[Any, float]]:
@@ -302,6 +308,12 @@ def _notes(results: dict[str, Any], names: list[str]) -> list[str]:
                  f"{mixed['distinct_sizes']} distinct T, {mixed['above_largest_bucket']} above the largest bucket "
                  f"({mixed['largest_bucket']}); total wall seconds per mode, graphs captured lazily included. "
                  f"'mixed again' replays the same calls once more: what is left once every size was seen.")
+    distinct = results.get("distinct_traffic")
+    if distinct:
+        lines.append(f"- Every T new: {distinct['calls']} calls, {distinct['distinct_sizes']} distinct T drawn uniformly "
+                     f"from 1..{distinct['largest_bucket']} without repeats (seed {distinct['seed']}), "
+                     f"{distinct['tokens_total']} tokens: a server's traffic, where nearly every call brings a token "
+                     f"count not seen before; timed after the mixed runs.")
     peak, reserved = results.get("eager_activation_peak_mb"), results.get("eager_activation_reserved_mb")
     if peak:
         lines.append(f"- Eager activation peak of one call at the largest bucket ({results['mixed_traffic']['largest_bucket']}): "

@@ -148,11 +148,18 @@ def test_bench_fails_loudly_when_a_mode_is_wrong(tmp_path: Path, monkeypatch: py
 
 
 def test_mixed_traffic_is_seeded_and_goes_above_the_largest_bucket() -> None:
-    settings = decoder.resolve_settings(decoder.parse_args(["--quick", "--tokens", "1,4,64", "--max-seq-len", "256"]))
-    sizes = decoder.mixed_traffic_sizes(settings, largest_bucket=8)
-    assert sizes == decoder.mixed_traffic_sizes(settings, largest_bucket=8)
-    assert len(sizes) >= 200 and max(sizes) <= 64 and min(sizes) >= 1
+    sizes = decoder.mixed_traffic_sizes(200, seed=0, largest_bucket=8, max_tokens=64)
+    assert sizes == decoder.mixed_traffic_sizes(200, seed=0, largest_bucket=8, max_tokens=64)
+    assert len(sizes) == 200 and max(sizes) <= 64 and min(sizes) >= 1
     assert any(size > 8 for size in sizes) and sum(size <= 8 for size in sizes) > len(sizes) // 2
+
+
+def test_distinct_traffic_repeats_no_size_until_every_size_was_drawn() -> None:
+    sizes = decoder.distinct_traffic_sizes(200, seed=0, largest_bucket=512, max_tokens=512)
+    assert len(sizes) == 200 and len(set(sizes)) == 200 and 1 <= min(sizes) and max(sizes) <= 512
+    assert sizes == decoder.distinct_traffic_sizes(200, seed=0, largest_bucket=512, max_tokens=512)
+    few = decoder.distinct_traffic_sizes(20, seed=1, largest_bucket=8, max_tokens=64)  # 8 sizes, 20 calls
+    assert len(few) == 20 and set(few[:8]) == set(range(1, 9)) and set(few[8:16]) == set(range(1, 9))
 
 
 def test_context_too_long_for_the_cache_is_a_clear_error() -> None:

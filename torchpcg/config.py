@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["PiecewiseConfig", "default_capture_sizes", "format_sizes", "CUDAGRAPH_MODES", "GRAPH_MODES", "COMPILERS"]
+__all__ = ["PiecewiseConfig", "default_capture_sizes", "format_sizes", "CUDAGRAPH_MODES", "GRAPH_MODES", "COMPILERS",
+           "SDPA_ORDERS"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ ENV_PREFIX = "TORCHPCG_"
 CUDAGRAPH_MODES = ("auto", "cuda", "emulate", "off")
 GRAPH_MODES = ("piecewise", "full_and_piecewise")
 COMPILERS = ("inductor", "eager")
+SDPA_ORDERS = ("auto", "torch")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -143,6 +145,13 @@ class PiecewiseConfig:
     """Compile pieces with Inductor's max-autotune (slower compile, tuned kernels). Also set by
     ``torch.compile(..., mode="max-autotune")``."""
 
+    sdpa_order: str = "auto"
+    """``auto``: while a compiled call runs on a CUDA device, ``scaled_dot_product_attention`` tries
+    cuDNN attention last, after flash and memory-efficient attention. Split ops run eagerly at every
+    real token count, and cuDNN builds a plan per new shape (35 ms each on an H100): under mixed
+    traffic that made every call as slow as eager (``torchpcg.sdpa``). ``torch``: leave SDPA's order
+    as torch and the caller set it."""
+
     def __post_init__(self) -> None:
         _check_positive("max_capture_size", self.max_capture_size)
         if self.compiler not in COMPILERS:
@@ -150,6 +159,8 @@ class PiecewiseConfig:
         _check_positive("full_max_size", self.full_max_size)
         if self.cudagraph_mode not in GRAPH_MODES:
             raise ConfigError(f"cudagraph_mode={self.cudagraph_mode!r}: expected one of {', '.join(GRAPH_MODES)}")
+        if self.sdpa_order not in SDPA_ORDERS:
+            raise ConfigError(f"sdpa_order={self.sdpa_order!r}: expected one of {', '.join(SDPA_ORDERS)}")
         if self.cudagraph not in CUDAGRAPH_MODES:
             raise ConfigError(f"cudagraph={self.cudagraph!r}: expected one of {', '.join(CUDAGRAPH_MODES)}")
         if self.capture_sizes is not None:
@@ -302,6 +313,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "guarded_direct": _parse_bool,
     "backed_compile": _parse_bool,
     "max_autotune": _parse_bool,
+    "sdpa_order": _parse_choice(SDPA_ORDERS),
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
 

@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import operator
 import threading
+import time
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -43,7 +44,8 @@ from .errors import CaptureError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool
 from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
 from .split import SplitGraph, SplitPiece
-from .stats import COUNTERS
+from .sdpa import SdpaOrder
+from .stats import COUNTERS, HOST_TIMES
 
 __all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode", "InputKind", "direct_forward"]
 
@@ -93,6 +95,11 @@ class CallState:
     num_tokens: int = 0
     used_graphs: bool = False
     replays: int = 0  # added to the process counters once, when the call ends
+    # Host clock (time.perf_counter_ns) for stats()["host_us"]: the first replay's launch, the last
+    # one's return, and the time spent inside replay() calls. 0: no replay in this call.
+    first_replay: int = 0
+    last_replay: int = 0
+    replay_ns: int = 0
     # id() of an output a piece handed out (its real rows) -> (a weak reference to that tensor, the
     # graph output at full bucket size, not owning its memory). A later piece captured at the same
     # bucket reads such an input in place instead of copying it. Weak on both sides: an output's
@@ -172,7 +179,11 @@ class PieceRunner:
             if plan is None:  # a chained input comes from elsewhere now: capture again next call
                 return self._run_direct(args)
         _copy_inputs(plan.zero_whole, plan.copies, args)
+        launched = _now()
         captured.graph.replay()
+        state.last_replay = _now()
+        state.first_replay = state.first_replay or launched
+        state.replay_ns += state.last_replay - launched
         state.replays += 1
         state.used_graphs = True
         state.graph_outputs.update(plan.registry)
@@ -539,6 +550,7 @@ class Runtime:
         self._lock = threading.RLock()
         self._pool: GraphPool | EmulatedPool | None = None
         self._order_streams = StreamOrder(device)  # a call on another stream than the last waits for it
+        self._sdpa_order = SdpaOrder(config.sdpa_order == "auto", device)
         self._drop_after_call: list[tuple[PieceRunner | None, int]] = []  # (runner or all, bucket)
         self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
         self.full_blockers: list[str] = []  # why full graphs are off for this graph (explain, logs)
@@ -562,6 +574,7 @@ class Runtime:
         return self._call(args)
 
     def _call(self, args: tuple[Any, ...]) -> Any:
+        started = _now()
         with self._lock:
             if self._drop_after_call:
                 self._drop_pending_graphs()  # dropped by the last call, whose outputs were views of them
@@ -580,15 +593,18 @@ class Runtime:
             else:
                 self.state = CallState(bucket=bucket, num_tokens=num_tokens)
                 forward = self.forward
+            order = self._sdpa_order.enter()  # split ops run at every real T: no per-shape SDPA plans
             try:
                 outputs = forward(*args)
             finally:
+                self._sdpa_order.exit(order)
                 state, self.state = self.state, CallState()
             self._count(state, bucket, num_tokens)
             if state.used_graphs and forward is not self.forward:
                 COUNTERS.add("full_graph_calls")
             if state.used_graphs and self.config.copy_outputs:
                 outputs = _clone_owned(outputs, self._owned)  # the next call overwrites graph memory
+            HOST_TIMES.note(started, state.first_replay, state.replay_ns, state.last_replay, _now())
             return outputs
 
     def num_tokens(self, args: Sequence[Any]) -> int:
@@ -760,6 +776,7 @@ class Runtime:
 
 
 _data_ptr = torch.Tensor.data_ptr
+_now = time.perf_counter_ns
 
 # C++ loops that Inductor's CUDA graph trees use on their hot path; CUDA builds only (None on CPU).
 _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # (tensors, ptrs, indices) -> bool

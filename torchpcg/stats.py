@@ -5,12 +5,13 @@ via ``expect(**deltas)``.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["stats", "reset_stats", "expect", "COUNTER_KEYS"]
+__all__ = ["stats", "reset_stats", "expect", "COUNTER_KEYS", "HOST_WINDOW"]
 
 COUNTER_KEYS = (
     "dynamo_graphs",  # backend invocations (one per Dynamo graph compiled with backend="piecewise")
@@ -66,6 +67,50 @@ class _Counters:
 
 COUNTERS = _Counters()
 
+HOST_WINDOW = 256  # calls that stats()["host_us"] averages over
+
+
+class _HostTimes:
+    """Host time of the last ``HOST_WINDOW`` compiled calls, split around their graph replays.
+
+    Per call, from the runtime's entry to its return (Dynamo's guard check before it is not
+    included): ``before`` the first replay's launch (bucket choice, address check, input copies of
+    the first piece), ``replays`` (inside ``replay()`` calls), ``between`` the first launch and the
+    last replay's return less ``replays`` (split ops run eagerly, later pieces' input copies),
+    ``after`` the last replay (output slicing and cloning). A call without graphs counts whole in
+    ``before``. Slow first calls at new token counts show up as a large ``between`` and ``max``.
+    """
+
+    def __init__(self) -> None:
+        self._calls: collections.deque[tuple[int, int, int, int, int]] = collections.deque(maxlen=HOST_WINDOW)
+
+    def note(self, started: int, first_replay: int, replay_ns: int, last_replay: int, ended: int) -> None:
+        """Record one call from ``time.perf_counter_ns`` stamps (``first_replay`` 0: no replay)."""
+        if not first_replay:
+            self._calls.append((ended - started, ended - started, 0, 0, 0))
+            return
+        self._calls.append((ended - started, first_replay - started, replay_ns,
+                            last_replay - first_replay - replay_ns, ended - last_replay))
+
+    def summary(self) -> dict[str, float]:
+        """Means in µs over the window (``calls`` of them) and the slowest call's total."""
+        calls = list(self._calls)  # deque append is atomic; a copy for a stable read
+        if not calls:
+            return {"calls": 0}
+        n = len(calls)
+        sums = [sum(column) for column in zip(*calls)]
+        out: dict[str, float] = {"calls": n}
+        for name, total in zip(("total", "before", "replays", "between", "after"), sums):
+            out[name] = round(total / n / 1e3, 1)
+        out["max"] = round(max(c[0] for c in calls) / 1e3, 1)
+        return out
+
+    def reset(self) -> None:
+        self._calls.clear()
+
+
+HOST_TIMES = _HostTimes()
+
 
 def stats() -> dict[str, Any]:
     """Return a snapshot of torchpcg's process-wide counters.
@@ -78,18 +123,23 @@ def stats() -> dict[str, Any]:
 
     Keys: ``dynamo_graphs``, ``pieces``, ``split_ops``, ``captured``, ``replays``, ``eager_runs``,
     ``graph_calls``, ``full_graph_calls``, ``recompiles``, ``fallbacks``, ``capture_failures``, ``recaptures``,
-    ``graphless_pieces``, ``real_tokens``, ``padded_tokens`` (ints) and ``capture_sizes``
-    (sorted list of bucket sizes captured at least once).
+    ``graphless_pieces``, ``real_tokens``, ``padded_tokens`` (ints), ``capture_sizes``
+    (sorted list of bucket sizes captured at least once) and ``host_us``: host time per call over
+    the last 256 calls, in µs, split around the graph replays (``calls``, ``total``, ``before``,
+    ``replays``, ``between``, ``after``, ``max``; see ``_HostTimes``).
 
     Note: counters are process-wide, shared by every compiled model; call ``reset_stats()``
     between measurements.
     """
-    return COUNTERS.snapshot()
+    snap = COUNTERS.snapshot()
+    snap["host_us"] = HOST_TIMES.summary()
+    return snap
 
 
 def reset_stats() -> None:
-    """Zero every counter returned by ``stats()``."""
+    """Zero every counter returned by ``stats()`` and forget the host times."""
     COUNTERS.reset()
+    HOST_TIMES.reset()
 
 
 @contextlib.contextmanager
