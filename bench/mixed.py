@@ -15,7 +15,9 @@ Modes: eager; inductor-cudagraph (the Inductor-compiled model captured whole, on
 bucket, padded rows writing a scratch cache slot: the upper bound); piecewise (plain
 ``torch.compile(model, backend="piecewise")``); piecewise-sdpa-torch (the same with
 ``sdpa_order="torch"``: SDPA's own kernel order, what every earlier release did); torchpcg
-(``torchpcg.compile(model)``, token inputs inferred); torchpcg-hinted (``token_inputs`` named).
+(``torchpcg.compile(model)``, token inputs inferred); torchpcg-hinted (``token_inputs`` named);
+torchpcg-full-decode (``cudagraph_mode="full_and_piecewise"``, the op registered capturable).
+The attention op is registered as a split op, as the model's author would.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from torchpcg.models.decoder import DecoderConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-MODE_NAMES = ("eager", "inductor-cudagraph", "piecewise", "piecewise-sdpa-torch", "torchpcg", "torchpcg-hinted")
+MODE_NAMES = ("eager", "inductor-cudagraph", "piecewise", "piecewise-sdpa-torch", "torchpcg", "torchpcg-hinted",
+              "torchpcg-full-decode")
 TOL = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
 # torchpcg.stats() counters recorded after warm-up (summed over the timed calls)
 COUNTED = ("recompiles", "recaptures", "captured", "replays", "eager_runs", "fallbacks", "capture_failures",
@@ -121,6 +124,10 @@ def build(name: str, model: BufferDecoder, s: Settings, buckets: tuple[int, ...]
     options = dict(s.options)
     if name.endswith("sdpa-torch"):
         options["sdpa_order"] = "torch"
+    if name == "torchpcg-full-decode":
+        if s.device.type != "cuda":
+            raise ModeUnavailable("full-decode CUDA graphs need a CUDA device")
+        options["cudagraph_mode"] = "full_and_piecewise"
     if name.startswith("piecewise"):
         compiled = torch.compile(model, backend="piecewise", options=options)
     else:
@@ -136,6 +143,8 @@ def run_mode(name: str, model: BufferDecoder, s: Settings, buckets: tuple[int, .
     torch._dynamo.reset()
     torchpcg.reset_stats()
     start = time.perf_counter()
+    # The attention op never syncs and keeps its addresses: capturable, so full graphs may hold it.
+    torchpcg.register_splitting_op(BUFFER_ATTENTION_OP, capturable=name == "torchpcg-full-decode")
     try:
         runner = build(name, model, s, buckets)
     except ModeUnavailable as err:
@@ -167,7 +176,6 @@ def run_mode(name: str, model: BufferDecoder, s: Settings, buckets: tuple[int, .
 
 def main(argv: list[str] | None = None) -> int:
     s = parse(argv)
-    torchpcg.register_splitting_op(BUFFER_ATTENTION_OP)  # what the model's author does
     buckets = torchpcg.PiecewiseConfig.resolve(s.options).buckets
     top = max(s.tokens)
     with torch.no_grad():
