@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in s.modes:
             print(f"[bench.mixed] {name} ...", file=sys.stderr, flush=True)
             results["modes"][name] = run_mode(name, model, s, buckets, references, traffic, fixed)
+            write(results, s, quiet=True)  # a run cut off keeps the modes done
     write(results, s)
     return 1 if any(r["status"] == "wrong" for r in results["modes"].values()) else 0
 
@@ -244,14 +245,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results: dict[str, Any], s: Settings) -> None:
+def write(results: dict[str, Any], s: Settings, quiet: bool = False) -> None:
     device = "cpu" if s.device.type == "cpu" else results["device"].lower().replace("nvidia ", "nvidia-").split()[0]
     stem = f"{datetime.date.today().isoformat()}-{device}-mixed-{results['commit'] or 'nogit'}"
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
     (s.out / f"{stem}.md").write_text(text)
-    print(text)
+    if not quiet:
+        print(text)
 
 
 if __name__ == "__main__":
