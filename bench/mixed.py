@@ -36,7 +36,7 @@ import torch
 import torchpcg
 from bench import measure
 from bench.cli import DTYPES, git_commit, names_from, positive_ints
-from bench.decoder import distinct_traffic_sizes, mixed_traffic_sizes
+from bench.decoder import InputMaker, distinct_traffic_sizes, mixed_traffic_sizes
 from bench.modes import BenchContext, ModeUnavailable, WholeModelGraphs
 from torchpcg.models import reference_config
 from torchpcg.models.buffer_decoder import BUFFER_ATTENTION_OP, BufferDecoder
@@ -56,7 +56,7 @@ COUNTED = ("recompiles", "recaptures", "captured", "replays", "eager_runs", "fal
 class Settings:
     device: torch.device
     dtype: torch.dtype
-    config: DecoderConfig
+    model_config: DecoderConfig  # the name bench.decoder.InputMaker reads
     tokens: tuple[int, ...]
     context: int  # cache positions filled before timing; calls write at context + arange(T)
     calls: int
@@ -91,22 +91,9 @@ def parse(argv: list[str] | None) -> Settings:
     return Settings(device, dtype, config, tokens, context, args.calls, args.seed, args.modes, options, args.out)
 
 
-class Inputs:
-    """Fresh ids per call (seeded), positions = context + arange(T)."""
-
-    def __init__(self, s: Settings, seed_offset: int) -> None:
-        self.s = s
-        self.generator = torch.Generator(s.device).manual_seed(s.seed + seed_offset)
-
-    def __call__(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.s
-        ids = torch.randint(1, s.config.vocab_size, (num_tokens,), generator=self.generator, device=s.device)
-        return ids, torch.arange(s.context, s.context + num_tokens, device=s.device)
-
-
 def build(name: str, model: BufferDecoder, s: Settings, buckets: tuple[int, ...]) -> Runner:
     """Compile and warm ``name``; every bucket captured before timing."""
-    make = Inputs(s, seed_offset=7)
+    make = InputMaker(s, seed_offset=7)
     if name == "eager":
         return model
     if name == "inductor-cudagraph":
@@ -116,7 +103,7 @@ def build(name: str, model: BufferDecoder, s: Settings, buckets: tuple[int, ...]
         for size in sorted(buckets, reverse=True):
             compiled(*make(size))  # compile and autotune every bucket outside capture
         ctx = BenchContext(model=model, kv_cache=None, device=s.device, buckets=buckets,  # type: ignore[arg-type]
-                           scratch_position=s.config.max_seq_len - 1, make_inputs=make, tokens=s.tokens,
+                           scratch_position=s.model_config.max_seq_len - 1, make_inputs=make, tokens=s.tokens,
                            piecewise_options={})
         graphs = WholeModelGraphs(lambda ids, pos, _cache: compiled(ids, pos), ctx)
         graphs.capture_all()
@@ -179,19 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     buckets = torchpcg.PiecewiseConfig.resolve(s.options).buckets
     top = max(s.tokens)
     with torch.no_grad():
-        model = BufferDecoder(s.config, seed=s.seed).to(s.device, s.dtype).eval()
-        prefix = Inputs(s, seed_offset=1)(s.context)
+        model = BufferDecoder(s.model_config, seed=s.seed).to(s.device, s.dtype).eval()
+        prefix = InputMaker(s, seed_offset=1)(s.context)
         model(prefix[0], torch.arange(s.context, device=s.device))  # the cache holds a real context
-        fixed = {t: Inputs(s, seed_offset=2)(t) for t in s.tokens}
+        fixed = {t: InputMaker(s, seed_offset=2)(t) for t in s.tokens}
         references = {t: model(*args).float().cpu() for t, args in fixed.items()}
         traffic_sizes = {"mixed": mixed_traffic_sizes(s.calls, s.seed, buckets[-1], top),
                          "distinct": distinct_traffic_sizes(s.calls, s.seed, buckets[-1], top)}
-        made = {key: [Inputs(s, seed_offset=3)(t) for t in sizes] for key, sizes in traffic_sizes.items()}
+        made = {key: [InputMaker(s, seed_offset=3)(t) for t in sizes] for key, sizes in traffic_sizes.items()}
         traffic = {"mixed": made["mixed"], "mixed_again": made["mixed"], "distinct": made["distinct"]}
         results: dict[str, Any] = {
             "torch": torch.__version__, "device": torch.cuda.get_device_name(s.device) if s.device.type == "cuda"
             else "cpu", "commit": git_commit(REPO_ROOT), "argv": sys.argv[1:] if argv is None else argv,
-            "model": dataclasses.asdict(s.config), "dtype": str(s.dtype).removeprefix("torch."),
+            "model": dataclasses.asdict(s.model_config), "dtype": str(s.dtype).removeprefix("torch."),
             "context": s.context, "buckets": len(buckets), "largest_bucket": buckets[-1],
             "traffic": {key: {"calls": len(sizes), "distinct_T": len(set(sizes)), "tokens": sum(sizes)}
                         for key, sizes in traffic_sizes.items()},

@@ -367,3 +367,23 @@ def test_gpu_side_times_each_call_idle_then_queued_and_reports_the_host_bound_pa
                                "sleep_ms": 15.0, "modes": {"inductor-cudagraph": {1: dict(row, queued_us=1400.0)},
                                                            "piecewise": {1: row}}})
     assert "| piecewise | 1 | 2000 | 1500 | 500 |" in table and "| 100 |" in table and table.rstrip().endswith("in the JSON).")
+
+
+def test_mixed_bench_quick_records_every_mode_against_eager(tmp_path: Path) -> None:
+    """bench.mixed on CPU: each mode checked against eager at every fixed T, counters over the timed
+    calls, the every-T-new sequence of distinct sizes; the CUDA-only modes say why they are missing."""
+    from bench import mixed
+
+    status = mixed.main(["--quick", "--calls", "12", "--modes", "eager,inductor-cudagraph,piecewise,torchpcg",
+                         "--out", str(tmp_path)])
+    assert status == 0
+    results = json.loads(next(tmp_path.glob("*-mixed-*.json")).read_text())
+    assert results["traffic"]["distinct"]["distinct_T"] == 12
+    assert results["modes"]["inductor-cudagraph"]["status"] == "unavailable"
+    for name in ("piecewise", "torchpcg"):
+        row = results["modes"][name]
+        assert row["status"] == "ok" and max(row["rel_err"].values()) <= mixed.TOL[torch.float32]
+        assert row["counters"]["recompiles"] == 0 and row["counters"]["recaptures"] == 0
+        assert row["counters"]["captured"] == 0 and row["counters"]["replays"] > 0  # every bucket captured in setup
+        assert row["host_us"]["calls"] == 12
+    assert "| torchpcg |" in next(tmp_path.glob("*-mixed-*.md")).read_text()
