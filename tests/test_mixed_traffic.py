@@ -142,3 +142,23 @@ def test_split_ops_see_cudnn_last_and_the_caller_keeps_its_order(monkeypatch: py
     with torch.no_grad():
         off(ids, positions)
     assert seen and all(order == callers_order for order in seen)
+
+
+def test_a_new_cache_per_request_read_only_by_the_split_op_costs_no_recapture() -> None:
+    """The KV cache buffers reach only the attention op (run eagerly), so graphs never read them:
+    a new cache per request (each buffer reassigned) is neither a move nor a copy."""
+    model, reference = _pair()
+    compiled = _compiled("plain", model, cudagraph="emulate", compiler="eager")
+    make = lambda n: (torch.randint(1, CONFIG.vocab_size, (n,)), torch.arange(n))  # noqa: E731
+    with torch.no_grad():
+        torchpcg.capture(compiled, make, progress=False)
+        with torchpcg.expect(recaptures=0, captured=0, dynamo_graphs=0):
+            for request, num_tokens in enumerate((5, 3, 12)):
+                for twin in (model, reference):  # a new cache per request, as a server might allocate it
+                    for layer in twin.layers:
+                        layer.self_attn.k_cache = torch.zeros_like(layer.self_attn.k_cache)
+                        layer.self_attn.v_cache = torch.zeros_like(layer.self_attn.v_cache)
+                ids = torch.randint(1, CONFIG.vocab_size, (num_tokens,))
+                positions = torch.arange(num_tokens)
+                torch.testing.assert_close(compiled(ids, positions), reference(ids, positions), atol=1e-5, rtol=1e-4,
+                                           msg=f"request {request}")

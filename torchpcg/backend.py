@@ -63,7 +63,11 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
                     symbol, symbol_sources(gm))
         COUNTERS.add("fallbacks")
     piece_statics = static_piece_inputs(split, static_names)
-    read = sorted({name for names in piece_statics.values() for name in names.values()}, key=static_names.get)
+    # Addresses checked per call: what captured pieces read. An input only split ops read (a KV cache
+    # inside the attention op) reaches them eagerly, so a new one per call costs nothing.
+    computed = {piece.name for piece in split.compute_pieces}
+    read = sorted({name for piece, names in piece_statics.items() if piece in computed for name in names.values()},
+                  key=static_names.get)
     runtime = Runtime(split, config, symbol, locator, resolve_graph_mode(config, device), device,
                       static_args=[static_names[n] for n in read], static_names=read)
     for piece in split.compute_pieces:
@@ -155,6 +159,8 @@ def _add_full_graphs(runtime: Runtime, gm: torch.fx.GraphModule, reasons: Mappin
         runtime.full_blockers = [runtime.full.off_reason]
         log.warning("cudagraph_mode=full_and_piecewise: %s; this graph stays piecewise", runtime.full.off_reason)
         runtime.full = None
+        return
+    runtime.watch_static_inputs(static_names)  # a whole-forward graph reads the split ops' inputs too
 
 
 # torch.compile's ``mode`` as the backend reads it. Hugging Face ``CompileConfig`` passes

@@ -658,6 +658,17 @@ class Runtime:
             self._ptrs_by_arg[index] = ptr
         self._static_index_list = list(self.static_args)  # the C++ check takes lists
 
+    def watch_static_inputs(self, names_to_index: Mapping[str, int]) -> None:
+        """Add read-in-place inputs to the per-call address check (a whole-forward graph reads the
+        inputs of split ops too, which piecewise graphs leave to the eager op)."""
+        merged = dict(zip(self._static_names, self.static_args))
+        merged.update(names_to_index)
+        ordered = sorted(merged.items(), key=lambda item: item[1])
+        self._static_names = tuple(name for name, _ in ordered)
+        self.static_args = tuple(index for _, index in ordered)
+        self._static_getter = _getter(self.static_args)
+        self._static_ptrs = None  # noted again on the next call
+
     def _demote(self, indices: Collection[int]) -> None:
         names = {self._static_names[self.static_args.index(i)] for i in indices}
         for runner in self._all_runners():
