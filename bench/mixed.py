@@ -48,8 +48,8 @@ MODE_NAMES = ("eager", "inductor-cudagraph", "piecewise", "piecewise-sdpa-torch"
               "torchpcg-full-decode")
 TOL = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
 # torchpcg.stats() counters recorded after warm-up (summed over the timed calls)
-COUNTED = ("recompiles", "recaptures", "captured", "replays", "eager_runs", "fallbacks", "capture_failures",
-           "dynamo_graphs")
+COUNTED = ("recompiles", "recaptures", "captured", "replays", "eager_runs", "graphless_runs", "copied_bytes",
+           "fallbacks", "capture_failures", "dynamo_graphs")
 
 
 @dataclasses.dataclass(frozen=True)

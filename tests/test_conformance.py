@@ -231,7 +231,8 @@ def _record(case: Case, outcome: str, seconds: float, error: BaseException | Non
     record = {"case": case.id, "device": case.device, "compiler": case.compiler, "outcome": outcome,
               "seconds": round(seconds, 3)}
     record.update({key: stats[key] for key in ("dynamo_graphs", "recompiles", "captured", "replays",
-                                               "eager_runs", "recaptures", "capture_failures", "fallbacks")})
+                                               "eager_runs", "graphless_runs", "recaptures", "capture_failures",
+                                               "fallbacks")})
     if error is not None:
         record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
     return record

@@ -74,6 +74,6 @@ def test_explicit_capture_then_only_replays():
     model = tiny_decoder("cuda", torch.bfloat16)
     compiled = _compile(model, compiler="inductor", capture_sizes=(2, 4, 8, 16))
     torchpcg.capture(compiled, lambda n: decoder_inputs(model, n), sizes=(2, 4, 8, 16), progress=False)
-    with torchpcg.expect(captured=0, dynamo_graphs=0, eager_runs=0):
+    with torchpcg.expect(captured=0, dynamo_graphs=0, eager_runs=0, graphless_runs=0):
         for num_tokens in (2, 3, 5, 9, 16):
             compare(model, compiled, num_tokens, **BF16)

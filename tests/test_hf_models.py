@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import torchpcg
+from tests.utils import without_graphs
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,7 +57,7 @@ def test_logits_equal_eager_for_every_length(name):
             got = compiled(input_ids=ids, use_cache=False).logits
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"S={length}: {m}")
     stats = torchpcg.stats()
-    assert stats["replays"] > 0 and stats["eager_runs"] >= 2 and stats["capture_failures"] == 0
+    assert stats["replays"] > 0 and without_graphs(stats) >= 2 and stats["capture_failures"] == 0
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])

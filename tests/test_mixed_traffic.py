@@ -162,3 +162,29 @@ def test_a_new_cache_per_request_read_only_by_the_split_op_costs_no_recapture() 
                 positions = torch.arange(num_tokens)
                 torch.testing.assert_close(compiled(ids, positions), reference(ids, positions), atol=1e-5, rtol=1e-4,
                                            msg=f"request {request}")
+
+
+def test_a_weight_copied_on_every_replay_shows_in_copied_bytes() -> None:
+    """A parameter reassigned twice is copied on every replay from then on: the bytes show in
+    stats()['copied_bytes'], one weight's worth per call more than before."""
+    model, reference = _pair()
+    compiled = _compiled("plain", model, cudagraph="emulate", compiler="eager")
+    make = lambda n: (torch.randint(1, CONFIG.vocab_size, (n,)), torch.arange(n))  # noqa: E731
+    weight_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+    def bytes_per_call(calls: int = 3) -> float:
+        torchpcg.reset_stats()
+        for _ in range(calls):
+            ids, positions = make(5)
+            torch.testing.assert_close(compiled(ids, positions), reference(ids, positions), atol=1e-5, rtol=1e-4)
+        return torchpcg.stats()["copied_bytes"] / calls
+
+    with torch.no_grad():
+        torchpcg.capture(compiled, make, progress=False)
+        before = bytes_per_call()
+        assert 0 < before < weight_bytes  # token inputs only
+        for _ in range(2):  # moved twice: copied on every replay from then on
+            for twin in (model, reference):
+                twin.lm_head.weight = torch.nn.Parameter(twin.lm_head.weight.detach().clone())
+            bytes_per_call(1)  # the move's own call recaptures
+        assert bytes_per_call() == before + weight_bytes

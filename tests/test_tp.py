@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_distributed
+from tests.utils import without_graphs
 
 WORLD_SIZE = 2
 TOKEN_COUNTS = (3, 1, 3, 20)  # T=1, a repeat (replay), one above the largest bucket (eager)
@@ -93,7 +94,7 @@ def test_tp_torch_compile_equals_dense(backend, split_collectives):
     per_rank = run_distributed(_piecewise_rank, WORLD_SIZE, backend, split_collectives, backend=backend)
     num_layers = 2
     for stats in per_rank:
-        assert stats["replays"] > 0 and stats["eager_runs"] >= 1  # T=3 repeats replay; T=20 runs eagerly
+        assert stats["replays"] > 0 and without_graphs(stats) >= 1  # T=3 repeats replay; T=20 runs eagerly
         # Per graph: one attention per layer, and with split collectives its all-reduce and the MLP's.
         per_graph = 3 * num_layers if split_collectives else num_layers
         assert stats["split_ops"] == per_graph * stats["dynamo_graphs"], stats

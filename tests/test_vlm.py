@@ -11,6 +11,7 @@ import torch
 
 import torchpcg
 from tests import hf_tiny
+from tests.utils import without_graphs
 from torchpcg import vlm
 
 transformers = pytest.importorskip("transformers")
@@ -78,7 +79,7 @@ def test_qwen3_vl_generate_static_cache_under_enforce(one_cpu_thread):
         assert torch.equal(got, expected), f"{got.tolist()} != {expected.tolist()}"
     stats = torchpcg.stats()
     assert stats["recompiles"] == 0 and stats["dynamo_graphs"] == 2  # prefill, T=1 decode
-    assert stats["graph_calls"] == 3 * 32 and stats["eager_runs"] == 0
+    assert stats["graph_calls"] == 3 * 32 and without_graphs(stats) == 0
 
 
 def test_llava_text_only_warmup_then_image_requests(one_cpu_thread):
@@ -95,7 +96,7 @@ def test_llava_text_only_warmup_then_image_requests(one_cpu_thread):
         _assert_logits_equal(model, compiled, request, what)
     stats = torchpcg.stats()
     assert stats["recompiles"] == 0 and stats["captured"] == captured  # warm buckets served the images
-    assert stats["replays"] > 0 and stats["eager_runs"] == 0
+    assert stats["replays"] > 0 and without_graphs(stats) == 0
 
 
 def test_llava_generate_dynamic_cache(one_cpu_thread):
@@ -134,7 +135,7 @@ def test_qwen3_vl_batches_of_several_sequences_fall_back_loudly(one_cpu_thread):
     _assert_logits_equal(model, compiled, batch, "batch of 2")
     _assert_logits_equal(model, compiled, hf_tiny.qwen3_vl_image(3, 4, seed=0), "then one image request")
     stats = torchpcg.stats()
-    assert stats["fallbacks"] == 1 and stats["eager_runs"] == 1 and stats["graph_calls"] == 1
+    assert stats["fallbacks"] == 1 and without_graphs(stats) == 1 and stats["graph_calls"] == 1
     strict = torchpcg.compile(model, enforce=True, **KNOBS)
     with pytest.raises(torchpcg.ConfigError, match="batch size 2"), torch.no_grad():
         strict(**batch)

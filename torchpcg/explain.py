@@ -337,8 +337,8 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     e.g. Hugging Face mask helpers), backed. With backed dims pass at least 2 tokens (Dynamo specialises a size of 1).
 
     Note: the model really runs once, so in-place effects happen (pass a scratch KV cache). The
-    compile is counted in ``torchpcg.stats()`` (``dynamo_graphs``, ``pieces``, ``split_ops``,
-    ``eager_runs``) but captures nothing. It does not touch the Dynamo cache of your own compiled
+    compile is counted in ``torchpcg.stats()`` (``dynamo_graphs``, ``pieces``, ``split_ops``, and the
+    call as ``graphless_runs``, or ``eager_runs`` with ``compiler="eager"``) but captures nothing. It does not touch the Dynamo cache of your own compiled
     model: it compiles a copy of ``forward``'s code object, so your model neither recompiles nor
     loses compiled code (``torch._dynamo.reset()`` would). Forward hooks of the module are not run.
     """

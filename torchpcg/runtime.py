@@ -47,7 +47,8 @@ from .split import SplitGraph, SplitPiece
 from .sdpa import SdpaOrder
 from .stats import COUNTERS, HOST_TIMES
 
-__all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode", "InputKind", "direct_forward"]
+__all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode", "InputKind", "direct_forward",
+           "graphless_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class CallState:
     num_tokens: int = 0
     used_graphs: bool = False
     replays: int = 0  # added to the process counters once, when the call ends
+    copied_bytes: int = 0  # likewise: bytes the replays' input copies moved
     # Host clock (time.perf_counter_ns) for stats()["host_us"]: the first replay's launch, the last
     # one's return, and the time spent inside replay() calls. 0: no replay in this call.
     first_replay: int = 0
@@ -122,6 +124,7 @@ class _ReplayPlan:
     copies: tuple[tuple[int, torch.Tensor, tuple[int, ...], torch.Tensor | None], ...]  # see _copy_inputs
     outputs: Any  # the packed real-rows outputs handed to the next op
     registry: tuple[tuple[int, _Produced], ...]  # CallState.graph_outputs entries of the outputs, for chaining
+    copy_bytes: int  # what the copies move per replay (stats()["copied_bytes"])
 
 
 @dataclasses.dataclass
@@ -185,6 +188,7 @@ class PieceRunner:
         state.first_replay = state.first_replay or launched
         state.replay_ns += state.last_replay - launched
         state.replays += 1
+        state.copied_bytes += plan.copy_bytes
         state.used_graphs = True
         state.graph_outputs.update(plan.registry)
         return _with_aliases(plan.outputs, captured.aliases, args, self.single_output) if captured.aliases else plan.outputs
@@ -228,7 +232,7 @@ class PieceRunner:
         zero_whole, copies = self._copy_targets(captured.token_views, captured.copied, num_tokens)
         registry: dict[int, _Produced] = {}
         outputs = self._real_outputs(captured.graph.outputs, CallState(num_tokens=num_tokens, graph_outputs=registry))
-        plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()))
+        plan = _ReplayPlan(zero_whole, copies, outputs, tuple(registry.items()), _bytes_of(copies))
         captured.plans[num_tokens] = plan
         return plan
 
@@ -696,12 +700,13 @@ class Runtime:
     def _count(self, state: CallState, bucket: int | None, num_tokens: int) -> None:
         if state.replays:
             COUNTERS.add("replays", state.replays)
+            COUNTERS.add("copied_bytes", state.copied_bytes)
         if state.used_graphs:
             COUNTERS.add("graph_calls")
             COUNTERS.add("real_tokens", num_tokens)
             COUNTERS.add("padded_tokens", (bucket or num_tokens) - num_tokens)
         else:
-            COUNTERS.add("eager_runs")
+            COUNTERS.add(graphless_counter(self.config.compiler))
 
     def captured_graphs(self) -> int:
         return sum(len(r.captured) for r in self._all_runners())
@@ -784,6 +789,17 @@ class Runtime:
                 captured = each.captured.pop(key, None)
                 if captured is not None:
                     captured.graph.release()
+
+
+def graphless_counter(compiler: str) -> str:
+    """The counter of a call served without graphs: ``eager_runs`` when the code it ran is the FX
+    code itself (``compiler="eager"``), ``graphless_runs`` when it is compiled code."""
+    return "eager_runs" if compiler == "eager" else "graphless_runs"
+
+
+def _bytes_of(copies: Sequence[tuple[int, torch.Tensor, tuple[int, ...], torch.Tensor | None]]) -> int:
+    """Bytes a replay's input copies write (their destinations' sizes)."""
+    return sum(dst.numel() * dst.element_size() for _, dst, _, _ in copies)
 
 
 _data_ptr = torch.Tensor.data_ptr

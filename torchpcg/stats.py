@@ -19,8 +19,12 @@ COUNTER_KEYS = (
     "split_ops",  # split pieces (ops run eagerly between graph replays)
     "captured",  # (piece, bucket) graphs captured (real or emulated)
     "replays",  # graph replays
-    "eager_runs",  # calls served without graphs (T above the largest bucket, graphs off, fallbacks, and
-    # in full_and_piecewise mode the first call of each T <= full_max_size: the full graph's warm-up)
+    "eager_runs",  # calls run without graphs and without compiled code: pieces compiled with compiler="eager"
+    # (their FX code), a VLM's language model run uncompiled after a fallback
+    "graphless_runs",  # calls run by Inductor-compiled code without graphs: T above the largest bucket, graphs
+    # off, a dropped bucket, and in full_and_piecewise mode the first call of each T <= full_max_size (its warm-up)
+    "copied_bytes",  # bytes copied into graphs' static input buffers by replays (token inputs, copied inputs):
+    # a weight or cache copied on every replay shows here, graph_calls apart it grows per call
     "graph_calls",  # calls served with graphs
     "full_graph_calls",  # of those, calls served by one whole-forward graph (cudagraph_mode="full_and_piecewise")
     "recompiles",  # Dynamo recompiles of a torchpcg-compiled frame after warmup
@@ -122,6 +126,7 @@ def stats() -> dict[str, Any]:
         ['capture_failures', 'capture_sizes', 'captured']
 
     Keys: ``dynamo_graphs``, ``pieces``, ``split_ops``, ``captured``, ``replays``, ``eager_runs``,
+    ``graphless_runs``, ``copied_bytes``,
     ``graph_calls``, ``full_graph_calls``, ``recompiles``, ``fallbacks``, ``capture_failures``, ``recaptures``,
     ``graphless_pieces``, ``real_tokens``, ``padded_tokens`` (ints), ``capture_sizes``
     (sorted list of bucket sizes captured at least once) and ``host_us``: host time per call over

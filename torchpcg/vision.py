@@ -47,7 +47,7 @@ import torch
 from .config import PiecewiseConfig, format_sizes
 from .errors import CaptureError, ConfigError, TorchPCGError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, new_pool
-from .runtime import StreamOrder, resolve_graph_mode
+from .runtime import StreamOrder, graphless_counter, resolve_graph_mode
 from .stable import StableModel, compile as stable_compile
 from .stats import COUNTERS
 
@@ -350,7 +350,7 @@ class EncoderGraphs:
             bucket = self.bucket_for(call.num_patches, self._mode(call))
             if bucket is None:
                 self._counts["eager_runs"] += 1
-                COUNTERS.add("eager_runs")
+                COUNTERS.add(graphless_counter(self.config.compiler))
                 return self._run(**call.arguments)
             return self._replay(call, bucket)
 
@@ -414,7 +414,7 @@ class EncoderGraphs:
             entry = self._capture(key, static, call, padded)
             if entry is None:  # capture failed: graphs are off from now on
                 self._counts["eager_runs"] += 1
-                COUNTERS.add("eager_runs")
+                COUNTERS.add(graphless_counter(self.config.compiler))
                 return self._run(**call.arguments)
         else:
             self._graphs.move_to_end(key)
