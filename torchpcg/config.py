@@ -145,6 +145,12 @@ class PiecewiseConfig:
     """Compile pieces with Inductor's max-autotune (slower compile, tuned kernels). Also set by
     ``torch.compile(..., mode="max-autotune")``."""
 
+    max_address_sets: int = 32
+    """Sets of read-in-place input addresses one Dynamo graph keeps graphs for. One compiled frame
+    can serve many layers or experts (after a graph break inside a layer), each call with other
+    weights: each set gets its own graphs, captured lazily; past this many, the least recently
+    used set's graphs are dropped (``address_sets``)."""
+
     sdpa_order: str = "auto"
     """``auto``: while a compiled call runs on a CUDA device, ``scaled_dot_product_attention`` tries
     cuDNN attention last, after flash and memory-efficient attention. Split ops run eagerly at every
@@ -157,6 +163,7 @@ class PiecewiseConfig:
         if self.compiler not in COMPILERS:
             raise ConfigError(f"compiler={self.compiler!r}: expected one of {', '.join(COMPILERS)}")
         _check_positive("full_max_size", self.full_max_size)
+        _check_positive("max_address_sets", self.max_address_sets)
         if self.cudagraph_mode not in GRAPH_MODES:
             raise ConfigError(f"cudagraph_mode={self.cudagraph_mode!r}: expected one of {', '.join(GRAPH_MODES)}")
         if self.sdpa_order not in SDPA_ORDERS:
@@ -313,6 +320,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "guarded_direct": _parse_bool,
     "backed_compile": _parse_bool,
     "max_autotune": _parse_bool,
+    "max_address_sets": _parse_int,
     "sdpa_order": _parse_choice(SDPA_ORDERS),
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}

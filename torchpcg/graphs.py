@@ -251,7 +251,9 @@ class EmulatedGraph:
 
     def __init__(self, fn: Callable[..., Any], static_args: Sequence[Any]) -> None:
         self.fn: Callable[..., Any] | None = fn
-        self.static_args = list(static_args)
+        # Aliases of the inputs' memory, not the caller's tensor objects: like a CUDA graph, this
+        # one holds no reference to a parameter, so a reassigned one can die and be told moved.
+        self.static_args = [a.detach() if isinstance(a, torch.Tensor) else a for a in static_args]
         self.outputs = flatten_outputs(fn(*self.static_args))
 
     def release_capture_outputs(self) -> list[Any]:

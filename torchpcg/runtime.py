@@ -39,6 +39,7 @@ from typing import Any
 import sympy
 import torch
 
+from .address_sets import AddressSets
 from .config import PiecewiseConfig
 from .errors import CaptureError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool
@@ -548,7 +549,8 @@ class Runtime:
         self._static_ptrs: tuple[int, ...] | None = None  # their addresses when the graphs were captured
         self._ptrs_by_arg: list[int | None] = []  # the same, at their arg positions (the C++ check's form)
         self._static_index_list: list[int] = []  # static_args as a list, for the same check
-        self._moves: dict[int, int] = {}  # static arg index -> times it moved
+        self._moves: dict[int, int] = {}  # static arg index -> times it moved for real
+        self._sets = AddressSets(config.max_address_sets, _release_graphs)  # graphs per address set
         self._owned: set[int] = set()  # storage addresses of graph outputs and static buffers
         self._shared_buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}  # see shared_buffer
         self._lock = threading.RLock()
@@ -626,41 +628,62 @@ class Runtime:
         return self.buckets[at] if at < len(self.buckets) else None
 
     def _check_static_inputs(self, args: Sequence[Any]) -> None:
-        """Static inputs are read in place by every graph: if one moved, drop the graphs (rare).
+        """Graphs read static inputs in place: each set of their addresses has its own graphs.
 
-        An input that moves a second time (a cache reallocated per request) is copied on every
-        replay from then on, like a user input: one more capture, then no more.
+        Another set (one compiled frame called for each layer or expert, with its weights) switches
+        to that set's graphs (``address_sets.AddressSets``). A real move (a parameter reassigned, a
+        cache reallocated) drops the graphs that read the old tensor; an input that moves for real
+        a second time is copied on every replay from then on, like a user input.
         """
         if not self.static_args:
             return
         if _PTRS_EQUAL is not None and len(self._ptrs_by_arg) == len(args):  # ~115 parameters: one C++ loop
             if _PTRS_EQUAL(list(args), self._ptrs_by_arg, self._static_index_list):
                 return
-        ptrs = tuple(map(_data_ptr, self._static_getter(args)))
+        statics = self._static_getter(args)
+        ptrs = tuple(map(_data_ptr, statics))
         if ptrs == self._static_ptrs:
             return
-        if self._static_ptrs is not None and self.captured_graphs():
-            moved = [i for i, old, new in zip(self.static_args, self._static_ptrs, ptrs) if old != new]
-            first_time = not self._moves
-            for index in moved:
-                self._moves[index] = self._moves.get(index, 0) + 1
-            demoted = [i for i in moved if self._moves[i] > 1]
-            names = [self._static_names[self.static_args.index(i)] for i in moved]
-            log.log(logging.WARNING if first_time or demoted else logging.DEBUG,
-                    "static input(s) %s changed address (a parameter reassigned or a cache reallocated): %d graph(s) "
-                    "are dropped and captured again%s", ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""),
-                    self.captured_graphs(), "; it moved before, so it is copied on every replay from now on"
-                    if demoted else "")
-            COUNTERS.add("recaptures")
-            self._drop(None, None)
-            if demoted:
-                self._demote(demoted)
-                ptrs = tuple(map(_data_ptr, self._static_getter(args)))
+        runners = self._all_runners()
+        if self._static_ptrs is None:
+            self._sets.note(ptrs, statics, [runner.captured for runner in runners])
+        else:
+            graphs, moved, returning = self._sets.switch(ptrs, statics, lambda: [{} for _ in runners])
+            for runner, captured in zip(runners, graphs):
+                runner.captured = captured
+            if moved:
+                ptrs = self._moved_for_real([self.static_args[p] for p in moved], args)
+            elif returning:
+                COUNTERS.add("recaptures")  # an evicted set's graphs are captured again
         self._static_ptrs = ptrs
         self._ptrs_by_arg = [None] * len(args)
         for index, ptr in zip(self.static_args, ptrs):
             self._ptrs_by_arg[index] = ptr
         self._static_index_list = list(self.static_args)  # the C++ check takes lists
+
+    def _moved_for_real(self, moved: Sequence[int], args: Sequence[Any]) -> tuple[int, ...]:
+        """Say which inputs moved, count it, and demote those that moved before; the call's
+        addresses (in the new layout when an input was demoted)."""
+        first_time = not self._moves
+        for index in moved:
+            self._moves[index] = self._moves.get(index, 0) + 1
+        demoted = [i for i in moved if self._moves[i] > 1]
+        names = [self._static_names[self.static_args.index(i)] for i in moved]
+        log.log(logging.WARNING if first_time or demoted else logging.DEBUG,
+                "static input(s) %s changed address (a parameter reassigned or a cache reallocated): the graphs "
+                "that read the old tensors are dropped and captured again%s",
+                ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""),
+                "; it moved before, so it is copied on every replay from now on" if demoted else "")
+        COUNTERS.add("recaptures")
+        statics = self._static_getter(args)
+        if demoted:
+            self._sets.clear()  # every key holds the demoted inputs' addresses: start over
+            self._demote(demoted)
+            statics = self._static_getter(args) if self.static_args else ()
+            if self.static_args:
+                self._sets.note(tuple(map(_data_ptr, statics)), statics,
+                                [runner.captured for runner in self._all_runners()])
+        return tuple(map(_data_ptr, statics))
 
     def watch_static_inputs(self, names_to_index: Mapping[str, int]) -> None:
         """Add read-in-place inputs to the per-call address check (a whole-forward graph reads the
@@ -789,6 +812,14 @@ class Runtime:
                 captured = each.captured.pop(key, None)
                 if captured is not None:
                     captured.graph.release()
+
+
+def _release_graphs(graphs: Sequence[dict[int, _Captured]]) -> None:
+    """Release every graph of an address set (one dict per runner) and empty the dicts."""
+    for captured in graphs:
+        for entry in captured.values():
+            entry.graph.release()
+        captured.clear()
 
 
 def graphless_counter(compiler: str) -> str:
