@@ -7,8 +7,9 @@ on Hopper and Blackwell: torch puts cuDNN first there (``check_prefer_cudnn_atte
 ``sdp_utils.cpp``), and cuDNN builds an execution plan for every new shape. Measured on an H100
 (torch 2.11, bf16, 16 heads of 128, 2,048 cache slots; ``python scripts/mixed_probe.py``): 35 ms
 for the first call at a new T, 0.40 ms for a repeat; with cuDNN moved last SDPA picks the
-memory-efficient kernel: 0.25 ms at a new T and at a repeat. Sixteen layers at 35 ms each made
-mixed traffic run at eager speed whatever the graphs saved.
+memory-efficient kernel: 0.25 ms at a new T and at a repeat. The layers share one shape, so a call
+at a new T paid one plan build: on top of a 3 ms call, mixed traffic ran at eager speed whatever
+the graphs saved.
 
 So while a compiled call runs, ``SdpaOrder`` moves cuDNN to the end of SDPA's priority order
 (flash and memory-efficient attention need no per-shape plan), and puts the caller's order back
