@@ -1,6 +1,8 @@
 """The piecewise backend end to end on the reference decoder, emulated graphs (CPU)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -291,3 +293,15 @@ def test_unknown_mode_names_the_value_and_the_allowed_ones():
     compiled = torch.compile(model, backend="piecewise", mode="fastest")
     with pytest.raises(Exception, match=r"mode='fastest'.*'reduce-overhead'.*'max-autotune'"):
         compare(model, compiled, 3, atol=1e-5, rtol=1e-5)
+
+
+def test_capture_names_the_size_a_too_small_cache_cannot_hold():
+    """The default buckets go to 512; a model with 256 cache slots fails at T=512 inside its own op.
+    The error keeps its type and says which size failed and which knob leaves it out."""
+    model = tiny_decoder(max_seq_len=256)
+    compiled = torch.compile(model, backend="piecewise", options={"cudagraph": "emulate", "compiler": "eager"})
+    cache = model.new_kv_cache()
+    with pytest.raises(IndexError) as caught:
+        torchpcg.capture(compiled, lambda n: (torch.zeros(n, dtype=torch.long), torch.arange(n), cache), progress=False)
+    text = "\n".join(getattr(caught.value, "__notes__", []))
+    assert sys.version_info < (3, 11) or ("T=512" in text and "max_capture_size" in text)

@@ -1,6 +1,8 @@
 """PiecewiseConfig: defaults, env parsing, precedence, and errors that name the culprit."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from torchpcg import ConfigError, PiecewiseConfig
@@ -63,3 +65,16 @@ def test_all_sizes_above_max_is_an_error():
 def test_bool_option_rejects_garbage():
     with pytest.raises(ConfigError, match="copy_outputs='sometimes'"):
         PiecewiseConfig.resolve({"copy_outputs": "sometimes"}, environ={})
+
+
+def test_a_misspelled_variable_warns_with_the_closest_name(caplog: pytest.LogCaptureFixture) -> None:
+    from torchpcg import config as config_module
+
+    config_module._warned_unknown.discard("TORCHPCG_CAPTURE_SIZE")
+    with caplog.at_level(logging.WARNING, logger="torchpcg"):
+        cfg = PiecewiseConfig.from_env({"TORCHPCG_CAPTURE_SIZE": "1,2", "TORCHPCG_VIT_CUDA_GRAPH": "full"})
+        PiecewiseConfig.from_env({"TORCHPCG_CAPTURE_SIZE": "1,2"})  # once per name, not per resolve
+    assert cfg.capture_sizes is None  # ignored, as the message says
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["TORCHPCG_CAPTURE_SIZE is not a torchpcg variable and is ignored; did you mean "
+                        "TORCHPCG_CAPTURE_SIZES?"]

@@ -48,14 +48,14 @@ def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[
     bar = _progress(len(order) + len(full), progress)
     for size in order:
         bar(size)
-        compiled(*make_inputs(size))
+        _call_at(compiled, make_inputs, size, config)
         done.append(size)
     if len(order) > 1:
         # Plain torch.compile makes a static graph on its first call (the largest size here) and a
         # dynamic one on the second; from then on the dynamic graph serves the largest size too and
         # would capture it on the first call of traffic. One more call captures it now (a replay
         # where the graph serving that size has it already, as with torchpcg.compile).
-        compiled(*make_inputs(order[0]))
+        _call_at(compiled, make_inputs, order[0], config)
     for size in full:
         bar(size)
         for _ in range(2 - (size in done)):
@@ -64,6 +64,29 @@ def capture(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[
     seconds = time.perf_counter() - start
     log.info("captured %d buckets in %.2fs", len(done), seconds)
     return {"sizes": done, "seconds": seconds}
+
+
+def _call_at(compiled: Callable[..., Any], make_inputs: Callable[[int], Sequence[Any]], size: int,
+             config: PiecewiseConfig) -> None:
+    """One warm-up call at ``size`` tokens; a failure says which size and how to leave it out.
+
+    The usual cause is a bucket larger than the model can hold (a KV cache of fewer slots than the
+    largest bucket: ``index_copy_(): index 256 is out of bounds``). The error keeps its type; the
+    size and the fix are added to it (a note on Python 3.11+, a log line before).
+    """
+    try:
+        compiled(*make_inputs(size))
+    except Exception as exc:
+        hint = (f"torchpcg.capture: the call at T={size} failed; the buckets go up to {config.largest_bucket} "
+                f"(max_capture_size={config.max_capture_size}). If the model holds fewer tokens than that (a KV "
+                f"cache of fewer slots), set max_capture_size (TORCHPCG_MAX_CAPTURE_SIZE) below what it holds, "
+                f"or pass sizes=")
+        add_note = getattr(exc, "add_note", None)
+        if add_note is not None:
+            add_note(hint)
+        else:
+            log.error("%s", hint)
+        raise
 
 
 def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:

@@ -7,6 +7,7 @@ variables are read here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -326,7 +327,26 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
 
 
+# Variables read elsewhere (vision encoders' own config); every other TORCHPCG_* name is a typo.
+OTHER_VARIABLES = ("TORCHPCG_VIT_CUDA_GRAPH", "TORCHPCG_VIT_CAPTURE_SIZES", "TORCHPCG_VIT_MAX_GRAPHS")
+_warned_unknown: set[str] = set()
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """One warning per unknown ``TORCHPCG_*`` variable, naming the closest known one: a misspelled
+    ``TORCHPCG_CAPTURE_SIZE`` would otherwise be ignored without a word."""
+    known = [ENV_PREFIX + name.upper() for name in _PARSERS] + list(OTHER_VARIABLES)
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or variable in known or variable in _warned_unknown:
+            continue
+        _warned_unknown.add(variable)
+        close = difflib.get_close_matches(variable, known, n=1, cutoff=0.6)
+        log.warning("%s is not a torchpcg variable and is ignored%s", variable,
+                    f"; did you mean {close[0]}?" if close else f" (known: {', '.join(sorted(known))})")
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    _warn_unknown(environ)
     out = {}
     for name, parse in _PARSERS.items():
         var = ENV_PREFIX + name.upper()
