@@ -40,14 +40,17 @@ def _build(cls: Any, config: Any, device: str, dtype: torch.dtype) -> Any:
 
 
 def causal_lm(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """A tiny ``LlamaForCausalLM`` or ``Qwen3ForCausalLM``."""
+    """A tiny ``LlamaForCausalLM``, ``Qwen3ForCausalLM`` or ``MixtralForCausalLM`` (4 experts, top-2)."""
     common = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     if name == "llama":
         return _build(transformers.LlamaForCausalLM, transformers.LlamaConfig(**common), device, dtype)
     if name == "qwen3":
         return _build(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(head_dim=16, **common), device, dtype)
-    raise ValueError(f"causal_lm(name={name!r}): expected 'llama' or 'qwen3'")
+    if name == "mixtral":
+        config = transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
+        return _build(transformers.MixtralForCausalLM, config, device, dtype)
+    raise ValueError(f"causal_lm(name={name!r}): expected 'llama', 'qwen3' or 'mixtral'")
 
 
 def qwen3_vl(device: str = "cpu", dtype: torch.dtype = torch.float32, num_layers: int = 3) -> Any:

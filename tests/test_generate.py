@@ -78,6 +78,29 @@ def test_compile_config_with_your_own_static_cache_keeps_one_graph(one_cpu_threa
     assert stats["graph_calls"] == 3 * 31  # every decode step (transformers runs prefill uncompiled)
 
 
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_a_new_static_cache_per_generate_call_needs_no_new_graphs(name, one_cpu_thread):
+    """transformers' default for recipe (b): a new StaticCache per generate() call. Its key/value
+    tensors reach only the attention (run eagerly), its length counter is copied (a few bytes), so
+    later calls replay the first call's graphs: no recapture, no new capture, no cache copied."""
+    model = hf_tiny.causal_lm(name)
+    config = hf_tiny.compile_config(mode=None, options=CPU_OPTIONS)
+    kwargs = {"cache_implementation": "static", "max_cache_len": 96}  # one cache shape: one Dynamo graph
+    for call, (length, seed) in enumerate(((7, 0), (12, 1), (5, 2))):
+        ids = hf_tiny.text_ids(length, seed)
+        with torch.no_grad():
+            expected = model.generate(ids, **hf_tiny.GREEDY)
+        before = torchpcg.stats()
+        got = model.generate(ids, compile_config=config, **kwargs, **hf_tiny.GREEDY)
+        assert torch.equal(got, expected), f"prompt {length}"
+        after = torchpcg.stats()
+        if call:  # after the first call: the same graphs, every step
+            assert after["captured"] == before["captured"] and after["recaptures"] == 0
+            assert after["dynamo_graphs"] == 1
+            per_step = (after["copied_bytes"] - before["copied_bytes"]) / (after["graph_calls"] - before["graph_calls"])
+            assert per_step < 4096  # token rows and counters; one layer's cache here is 24 KiB
+
+
 def test_compile_config_mode_reaches_the_backend(piecewise_env):
     """transformers forwards CompileConfig.mode to the backend: an unknown one is our ConfigError."""
     model = hf_tiny.causal_lm("llama")

@@ -223,3 +223,32 @@ def test_a_check_message_function_lifted_as_an_attribute_splits():
     x_in = torch.randn(4, 8)
     torch.testing.assert_close(split.split_gm(x_in), gm(x_in))
     assert [p.is_split_op for p in split.pieces][:2] == [False, True]  # cut at the softmax
+
+
+def test_ops_reading_a_written_marked_cache_run_eagerly_and_a_read_only_table_stays_in_graphs():
+    """A marked tensor the graph writes (a static KV cache) is per-request state: the ops reading
+    it run eagerly, so graphs never hold its address. A marked tensor only read (a table kept at
+    a fixed address) stays read in place by the graphs; a marked counter of <= 64 elements is copied."""
+    from torchpcg.backend import collect_runtimes
+
+    cache, table, count = torch.zeros(64, 8), torch.randn(64, 8), torch.zeros(1)
+    for tensor in (cache, table, count):
+        torch._dynamo.mark_static_address(tensor)
+
+    def step(x, pos):  # x [T, 8]
+        cache.index_copy_(0, pos, x)
+        keys = cache[:, None].expand(64, 2, 8).reshape(64, 16)  # a view, then a copy: both read the cache
+        return torch.relu(x @ keys[:8, :8].T + table[pos] + count)
+
+    compiled = torch.compile(step, backend="piecewise", options={"cudagraph": "emulate", "compiler": "eager"})
+    x, pos = torch.randn(5, 8), torch.arange(5)
+    with collect_runtimes() as runtimes, torch.no_grad():
+        got = compiled(x, pos)
+    cache.zero_()
+    torch.testing.assert_close(got, step(x, pos))
+    (runtime,) = runtimes
+    state_ops = [why for p in runtime.split.split_pieces for why in p.reasons if why.startswith("cache state")]
+    assert len(state_ops) >= 3  # the getitem view, the expand view and the reshape copy
+    read_in_place = {name for runner in runtime.runners for name in runner.static_names.values()}
+    assert any("table" in name for name in read_in_place)
+    assert not any("cache" in name or "count" in name for name in read_in_place)

@@ -23,7 +23,8 @@ from .layout import expr_of, symbols_of, token_source
 from .padding import classify, token_symbol, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .full import FullGraphs, full_graph_blockers, written_inputs
-from .split import SplitGraph, SplitPiece, capturable_ops, host_tensor_reason, split_graph, split_reason, user_split_ops
+from .split import (SplitGraph, SplitPiece, cache_state_reasons, capturable_ops, host_tensor_reason,
+                    split_graph, split_reason, user_split_ops)
 from .stats import COUNTERS
 
 __all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options", "mode_options"]
@@ -51,6 +52,8 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     _check_symbols(gm, symbol, config)
     static_names = static_inputs(gm, example_inputs)
     reasons = split_reasons(gm, config, symbol)
+    for node, why in cache_state_reasons(gm, marked_state(gm, example_inputs)).items():
+        reasons.setdefault(node, why)
     try:
         split = split_graph(gm, reasons, written_bases)
     except Exception as exc:  # noqa: BLE001 - torch.fx's splitter on a graph shape it does not handle
@@ -211,9 +214,48 @@ def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> di
         kind = (node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type")
         if kind is None and isinstance(example, torch.Tensor):
             kind = torch._dynamo.utils.get_static_address_type(example)
-        if kind is not None:
+        if kind is not None and not _small_marked_state(node, example):
             found[node.name] = index
     return found
+
+
+SMALL_STATE = 64  # elements: marked state this small is copied per replay rather than read in place
+
+
+def marked_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set[str]:
+    """Placeholders of per-request state: ``mark_static_address`` tensors larger than
+    ``SMALL_STATE`` that are neither parameters nor module buffers and that the graph writes in
+    place (a static KV cache's keys and values, updated by the cache write). The nodes reading them
+    run eagerly (``split.cache_state_reasons``). A marked tensor the graph only reads (a table kept
+    at a fixed address to save its copy) stays read in place by the graphs."""
+    written = {base.name for node in gm.graph.nodes if node.op in ("call_function", "call_method")
+               for base in written_bases(node) if base.op == "placeholder"}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {node.name for node, example in zip(placeholders, example_inputs)
+            if node.name in written and _is_marked_state(node, example) and example.numel() > SMALL_STATE}
+
+
+def _small_marked_state(node: torch.fx.Node, example: Any) -> bool:
+    """Marked state of at most ``SMALL_STATE`` elements (a static cache's length counter, Hugging
+    Face ``StaticLayer.cumulative_length``): copied on every replay, a few bytes (``copied_bytes``).
+    Read in place, a new cache object per ``generate()`` call would be a new address set: new
+    graphs every call."""
+    return _is_marked_state(node, example) and example.numel() <= SMALL_STATE
+
+
+def _is_marked_state(node: torch.fx.Node, example: Any) -> bool:
+    """A static-address tensor that is neither a parameter nor a module buffer (Dynamo's source)."""
+    if not isinstance(example, torch.Tensor) or isinstance(example, torch.nn.Parameter):
+        return False
+    if torch._dynamo.utils.get_static_address_type(example) is None and \
+            (node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type") is None:
+        return False
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    source = str(source() if callable(source) else source)
+    # No source (a graph loaded from Dynamo's AOT artifact): nothing tells state from weights, so
+    # nothing is treated as state and every static input is read in place, as before.
+    return bool(source) and "._buffers[" not in source and "._parameters[" not in source
 
 
 def static_piece_inputs(split: SplitGraph, static_names: Mapping[str, int]) -> dict[str, dict[int, str]]:

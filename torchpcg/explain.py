@@ -31,8 +31,8 @@ from .stable import describe_callable
 log = logging.getLogger(__name__)
 
 # "merged": a tiny compute piece between two split ops that split.py folds into them (run eagerly).
-REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "side effect", "host tensor", "merged",
-                     "other")
+REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "side effect", "host tensor", "cache state",
+                     "merged", "other")
 
 
 def reason_category(reason: str) -> str:
@@ -51,6 +51,8 @@ def reason_category(reason: str) -> str:
         return "side effect"
     if reason.startswith("host tensor"):
         return "host tensor"
+    if reason.startswith("cache state"):
+        return "cache state"
     return "other"
 
 

@@ -42,7 +42,7 @@ import torch.fx
 from .compilers import ExactShapeCode, TokenDispatch, copy_graph_module
 from .padding import REASON_PREFIX, written_bases
 from .runtime import FULL_REPLAY, FULL_WARM, CallState, PieceRunner, Runtime
-from .split import SplitPiece, is_capturable
+from .split import CACHE_STATE_PREFIX, SplitPiece, is_capturable
 
 __all__ = ["FullGraphs", "full_graph_blockers", "written_inputs"]
 
@@ -61,6 +61,8 @@ def full_graph_blockers(reasons: Mapping[torch.fx.Node, str], capturable: frozen
             continue
         if why.startswith("side effect"):
             continue  # a write into another piece's value: one graph holds both
+        if why.startswith(CACHE_STATE_PREFIX):
+            continue  # a plain tensor op on the cache: a whole graph reads it in place, address checked
         if why.startswith(REASON_PREFIX) and not why[len(REASON_PREFIX):].startswith(_NOT_CAPTURABLE):
             continue  # not row-wise, but a plain tensor op at one exact size
         blockers.append(f"{node.name}: {why}")

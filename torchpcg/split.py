@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,8 @@ from .config import split_op_name
 from .layout import leaves
 
 __all__ = ["SplitPiece", "SplitGraph", "split_graph", "split_reason", "register_splitting_op", "user_split_ops",
-           "capturable_ops", "is_capturable", "CAPTURABLE_OPS", "host_tensor_reason"]
+           "capturable_ops", "is_capturable", "CAPTURABLE_OPS", "host_tensor_reason", "cache_state_reasons",
+           "CACHE_STATE_PREFIX"]
 
 # Attention: data-dependent over tokens (reads other rows, often a KV cache). Names are 'ns::op'.
 ATTENTION_OPS = frozenset({
@@ -182,6 +183,47 @@ def host_tensor_reason(node: torch.fx.Node) -> str | None:
     if any(t.device.type == "cpu" for t in out + ins):
         return f"host tensor ({_pretty(node.target)} reads or makes a CPU tensor; a CUDA graph would freeze it)"
     return None
+
+
+CACHE_STATE_PREFIX = "cache state"
+
+
+def cache_state_reasons(gm: torch.fx.GraphModule, state: Collection[str]) -> dict[torch.fx.Node, str]:
+    """Nodes that read per-request state in place, with why: they run eagerly, not in graphs.
+
+    ``state`` names placeholders of ``mark_static_address`` tensors that are neither parameters nor
+    module buffers (a static KV cache's keys and values). A graph reading one would be keyed by its
+    address, and transformers makes a new cache per ``generate()`` call: new graphs every call, or
+    the cache copied on every replay. Engines keep the cache inside the attention op for this
+    reason; here every node that reads such a tensor, or a view of it (``repeat_kv``'s expand and
+    reshape), runs eagerly beside the attention instead.
+    """
+    reading = {n for n in gm.graph.nodes if n.op == "placeholder" and n.name in state}
+    reasons: dict[torch.fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        read = [a for a in leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node) and a in reading]
+        if not read:
+            continue
+        reasons[node] = f"{CACHE_STATE_PREFIX} ({_pretty(node.target)} reads {read[0].name} in place)"
+        if _views_of(node, read):
+            reading.add(node)  # its users read the state too
+    return reasons
+
+
+def _views_of(node: torch.fx.Node, inputs: Sequence[torch.fx.Node]) -> bool:
+    """Whether ``node``'s value shares storage with one of ``inputs``' values (fake storages compare)."""
+    def storage(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return None
+        try:
+            return value.untyped_storage()._cdata
+        except Exception:  # noqa: BLE001 - a tensor without storage (sparse, opaque): no view of anything
+            return None
+    outs = {storage(v) for v in leaves(node.meta.get("example_value", node.meta.get("val")))} - {None}
+    ins = {storage(v) for a in inputs for v in leaves(a.meta.get("example_value", a.meta.get("val")))} - {None}
+    return bool(outs & ins)
 
 
 def _tagged_unsafe(target: Any) -> bool:
