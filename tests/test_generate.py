@@ -101,6 +101,25 @@ def test_a_new_static_cache_per_generate_call_needs_no_new_graphs(name, one_cpu_
             assert per_step < 4096  # token rows and counters; one layer's cache here is 24 KiB
 
 
+def test_recipe_b_as_transformers_runs_it_captures_nothing_after_its_one_recompile(one_cpu_thread):
+    """No max_cache_len: transformers sizes each new cache to the request, so the second request
+    makes the cache length dynamic (Dynamo's one recompile). That size reaches only the attention,
+    so its graphs serve every length: nothing is captured after the second request."""
+    model = hf_tiny.causal_lm("llama")
+    config = hf_tiny.compile_config(mode=None, options=CPU_OPTIONS)
+    captured = []
+    for length, seed in ((7, 0), (12, 1), (5, 2), (30, 3), (9, 4)):
+        ids = hf_tiny.text_ids(length, seed)
+        with torch.no_grad():
+            expected = model.generate(ids, **hf_tiny.GREEDY)
+        got = model.generate(ids, compile_config=config, cache_implementation="static", **hf_tiny.GREEDY)
+        assert torch.equal(got, expected), f"prompt {length}"
+        captured.append(torchpcg.stats()["captured"])
+    stats = torchpcg.stats()
+    assert stats["dynamo_graphs"] == 2 and stats["recaptures"] == 0
+    assert captured[1:] == [captured[1]] * 4, captured  # prompt 30 grows the cache past earlier sizes: no capture
+
+
 def test_compile_config_mode_reaches_the_backend(piecewise_env):
     """transformers forwards CompileConfig.mode to the backend: an unknown one is our ConfigError."""
     model = hf_tiny.causal_lm("llama")

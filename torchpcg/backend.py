@@ -82,6 +82,12 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
         runtime.install(runner)
     if config.cudagraph_mode == "full_and_piecewise":
         _add_full_graphs(runtime, gm, reasons, static_names, config)
+    elif symbol is not None and runtime.runners and not any(runner.sees_symbol() for runner in runtime.runners):
+        # Only split ops see the dynamic size (a decode step's cache length, the one dynamic size
+        # of a [1, 1] call): bucketing by it would capture the same graphs again per bucket.
+        log.info("the dynamic size %s reaches only split ops (sources: %s): one graph per piece serves every "
+                 "value", symbol, symbol_sources(gm))
+        runtime.unbucket()
     COUNTERS.add("pieces", len(split.compute_pieces))
     COUNTERS.add("split_ops", len(split.split_pieces))
     log.info("piecewise: %d pieces, %d split ops, graphs=%s, buckets=%s, compiled with %s in %.2fs",

@@ -162,6 +162,11 @@ class PieceRunner:
         self.unchained: set[int] = set()  # inputs once chained whose producer changed: always copied
         self.warm_before_capture = True  # run once outside the graph first (lazy inits, autotuning)
 
+    def sees_symbol(self) -> bool:
+        """Whether any input or output of this piece depends on the token symbol."""
+        kinds = {spec.kind for spec in self.inputs + self.outputs}
+        return bool(self.graphless_reason) or _TOKEN in kinds or _SYMINT in kinds
+
     def demote(self, names: Collection[str]) -> None:
         """Static inputs named ``names`` keep moving: copy them on every replay from now on."""
         for index, name in self.static_names.items():
@@ -563,6 +568,14 @@ class Runtime:
         for piece in split.split_pieces:  # eager split ops: skip nn.Module.__call__ overhead per call
             split.split_gm.__dict__[piece.name] = direct_forward(piece.gm)
         self.forward = direct_forward(split.split_gm)  # the split module's generated code, called directly
+
+    def unbucket(self) -> None:
+        """No compute piece depends on the dynamic size: one static graph per piece, whatever its value."""
+        self.symbol = None
+        self.buckets = [STATIC_GRAPH_BUCKET]
+        self.largest_bucket = STATIC_GRAPH_BUCKET
+        for runner in self.runners:
+            runner.symbol = None
 
     def install(self, runner: PieceRunner) -> None:
         """Replace a compute submodule of the split module with its runner."""
