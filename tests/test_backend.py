@@ -305,3 +305,18 @@ def test_capture_names_the_size_a_too_small_cache_cannot_hold():
         torchpcg.capture(compiled, lambda n: (torch.zeros(n, dtype=torch.long), torch.arange(n), cache), progress=False)
     text = "\n".join(getattr(caught.value, "__notes__", []))
     assert sys.version_info < (3, 11) or ("T=512" in text and "max_capture_size" in text)
+
+
+def test_a_resume_graph_after_a_graph_break_is_named_as_the_cause():
+    """A resume function's stack inputs (L_stack0_, ...) tell that a graph break made the second
+    dynamic size; the warning then names the break and how to find it. Other graphs: no hint."""
+    from torchpcg.backend import graph_break_hint
+
+    graph = torch.fx.Graph()
+    stack, x = graph.placeholder("L_stack0_"), graph.placeholder("L_x_")
+    graph.output(graph.call_function(torch.add, (stack, x)))
+    hint = graph_break_hint(torch.fx.GraphModule(torch.nn.Module(), graph))
+    assert "graph break" in hint and "L_stack0_" in hint and "TORCH_LOGS=graph_breaks" in hint
+    plain = torch.fx.Graph()
+    plain.output(plain.placeholder("L_x_"))
+    assert graph_break_hint(torch.fx.GraphModule(torch.nn.Module(), plain)) == ""

@@ -388,3 +388,17 @@ def test_mixed_bench_quick_records_every_mode_against_eager(tmp_path: Path) -> N
         assert row["counters"]["captured"] == 0 and row["counters"]["replays"] > 0  # every bucket captured in setup
         assert row["host_us"]["calls"] == 12
     assert "| torchpcg |" in next(tmp_path.glob("*-mixed-*.md")).read_text()
+
+
+def test_moe_bench_quick_runs_every_cpu_mode_against_eager(tmp_path: Path) -> None:
+    """bench.moe on CPU: the graph-breaking MoE decoder through eager, Inductor and piecewise; after
+    warm-up the timed calls compile and capture nothing and match eager."""
+    from bench import moe
+
+    assert moe.main(["--quick", "--repeats", "2", "--tokens", "1,4", "--out", str(tmp_path)]) == 0
+    results = json.loads(next(tmp_path.glob("*-moe-*.json")).read_text())
+    assert results["modes"]["reduce-overhead"]["status"] == "unavailable"
+    piecewise = results["modes"]["piecewise"]
+    assert piecewise["setup_counters"]["dynamo_graphs"] > 1  # the dispatch broke the graph
+    assert piecewise["counters"]["recaptures"] == 0 and piecewise["counters"]["captured"] == 0
+    assert piecewise["counters"]["replays"] > 0 and max(piecewise["max_abs_diff"].values()) < 1e-4

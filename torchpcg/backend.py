@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -301,7 +302,7 @@ def _note_graphless(runner: PieceRunner, config: PiecewiseConfig, gm: torch.fx.G
     if not runner.graphless_reason:
         return
     sources = symbol_sources(gm)
-    detail = f"{runner.piece.name} {runner.graphless_reason} (sources: {sources})"
+    detail = f"{runner.piece.name} {runner.graphless_reason} (sources: {sources}){graph_break_hint(gm)}"
     if config.enforce:
         raise SplitError(detail + "; it cannot be replayed from a token-count bucket (TORCHPCG_ENFORCE=1)")
     log.warning("%s: it runs without graphs", detail)
@@ -325,6 +326,22 @@ def symbol_sources(gm: torch.fx.GraphModule) -> str:
                 if isinstance(expr, sympy.Symbol):
                     seen.setdefault(str(expr), f"{node.target} dim {dim}")
     return ", ".join(f"{k}: {v}" for k, v in seen.items()) or "none"
+
+
+def graph_break_hint(gm: torch.fx.GraphModule) -> str:
+    """What to say when this Dynamo graph resumes after a graph break, else ''.
+
+    After a break Dynamo compiles the rest of the function as a resume function whose inputs
+    include the values on the interpreter stack (placeholders named ``L_stack0_`` ...). Their sizes
+    reach it as sizes of their own, unrelated to the token count: a second dynamic symbol, whose
+    real cause is the break.
+    """
+    resumed = [n.target for n in gm.graph.nodes if n.op == "placeholder" and re.match(r"L_stack\d+_", str(n.target))]
+    if not resumed:
+        return ""
+    return (f"; this graph resumes after a graph break (inputs {', '.join(resumed[:3])}), which is the cause: "
+            f"find the break with TORCH_LOGS=graph_breaks or torch._dynamo.explain(model)(*args) and remove it, "
+            f"or register the op that breaks it as a split op")
 
 
 def graph_device(gm: torch.fx.GraphModule) -> torch.device | None:
