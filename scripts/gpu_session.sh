@@ -17,10 +17,11 @@
 #   bash scripts/gpu_session.sh layers              # ~1.5 min: a full-decode call's host time, layer by layer (scripts/host_layers.py)
 #   bash scripts/gpu_session.sh gpuside             # ~2 min: each call's GPU-alone span vs its latency (scripts/gpu_side.py)
 #   bash scripts/gpu_session.sh precompile          # ~4 min: warm start of the bench's decoder, plain vs Dynamo's AOT artifact
+#   bash scripts/gpu_session.sh mixed moe           # ~7 min: bench.mixed (every call a new T, cache in buffers), bench.moe
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, moe. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -106,11 +107,17 @@ run_stage() {
         precompile)
             timeout 400 python scripts/precompile_probe.py compare --runs 2 --reference > "$dir/precompile.md" 2> "$dir/precompile.err"; code=$?
             grep -E "median" "$dir/precompile.md" | tr '\n' ' ' > "$dir/line" ;;
+        mixed)
+            timeout 420 python -m bench.mixed --out "$dir" > "$dir/mixed.log" 2>&1; code=$?
+            grep -A9 "^Each mode's time" "$dir"/*-mixed-*.md | grep -E "^\| (piecewise|torchpcg)" | tr '\n' ' ' > "$dir/line" ;;
+        moe)
+            timeout 400 python -m bench.moe --out "$dir" > "$dir/moe.log" 2>&1; code=$?
+            grep -E "^piecewise ÷" "$dir"/*-moe-*.md | tr '\n' ' ' > "$dir/line" ;;
         warm)
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, moe" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
@@ -118,7 +125,7 @@ run_stage() {
     tar czf "$out/$stage.tar.gz" -C "$dir" .
 }
 
-[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
 for stage in "$@"; do
     run_stage "$stage" || exit $?
 done
