@@ -111,3 +111,18 @@ def test_static_buffer_estimate_equals_what_the_runtime_allocates():
     assert report.static_buffer_bytes == allocated
     assert len(buffers) < sum(len(r.storages) + len(r.buffers) for r in runtimes[0].runners)  # some are shared
     assert sum(p.chained_inputs for p in report.pieces) > 0  # the residual stream is read in place
+
+
+def test_graphs_off_on_cpu_is_said_and_long_reasons_are_cut_in_the_table():
+    """On CPU with cudagraph='auto' no graph is captured: the report says so and that the buffer
+    memory is what graphs would allocate; a table cell stays short, the whole reason is in to_dict()."""
+    import importlib
+
+    explain_module = importlib.import_module("torchpcg.explain")  # the module (torchpcg.explain is the function)
+    model = tiny_decoder()
+    report = torchpcg.explain(model, *decoder_inputs(model, 3))
+    text = str(report)
+    assert "graph mode: off (no graphs on this device" in text and "none with graphs off" in text
+    long_reason = "merged: " + "x" * 300
+    assert len(explain_module.short_note(long_reason)) == explain_module.NOTE_WIDTH
+    assert explain_module.short_note("attention (aten::sdpa)") == "attention (aten::sdpa)"

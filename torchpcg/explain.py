@@ -35,6 +35,16 @@ REASON_CATEGORIES = ("attention", "collective", "user", "padding-unsafe", "side 
                      "merged", "other")
 
 
+_OFF_NOTE = (" (no graphs on this device: cudagraph='auto' captures CUDA graphs on a GPU; cudagraph='emulate' "
+             "runs the CPU stand-in)")
+NOTE_WIDTH = 100  # characters of a table cell; the whole reasons are in to_dict() and .pieces
+
+
+def short_note(note: str) -> str:
+    """A table cell of at most ``NOTE_WIDTH`` characters (Hugging Face mask prologues make long ones)."""
+    return note if len(note) <= NOTE_WIDTH else note[:NOTE_WIDTH - 1].rstrip() + "…"
+
+
 def reason_category(reason: str) -> str:
     """'attention (aten::sdpa)' -> 'attention'; split.py and padding.py write the prefixes."""
     if reason.startswith("padding-unsafe"):
@@ -153,7 +163,7 @@ class GraphPlan:
             compute = p.kind == "compute"
             rows.append((str(p.index), p.name, p.kind, str(p.num_nodes),
                          str(p.token_inputs) if compute else "", str(p.chained_inputs) if compute else "",
-                         format_bytes(p.static_bytes) if compute else "", note))
+                         format_bytes(p.static_bytes) if compute else "", short_note(note)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(cell.rjust(w) if i in (0, 3, 4, 5, 6) else cell.ljust(w)
                            for i, (cell, w) in enumerate(zip(row, widths))) + "  " + row[-1] for row in rows]
@@ -165,9 +175,12 @@ class GraphPlan:
         return "\n".join([
             f"token count symbol: {self.token_symbol or 'none (static shapes: one graph, no buckets)'}",
             f"buckets: {buckets}; largest {self.largest_bucket}",
-            f"graph mode: {self.graph_mode}" + (f"; full-decode graphs: {self.full_graphs}" if self.full_graphs else ""),
+            f"graph mode: {self.graph_mode}" + (_OFF_NOTE if self.graph_mode == "off" else "")
+            + (f"; full-decode graphs: {self.full_graphs}" if self.full_graphs else ""),
             f"{len(self.compute_pieces)} compute pieces, {len(self.split_pieces)} split ops ({counts})",
-            f"static input buffers at bucket {self.largest_bucket}: {format_bytes(self.static_buffer_bytes)}",
+            f"static input buffers at bucket {self.largest_bucket}"
+            + (" (what graphs would allocate; none with graphs off)" if self.graph_mode == "off" else "")
+            + f": {format_bytes(self.static_buffer_bytes)}",
         ])
 
     def __str__(self) -> str:
