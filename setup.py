@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["torchpcg", "torchpcg.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.9"],
+    # numpy: torch warns "Failed to initialize NumPy" at import without it (the demo printed it)
+    install_requires=["torch>=2.9", "numpy"],
     extras_require={"test": TEST_DEPS, "dev": TEST_DEPS},
     entry_points={"torch_dynamo_backends": ["piecewise = torchpcg.backend:piecewise_backend"]},
 )
