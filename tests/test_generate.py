@@ -20,6 +20,7 @@ import torch
 
 import torchpcg
 from tests import hf_tiny
+from torchpcg.backend import collect_runtimes
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,6 +100,27 @@ def test_a_new_static_cache_per_generate_call_needs_no_new_graphs(name, one_cpu_
             assert after["dynamo_graphs"] == 1
             per_step = (after["copied_bytes"] - before["copied_bytes"]) / (after["graph_calls"] - before["graph_calls"])
             assert per_step < 4096  # token rows and counters; one layer's cache here is 24 KiB
+
+
+def test_cache_in_graphs_reads_your_own_cache_inside_the_graphs(one_cpu_thread):
+    """cache_in_graphs=1 with one StaticCache reset in place: the cache reads are captured (fewer
+    eager ops per step), still one capture for every request and tokens equal to eager."""
+    model = hf_tiny.causal_lm("llama")
+    config = hf_tiny.compile_config(mode=None, options={**CPU_OPTIONS, "cache_in_graphs": True})
+    cache = transformers.StaticCache(config=model.config, max_cache_len=96)
+    captured = []
+    for length, seed in ((7, 0), (12, 1)):
+        ids = hf_tiny.text_ids(length, seed)
+        with torch.no_grad():
+            expected = model.generate(ids, **hf_tiny.GREEDY)
+        cache.reset()
+        with collect_runtimes() as runtimes:
+            got = model.generate(ids, compile_config=config, **{hf_tiny.cache_kwarg(model): cache}, **hf_tiny.GREEDY)
+        assert torch.equal(got, expected), f"prompt {length}"
+        captured.append(torchpcg.stats()["captured"])
+        reasons = [why for runtime in runtimes for piece in runtime.split.split_pieces for why in piece.reasons]
+        assert not any(why.startswith("cache state") for why in reasons)
+    assert captured[0] == captured[1] and torchpcg.stats()["recaptures"] == 0
 
 
 def test_recipe_b_as_transformers_runs_it_captures_nothing_after_its_one_recompile(one_cpu_thread):

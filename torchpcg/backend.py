@@ -51,10 +51,11 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     COUNTERS.add("dynamo_graphs")
     symbol = token_symbol(gm)
     _check_symbols(gm, symbol, config)
-    static_names = static_inputs(gm, example_inputs)
+    static_names = static_inputs(gm, example_inputs, state_in_graphs=config.cache_in_graphs)
     reasons = split_reasons(gm, config, symbol)
-    for node, why in cache_state_reasons(gm, marked_state(gm, example_inputs)).items():
-        reasons.setdefault(node, why)
+    if not config.cache_in_graphs:  # per-request state (a static KV cache) is read beside the attention
+        for node, why in cache_state_reasons(gm, marked_state(gm, example_inputs)).items():
+            reasons.setdefault(node, why)
     try:
         split = split_graph(gm, reasons, written_bases)
     except Exception as exc:  # noqa: BLE001 - torch.fx's splitter on a graph shape it does not handle
@@ -208,7 +209,8 @@ def split_reasons(gm: torch.fx.GraphModule, config: PiecewiseConfig,
     return reasons
 
 
-def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, int]:
+def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                  state_in_graphs: bool = False) -> dict[str, int]:
     """Placeholder name -> index, for inputs with a stable address: read in place by the graphs.
 
     Dynamo marks parameters, buffers and ``torch._dynamo.mark_static_address`` tensors (Hugging
@@ -221,7 +223,7 @@ def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> di
         kind = (node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type")
         if kind is None and isinstance(example, torch.Tensor):
             kind = torch._dynamo.utils.get_static_address_type(example)
-        if kind is not None and not _small_marked_state(node, example):
+        if kind is not None and (state_in_graphs or not _small_marked_state(node, example)):
             found[node.name] = index
     return found
 

@@ -152,6 +152,14 @@ class PiecewiseConfig:
     weights: each set gets its own graphs, captured lazily; past this many, the least recently
     used set's graphs are dropped (``address_sets``)."""
 
+    cache_in_graphs: bool = False
+    """Per-request state (``mark_static_address`` tensors that the graph writes and that are neither
+    parameters nor buffers: a static KV cache) read in place inside the graphs. Off (default): the
+    ops that read it run eagerly beside the attention and its small counters are copied, so a new
+    cache per request (transformers' default for a static cache) needs no new graphs. On: a little
+    less host work per call when one cache lives for the process (reset in place); every new cache
+    object is then a new address set, captured again."""
+
     sdpa_order: str = "auto"
     """``auto``: while a compiled call runs on a CUDA device, ``scaled_dot_product_attention`` tries
     cuDNN attention last, after flash and memory-efficient attention. Split ops run eagerly at every
@@ -322,6 +330,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "backed_compile": _parse_bool,
     "max_autotune": _parse_bool,
     "max_address_sets": _parse_int,
+    "cache_in_graphs": _parse_bool,
     "sdpa_order": _parse_choice(SDPA_ORDERS),
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
