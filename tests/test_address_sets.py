@@ -106,3 +106,22 @@ def test_address_sets_tell_a_real_move_from_another_set() -> None:
     third = torch.zeros(4)
     _, moved, _ = sets.switch((third.data_ptr(), shared.data_ptr()), [third, shared], fresh)
     assert moved == [0] and len(sets) == 2
+
+
+@pytest.mark.cuda
+def test_a_frame_shared_by_layers_on_real_graphs() -> None:
+    """The same on CUDA graphs and Inductor pieces: per-layer graphs replay with each layer's
+    weights, nothing captured or recaptured once warm, outputs equal eager."""
+    model = Stack(width=64).cuda().eval()
+    compiled = torch.compile(model, backend="piecewise", options={"capture_sizes": "1,2,4,8"})
+
+    def run(sizes):
+        for num_tokens in sizes:
+            x = torch.randn(num_tokens, 64, device="cuda")
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4, msg=f"T={num_tokens}")
+
+    run((5, 3, 7, 2, 6, 1))
+    with torchpcg.expect(recaptures=0, captured=0, dynamo_graphs=0):
+        run((6, 3, 8, 5, 2, 7, 4, 1))
+    assert torchpcg.stats()["replays"] > 0

@@ -179,3 +179,22 @@ def test_generate_on_the_wrapper_points_to_the_recipe_instead_of_running_eager()
         compiled.generate(hf_tiny.text_ids(5, 0, "cpu"), max_new_tokens=2)
     assert compiled.config.compiler == "eager"  # other attributes still reach the wrapper and the model
     assert compiled.dtype == model.dtype
+
+
+@pytest.mark.cuda
+def test_a_new_static_cache_per_generate_call_on_real_graphs():
+    """Recipe (b) as transformers runs it, on CUDA graphs: after the first generate() call the same
+    graphs serve every request (no capture, no recapture) and tokens equal eager (fp32)."""
+    model = hf_tiny.causal_lm("llama", device="cuda")
+    config = hf_tiny.compile_config(mode=None, options={"max_capture_size": 64})
+    for call, (length, seed) in enumerate(((7, 0), (12, 1), (5, 2))):
+        ids = hf_tiny.text_ids(length, seed, device="cuda")
+        with torch.no_grad():
+            expected = model.generate(ids, **hf_tiny.GREEDY)
+        before = torchpcg.stats()
+        got = model.generate(ids, compile_config=config, cache_implementation="static", max_cache_len=96,
+                             **hf_tiny.GREEDY)
+        assert torch.equal(got, expected), f"prompt {length}"
+        after = torchpcg.stats()
+        if call:
+            assert after["captured"] == before["captured"] and after["recaptures"] == 0
