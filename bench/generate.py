@@ -1,6 +1,6 @@
 """Tokens per second of Hugging Face ``generate()``: eager vs transformers' compile vs piecewise graphs.
 
-In: a random-weight Llama or Qwen3 config (no downloads), a prompt length and a number of new
+In: a random-weight Llama, Qwen3 or Mixtral config (no downloads), a prompt length and a number of new
 tokens. Out: a JSON record (``--out``) and a Markdown table on stdout, one row per mode:
 
 =================  ===================================================================================
@@ -12,7 +12,7 @@ mode               what runs
 ``forward``        recipe (a): ``model.forward = torch.compile(model.forward, backend="piecewise")``
 ``compile_config`` recipe (b): ``cache_implementation="static"``, ``CompileConfig(backend="piecewise")``
 ``compile_config-  recipe (b) as served: one ``StaticCache`` passed to every call, ``reset()`` in place
-own-cache``        (transformers otherwise builds a new cache per call, so the graphs are captured again)
+own-cache``        (the default builds a new cache per call; the cache stays out of the graphs either way)
 ``torchpcg``       recipe (c): ``model.forward = torchpcg.compile(model.forward)``
 =================  ===================================================================================
 
@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None) -> tuple[Path, Settings]:
     p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--model", choices=("llama", "qwen3"), default="llama")
+    p.add_argument("--model", choices=("llama", "qwen3", "mixtral"), default="llama",
+                   help="mixtral: the size's shape with 8 experts, top-2, each expert of the size's MLP width / 4")
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="1b on CUDA, tiny on CPU")
     p.add_argument("--device", default=None, help="cuda (default if available) or cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="bfloat16 on CUDA, float32 on CPU")
@@ -118,6 +119,12 @@ def build_model(settings: Settings) -> Any:
         shape.pop("head_dim")
         config = transformers.LlamaConfig(max_position_embeddings=max_positions, **shape)
         cls = transformers.LlamaForCausalLM
+    elif settings.model == "mixtral":
+        shape.pop("head_dim")
+        shape["intermediate_size"] = max(shape["intermediate_size"] // 4, 8)  # 8 experts, 2 active per token
+        config = transformers.MixtralConfig(max_position_embeddings=max_positions, num_local_experts=8,
+                                            num_experts_per_tok=2, **shape)
+        cls = transformers.MixtralForCausalLM
     else:
         config = transformers.Qwen3Config(max_position_embeddings=max_positions, **shape)
         cls = transformers.Qwen3ForCausalLM
