@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["positive_ints", "names_from", "UsageError", "DTYPES", "DEFAULT_TOL", "exit_status", "git_commit"]
+__all__ = ["positive_ints", "names_from", "UsageError", "DTYPES", "DEFAULT_TOL", "exit_status", "git_commit",
+           "write_record"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # ||out-ref|| / ||ref||. bf16: the Inductor-vs-eager level; on the 16-layer reference decoder plain
@@ -67,3 +70,21 @@ def git_commit(root: Path) -> str | None:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def write_record(out: Path, kind: str, results: Mapping[str, Any], markdown: Callable[[Mapping[str, Any]], str],
+                 quiet: bool = False) -> Path:
+    """Write ``results`` as ``<date>-<device>-<kind>-<commit>.json`` and its Markdown beside it in
+    ``out``; print the Markdown unless ``quiet``. ``results`` holds "device" (a GPU's name or
+    "cpu") and "commit". Returns the JSON's path."""
+    device = results["device"]
+    device = "cpu" if device == "cpu" else device.lower().replace("nvidia ", "nvidia-").split()[0]
+    stem = f"{datetime.date.today().isoformat()}-{device}-{kind}-{results['commit'] or 'nogit'}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (out / f"{stem}.md").write_text(text)
+    if not quiet:
+        print(text)
+    return path

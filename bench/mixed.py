@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +33,7 @@ import torch
 
 import torchpcg
 from bench import measure
-from bench.cli import DTYPES, git_commit, names_from, positive_ints
+from bench.cli import DTYPES, git_commit, names_from, positive_ints, write_record
 from bench.decoder import InputMaker, distinct_traffic_sizes, mixed_traffic_sizes
 from bench.modes import BenchContext, ModeUnavailable, WholeModelGraphs
 from torchpcg.models import reference_config
@@ -186,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in s.modes:
             print(f"[bench.mixed] {name} ...", file=sys.stderr, flush=True)
             results["modes"][name] = run_mode(name, model, s, buckets, references, traffic, fixed)
-            write(results, s, quiet=True)  # a run cut off keeps the modes done
-    write(results, s)
+            write_record(s.out, "mixed", results, markdown, quiet=True)  # a run cut off keeps the modes done
+    write_record(s.out, "mixed", results, markdown)
     return 1 if any(r["status"] == "wrong" for r in results["modes"].values()) else 0
 
 
@@ -231,16 +229,6 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- `{name}`: n/a ({r['reason']})")
     return "\n".join(lines) + "\n"
 
-
-def write(results: dict[str, Any], s: Settings, quiet: bool = False) -> None:
-    device = "cpu" if s.device.type == "cpu" else results["device"].lower().replace("nvidia ", "nvidia-").split()[0]
-    stem = f"{datetime.date.today().isoformat()}-{device}-mixed-{results['commit'] or 'nogit'}"
-    s.out.mkdir(parents=True, exist_ok=True)
-    (s.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    (s.out / f"{stem}.md").write_text(text)
-    if not quiet:
-        print(text)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ trees); piecewise (``torch.compile(model, backend="piecewise")``).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 
 import torchpcg
 from bench import measure
-from bench.cli import git_commit, names_from, positive_ints
+from bench.cli import git_commit, names_from, positive_ints, write_record
 from torchpcg.models import DecoderConfig, reference_config
 from torchpcg.models.buffer_decoder import BUFFER_ATTENTION_OP
 from torchpcg.models.moe import moe_decoder
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = torchpcg.stats()
             row["counters"] = {k: stats[k] for k in COUNTED}
             results["modes"][name] = row
-    write(results, args.out, device)
+    write_record(args.out, "moe", results, markdown)
     return 0
 
 
@@ -132,15 +130,6 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- `{name}`: n/a ({r['reason']})")
     return "\n".join(lines) + "\n"
 
-
-def write(results: dict[str, Any], out: Path, device: torch.device) -> None:
-    name = "cpu" if device.type == "cpu" else results["device"].lower().replace("nvidia ", "nvidia-").split()[0]
-    stem = f"{datetime.date.today().isoformat()}-{name}-moe-{results['commit'] or 'nogit'}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    (out / f"{stem}.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpcg.models.decoder import MLP, DecoderConfig, RMSNorm, Rotary, apply_rotary
+from torchpcg.models.decoder import MLP, DecoderConfig, RMSNorm, Rotary, apply_rotary, init_decoder_weights
 
 __all__ = ["BufferDecoder", "BUFFER_ATTENTION_OP"]
 
@@ -107,15 +107,9 @@ class BufferDecoder(nn.Module):
         if seed is not None:
             self.init_weights(seed)
 
-    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Matrices ~ N(0, 0.02) from ``seed``, norm weights 1, caches zero."""
-        generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
+        """Matrices ~ N(0, 0.02) from ``seed``, norm weights 1 (``init_decoder_weights``), caches zero."""
+        init_decoder_weights(self, seed)
         self.reset_cache()
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from torch import nn
 
 from torchpcg.models.attention import attention_bias, kv_attention
 
-__all__ = ["DecoderConfig", "FlatDecoder", "reference_config"]
+__all__ = ["DecoderConfig", "FlatDecoder", "reference_config", "init_decoder_weights"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,22 @@ def reference_config(**overrides: int | float) -> DecoderConfig:
         max_seq_len=2048,
     )
     return replace(base, **overrides)
+
+
+@torch.no_grad()
+def init_decoder_weights(model: nn.Module, seed: int = 0) -> None:
+    """Matrices ~ N(0, 0.02), norm weights 1; same seed and device = same weights (one generator
+    per device, parameters in ``named_parameters`` order; meta parameters skipped)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if param.is_meta:
+            continue
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        param.normal_(0.0, 0.02, generator=generators[param.device])
 
 
 class RMSNorm(nn.Module):
@@ -220,19 +236,9 @@ class FlatDecoder(nn.Module):
         if seed is not None:
             self.init_weights(seed)
 
-    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init: matrices ~ N(0, 0.02), norm weights 1; same seed and device = same weights."""
-        generators: dict[torch.device, torch.Generator] = {}
-        for name, param in self.named_parameters():
-            if param.is_meta:
-                continue
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-                continue
-            if param.device not in generators:
-                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-            param.normal_(0.0, 0.02, generator=generators[param.device])
+        """Deterministic init (``init_decoder_weights``)."""
+        init_decoder_weights(self, seed)
 
     def new_kv_cache(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Zeros [num_layers, 2, max_seq_len, Hkv, D] on the model's device/dtype unless given."""
