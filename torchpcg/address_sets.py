@@ -96,7 +96,7 @@ class AddressSets:
         returning = self._evicted.pop(key, "absent") is None
         graphs = fresh()
         self.note(key, tensors, graphs)
-        log.debug("address set %d of this graph (%d known)", len(self._sets), len(self._sets))
+        log.debug("a new set of read-in-place addresses for this graph (%d known)", len(self._sets))
         return graphs, sorted(moved), returning
 
     def clear(self) -> None:

@@ -220,10 +220,7 @@ def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for index, node in enumerate(placeholders):
         example = example_inputs[index] if index < len(example_inputs) else None
-        kind = (node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type")
-        if kind is None and isinstance(example, torch.Tensor):
-            kind = torch._dynamo.utils.get_static_address_type(example)
-        if kind is not None and (state_in_graphs or not _small_marked_state(node, example)):
+        if _static_kind(node, example) is not None and (state_in_graphs or not _small_marked_state(node, example)):
             found[node.name] = index
     return found
 
@@ -252,12 +249,19 @@ def _small_marked_state(node: torch.fx.Node, example: Any) -> bool:
     return _is_marked_state(node, example) and example.numel() <= SMALL_STATE
 
 
+def _static_kind(node: torch.fx.Node, example: Any) -> str | None:
+    """Dynamo's static input type of a placeholder (parameters, buffers, ``mark_static_address``), or None."""
+    kind = (node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type")
+    if kind is None and isinstance(example, torch.Tensor):
+        kind = torch._dynamo.utils.get_static_address_type(example)
+    return kind
+
+
 def _is_marked_state(node: torch.fx.Node, example: Any) -> bool:
     """A static-address tensor that is neither a parameter nor a module buffer (Dynamo's source)."""
     if not isinstance(example, torch.Tensor) or isinstance(example, torch.nn.Parameter):
         return False
-    if torch._dynamo.utils.get_static_address_type(example) is None and \
-            (node.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type") is None:
+    if _static_kind(node, example) is None:
         return False
     grapharg = node.meta.get("grapharg")
     source = getattr(getattr(grapharg, "source", None), "name", "")

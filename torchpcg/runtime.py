@@ -688,15 +688,14 @@ class Runtime:
                 ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""),
                 "; it moved before, so it is copied on every replay from now on" if demoted else "")
         COUNTERS.add("recaptures")
-        statics = self._static_getter(args)
         if demoted:
             self._sets.clear()  # every key holds the demoted inputs' addresses: start over
             self._demote(demoted)
-            statics = self._static_getter(args) if self.static_args else ()
-            if self.static_args:
-                self._sets.note(tuple(map(_data_ptr, statics)), statics,
-                                [runner.captured for runner in self._all_runners()])
-        return tuple(map(_data_ptr, statics))
+        statics = self._static_getter(args)  # in the new layout when an input was demoted
+        ptrs = tuple(map(_data_ptr, statics))
+        if demoted and self.static_args:
+            self._sets.note(ptrs, statics, [runner.captured for runner in self._all_runners()])
+        return ptrs
 
     def watch_static_inputs(self, names_to_index: Mapping[str, int]) -> None:
         """Add read-in-place inputs to the per-call address check (a whole-forward graph reads the
