@@ -35,7 +35,7 @@ run_stage() {
     local started=$SECONDS code=0
     case $stage in
         tests)
-            timeout 300 python -m pytest -m cuda -n 8 -q -p no:cacheprovider > "$dir/cuda-tests.log" 2>&1; code=$?
+            timeout ${TESTS_TIMEOUT:-300} python -m pytest -m cuda -n 8 -q -p no:cacheprovider > "$dir/cuda-tests.log" 2>&1; code=$?
             tail -1 "$dir/cuda-tests.log" > "$dir/line" ;;
         probe)
             (cd scripts && timeout 150 python probe_capture_recovery.py newcomer_hf newcomer_flat) > "$dir/probe.txt" 2>&1; code=$?
