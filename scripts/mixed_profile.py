@@ -1,0 +1,117 @@
+"""Where a BufferDecoder call's host time goes under piecewise graphs (GPU; bench.mixed's model).
+
+Prints, as Markdown:
+1. the buffer attention op alone, eager, per SDPA order (torch's, cuDNN last): SDPA's chosen
+   backend, host µs per call (back to back, GPU faster than the host) and GPU µs per call, at
+   T = 1, 8, 128 and S = the model's cache slots; and the op's body called without the
+   ``torch.library.custom_op`` wrapper;
+2. a ``torch.profiler`` table of 5 piecewise calls at T=1 and at T=8: host time by op (self CPU),
+   so the glue between replays and the split op's parts are seen apart.
+
+    python scripts/mixed_profile.py [--layers 16]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import torchpcg
+from torchpcg.models import reference_config
+from torchpcg.models.buffer_decoder import BUFFER_ATTENTION_OP, BufferDecoder, buffer_attention
+from torchpcg.sdpa import cudnn_last
+
+BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable", -1: "error"}
+
+
+def host_and_gpu_us(fn, calls: int = 200) -> tuple[float, float]:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start = time.perf_counter()
+    start_event.record()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    end_event.record()
+    torch.cuda.synchronize()
+    return host, start_event.elapsed_time(end_event) * 1e3 / calls
+
+
+def op_table(config, dtype: torch.dtype) -> None:
+    dev = torch.device("cuda")
+    heads, kv_heads, dim, slots = config.num_heads, config.num_kv_heads, config.head_dim, config.max_seq_len
+    body = getattr(buffer_attention, "_init_fn", None)
+    get, put = torch._C._get_sdp_priority_order, torch._C._set_sdp_priority_order
+    q0 = torch.randn(1, heads, 1, dim, device=dev, dtype=dtype)
+    torch._fused_sdp_choice(q0, q0, q0, attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev))
+    default = get()
+    print(f"SDPA order after torch's own choice: {[BACKENDS.get(b, b) for b in default]}\n")
+    print("| order | T | backend | op host µs | op GPU µs | body host µs (no custom_op wrapper) | sdpa alone host µs |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for label, order in (("torch", default), ("cudnn-last", cudnn_last(list(default)))):
+        put(order)
+        for t in (1, 8, 128):
+            q = torch.randn(t, heads, dim, device=dev, dtype=dtype)
+            k = torch.randn(t, kv_heads, dim, device=dev, dtype=dtype)
+            v = torch.randn(t, kv_heads, dim, device=dev, dtype=dtype)
+            kc = torch.zeros(slots, kv_heads, dim, device=dev, dtype=dtype)
+            vc = torch.zeros_like(kc)
+            pos = torch.arange(1000, 1000 + t, device=dev)
+            mask = (torch.arange(slots, device=dev)[None, :] <= pos[:, None])[None, None]
+            qs, ks = q.transpose(0, 1)[None], kc.transpose(0, 1)[None]
+            choice = torch._fused_sdp_choice(qs, ks, ks, attn_mask=mask, enable_gqa=heads != kv_heads)
+            op_h, op_g = host_and_gpu_us(lambda: BUFFER_ATTENTION_OP(q, k, v, kc, vc, pos))
+            body_h = host_and_gpu_us(lambda: body(q, k, v, kc, vc, pos))[0] if body else float("nan")
+            sdpa_h = host_and_gpu_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, ks, attn_mask=mask, enable_gqa=heads != kv_heads))[0]
+            print(f"| {label} | {t} | {BACKENDS.get(choice, choice)} | {op_h:.1f} | {op_g:.1f} | {body_h:.1f} | "
+                  f"{sdpa_h:.1f} |")
+    put(default)
+
+
+def profile_piecewise(config, dtype: torch.dtype) -> None:
+    dev = torch.device("cuda")
+    model = BufferDecoder(config).to(dev, dtype).eval()
+    torchpcg.register_splitting_op(BUFFER_ATTENTION_OP)
+    compiled = torch.compile(model, backend="piecewise")
+
+    def make(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, config.vocab_size, (t,), device=dev), torch.arange(1000, 1000 + t, device=dev)
+
+    with torch.no_grad():
+        torchpcg.capture(compiled, make, progress=False)
+        for t in (1, 8):
+            args = make(t)
+            for _ in range(10):
+                compiled(*args)
+            torch.cuda.synchronize()
+            torchpcg.reset_stats()
+            start = time.perf_counter()
+            for _ in range(50):
+                compiled(*args)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / 50 * 1e3
+            print(f"\n## piecewise, T={t}: {wall:.3f} ms per call; host_us {torchpcg.stats()['host_us']}\n")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    compiled(*args)
+                torch.cuda.synchronize()
+            print("```")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=35, max_name_column_width=70))
+            print("```")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=16)
+    args = p.parse_args()
+    config = reference_config(num_layers=args.layers)
+    op_table(config, torch.bfloat16)
+    profile_piecewise(config, torch.bfloat16)
+
+
+if __name__ == "__main__":
+    main()
