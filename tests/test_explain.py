@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import torchpcg
+from torchpcg import plan
 from torchpcg.explain import ExplainReport, explain, reason_category
 from tests.utils import decoder_inputs, tiny_decoder
 
@@ -116,13 +117,10 @@ def test_static_buffer_estimate_equals_what_the_runtime_allocates():
 def test_graphs_off_on_cpu_is_said_and_long_reasons_are_cut_in_the_table():
     """On CPU with cudagraph='auto' no graph is captured: the report says so and that the buffer
     memory is what graphs would allocate; a table cell stays short, the whole reason is in to_dict()."""
-    import importlib
-
-    explain_module = importlib.import_module("torchpcg.explain")  # the module (torchpcg.explain is the function)
     model = tiny_decoder()
     report = torchpcg.explain(model, *decoder_inputs(model, 3))
     text = str(report)
     assert "graph mode: off (no graphs on this device" in text and "none with graphs off" in text
     long_reason = "merged: " + "x" * 300
-    assert len(explain_module.short_note(long_reason)) == explain_module.NOTE_WIDTH
-    assert explain_module.short_note("attention (aten::sdpa)") == "attention (aten::sdpa)"
+    assert len(plan.short_note(long_reason)) == plan.NOTE_WIDTH
+    assert plan.short_note("attention (aten::sdpa)") == "attention (aten::sdpa)"

@@ -19,6 +19,7 @@ import torch.fx
 
 from .compilers import ExactShapeCode, LazyCode, TokenDispatch, compile_piece, copy_graph_module
 from .config import PiecewiseConfig, format_sizes
+from .debug import dump_split, install_bytecode_dump
 from .errors import ConfigError, SplitError
 from .layout import expr_of, symbols_of, token_source
 from .padding import classify, token_symbol, written_bases
@@ -96,8 +97,6 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
              len(split.compute_pieces), len(split.split_pieces), runtime.graph_mode,
              format_sizes(runtime.buckets), config.compiler, time.perf_counter() - start)
     if config.debug_dir:
-        from .debug import dump_split, install_bytecode_dump
-
         dump_split(runtime, gm, config.debug_dir)
         install_bytecode_dump(config.debug_dir)  # Dynamo runs the hook for this frame after we return
     for collector in getattr(_collectors, "stack", ()):

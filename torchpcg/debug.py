@@ -5,6 +5,9 @@ GraphModule it came from, and ``PiecewiseConfig.debug_dir``. Out: files under
 ``debug_dir/graph_<n>/`` (one folder per Dynamo graph) and a ``README.md`` in ``debug_dir`` saying
 what each file is. ``install_bytecode_dump`` (called by the backend) adds depyf's decompiled source
 of every frame Dynamo transforms; ``depyf_session`` adds depyf's full dump around one block.
+
+A tool above the runtime: imports plan, runtime, split and compilers; the backend and ``stable``
+import it, so it never imports them (nor ``explain``).
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ import torch
 import torch.fx
 
 from .compilers import LazyCode
+from .plan import plan_of
+from .runtime import Runtime
+from .split import SplitPiece
 
 __all__ = ["dump_split", "depyf_session", "install_bytecode_dump", "inductor_source", "README_TEXT"]
 
@@ -50,7 +56,7 @@ Pieces are numbered in execution order; `submod_<k>` names come from `torch.fx.p
 """
 
 
-def dump_split(runtime: Any, gm: torch.fx.GraphModule, debug_dir: str) -> str:
+def dump_split(runtime: Runtime, gm: torch.fx.GraphModule, debug_dir: str) -> str:
     """Write the split plan and the code of every piece of ``runtime`` under ``debug_dir/graph_<n>/``.
 
     Called by the backend after the pieces are compiled and before any call, when ``debug_dir``
@@ -74,9 +80,7 @@ def dump_split(runtime: Any, gm: torch.fx.GraphModule, debug_dir: str) -> str:
     return folder
 
 
-def _write_graph_files(folder: str, runtime: Any, gm: torch.fx.GraphModule) -> None:
-    from .explain import plan_of
-
+def _write_graph_files(folder: str, runtime: Runtime, gm: torch.fx.GraphModule) -> None:
     plan = plan_of(runtime)
     _write(os.path.join(folder, "split_plan.json"), json.dumps(plan.to_dict(), indent=2) + "\n")
     _write(os.path.join(folder, "split_plan.txt"), str(plan) + "\n")
@@ -112,7 +116,7 @@ def _new_graph_dir(debug_dir: str) -> str:
             index += 1
 
 
-def _piece_header(piece: Any) -> str:
+def _piece_header(piece: SplitPiece) -> str:
     if piece.is_split_op:
         why = "\n".join(f"#   {r}" for r in piece.reasons)
         return f"# {piece.name} (piece {piece.index}): SPLIT OP, runs eagerly on the real rows. Why:\n{why}\n\n"
