@@ -95,13 +95,48 @@ def profile_piecewise(config, dtype: torch.dtype) -> None:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / 50 * 1e3
             print(f"\n## piecewise, T={t}: {wall:.3f} ms per call; host_us {torchpcg.stats()['host_us']}\n")
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     compiled(*args)
                 torch.cuda.synchronize()
             print("```")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=35, max_name_column_width=70))
+            table = prof.key_averages()
+            print(table.table(sort_by="self_cpu_time_total", row_limit=35, max_name_column_width=70))
+            print(table.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
             print("```")
+
+
+def full_decode(config, dtype: torch.dtype) -> None:
+    """Latency at T=1 and 8 with full decode graphs (the op registered capturable), per SDPA order."""
+    dev = torch.device("cuda")
+    model = BufferDecoder(config).to(dev, dtype).eval()
+    torchpcg.register_splitting_op(BUFFER_ATTENTION_OP, capturable=True)
+
+    def make(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, config.vocab_size, (t,), device=dev), torch.arange(1000, 1000 + t, device=dev)
+
+    print("\n| full decode, sdpa_order | T | ms per call | full_graph_calls | replays per call |")
+    print("|---|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for order in ("auto", "torch"):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="piecewise",
+                                     options={"cudagraph_mode": "full_and_piecewise", "sdpa_order": order})
+            torchpcg.capture(compiled, make, progress=False)
+            for t in (1, 8):
+                args = make(t)
+                for _ in range(10):
+                    compiled(*args)
+                torch.cuda.synchronize()
+                torchpcg.reset_stats()
+                start = time.perf_counter()
+                for _ in range(50):
+                    compiled(*args)
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - start) / 50 * 1e3
+                st = torchpcg.stats()
+                print(f"| {order} | {t} | {wall:.3f} | {st['full_graph_calls']} | {st['replays'] / 50:.1f} |")
 
 
 def main() -> None:
@@ -110,6 +145,7 @@ def main() -> None:
     args = p.parse_args()
     config = reference_config(num_layers=args.layers)
     op_table(config, torch.bfloat16)
+    full_decode(config, torch.bfloat16)
     profile_piecewise(config, torch.bfloat16)
 
 
