@@ -15,7 +15,8 @@ from .layers import find_transformer_layers
 from .config import PiecewiseConfig
 from .errors import CaptureError, ConfigError, PaddingError, RecompileError, SplitError, TorchPCGError
 from .split import register_splitting_op
-from .stable import StableBuffer, StableInputError, compile, watch_recompiles
+from .front import compile
+from .stable import StableBuffer, StableInputError, watch_recompiles
 from .stats import expect, reset_stats, stats
 from .vision import EncoderGraphs, VisionConfig, compile_vision
 

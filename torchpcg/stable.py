@@ -1,4 +1,4 @@
-"""Guard-stable compilation: ``torchpcg.compile`` and the recompile monitor.
+"""Guard-stable compilation: ``StableModel``, ``compile_model`` and the recompile monitor.
 
 In: an ``nn.Module`` (or any callable) and how its inputs vary between calls. Out: a callable with
 the model's signature whose Dynamo guards do not change under serving traffic (grad mode, T=1
@@ -16,7 +16,11 @@ optional kwarg None <-> Tensor  ``stable_kwargs``: always a slice of a prealloca
 Python scalar / anything else   not fixable from outside: the monitor names it and the fix
 ==============================  ===============================================================
 
-No CUDA here; nothing in this module captures graphs.
+``compile_model`` is ``torchpcg.compile`` for a plain model; the public ``torchpcg.compile``
+(``front.py``) sends vision-language models to ``vlm.py`` first, which compiles their language
+model through ``compile_model``. A front end: imports debug, direct, config, errors and stats,
+never vlm, vision, front or explain (they import it). No CUDA here; nothing in this module
+captures graphs.
 """
 from __future__ import annotations
 
@@ -38,8 +42,8 @@ from .config import PiecewiseConfig
 from .errors import ConfigError, RecompileError, TorchPCGError
 from .stats import COUNTERS
 
-__all__ = ["compile", "StableBuffer", "StableModel", "RecompileMonitor", "watch_recompiles", "StableInputError",
-           "describe_callable", "mark_token_dim", "resolve_token_layout"]
+__all__ = ["compile_model", "check_dynamic_dim", "StableBuffer", "StableModel", "RecompileMonitor", "watch_recompiles",
+           "StableInputError", "describe_callable", "mark_token_dim", "resolve_token_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -911,7 +915,13 @@ def _is_data_dependent(exc: BaseException) -> bool:
     return "data-dependent" in text or "DataDependent" in text or "unbacked" in text.lower()
 
 
-def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
+def check_dynamic_dim(dynamic_dim: str) -> None:
+    """Raise ``ConfigError`` unless ``dynamic_dim`` is one of ``DYNAMIC_DIM_MODES``."""
+    if dynamic_dim not in DYNAMIC_DIM_MODES:
+        raise ConfigError(f"dynamic_dim={dynamic_dim!r}: expected one of {', '.join(DYNAMIC_DIM_MODES)}")
+
+
+def compile_model(
     model: Callable[..., Any],
     config: PiecewiseConfig | None = None,
     *,
@@ -923,65 +933,31 @@ def compile(  # noqa: A001 - torchpcg.compile mirrors torch.compile on purpose
     fullgraph: bool = True,
     **knobs: Any,
 ) -> StableModel:
-    """Compile ``model`` once so that serving traffic never recompiles it.
+    """``torchpcg.compile`` of a plain model (not a vision-language model): the whole callable, guard-stable.
+
+    Same arguments and behaviour as ``torchpcg.compile`` (``front.compile``, where they are
+    described), which lands here for every model ``vlm.is_vlm`` rejects; ``vlm.compile_vlm``
+    calls it for a VLM's language model and ``vision.PiecewiseEncoder`` for a vision encoder.
 
     Example::
 
-        compiled = torchpcg.compile(model, cudagraph="emulate", stable_kwargs={
-            "input_deepstack_embeds": torchpcg.StableBuffer(shape=(-1, 3 * hidden))})
-        logits = compiled(input_ids, positions, kv_cache)                 # deepstack: zeros
-        logits = compiled(input_ids, positions, kv_cache, deepstack)      # copied in, same graph
+        compiled = compile_model(model, backend="eager", token_inputs={"x": 0})
+        out = compiled(x)                     # forward under no_grad, x's dim 0 dynamic
 
-    What each call does: runs forward under ``torch.no_grad()`` (``torch.inference_mode()`` with
-    ``inference_mode=True``) whatever the caller's grad mode; marks the token dim of the token
-    inputs dynamic (``dynamic_dim="auto"``, the default: unbacked, and if the model cannot be traced
-    with an unbacked size (e.g. Hugging Face mask helpers), one logged retry as backed;
-    ``"unbacked"``: one symbol for every T, T=1 included;
-    ``"backed"``: ``mark_dynamic``, which cannot hold T=1, so T=1 gets a second graph, whose
-    first call is warmup like the first call of all; ``"off"``); passes
-    each ``stable_kwargs`` entry as the first T rows of a preallocated buffer, zeroed when the
-    caller gives None; and watches for recompiles (``RecompileMonitor``; raises under enforce).
-
-    Token inputs, unless ``token_inputs={"name": dim}`` names them, are inferred from the *shapes*
-    of the first call with T > 1 (names do not matter): the first tensor argument is the primary
-    (T on dim 1 if it is 2-D integer ids ``[B, S]``, else dim 0); every other tensor argument with
-    T at the primary's token dim (dim 0 for a 1-D tensor, e.g. ``cache_position [S]``) is a token
-    input, except parameters and buffers of the model, ``mark_static_address`` tensors (Hugging
-    Face ``StaticCache``), tensors with more dims than the primary's + 1 (a KV cache
-    ``[L, 2, S, H, D]`` whose L equals T) and names of per-layer or per-sequence state (a word
-    ``past`` or ``kv``, or a last word ``cache``, ``caches``, ``len``, ``lens``, ``lengths``,
-    ``seqlen``, ``seqlens``, ``table``, ``tables``, ``loc``: ``seq_lens [B]`` of a decode batch
-    with B == T). Tensors inside dict arguments count like arguments, named by their path
-    (``inputs['hidden_states']`` of a pipeline stage). At T = 1 every ``[1, ...]`` tensor
-    matches, so calls with T <= 1 before the first T > 1 call run the uncompiled model (same
-    answer, logged once, counted in
-    ``.eager_calls``); with ``token_inputs=`` the first call compiles whatever its T. A token
-    input whose size at its dim is not T on a later call is passed unmarked, with a warning
-    (Dynamo then compiles that shape; the monitor reports it).
-
-    Knobs (``**knobs``, ``config``) are ``PiecewiseConfig`` fields, passed as ``options=`` to the
-    piecewise backend; other backends accept only ``enforce``.
-
-    Note: it cannot stabilise Python scalar arguments or model attributes that change between
-    calls; the monitor names them. ``dynamic_dim="unbacked"`` fails to compile models that branch
-    on the token count (``if T == 1``); use ``"backed"`` for those.
+    Note: it never checks for a VLM: a VLM passed here is compiled whole, vision tower included.
     """
-    if dynamic_dim not in DYNAMIC_DIM_MODES:
-        raise ConfigError(f"dynamic_dim={dynamic_dim!r}: expected one of {', '.join(DYNAMIC_DIM_MODES)}")
-    from . import vlm  # a vision-language model: its language model is compiled, the vision tower stays eager
-    if vlm.is_vlm(model):
-        return vlm.compile_vlm(model, config, backend=backend, stable_kwargs=stable_kwargs, token_inputs=token_inputs,
-                               inference_mode=inference_mode, dynamic_dim=dynamic_dim, fullgraph=fullgraph, **knobs)
+    check_dynamic_dim(dynamic_dim)
     resolved = _resolve_config(config, backend, knobs)
-    def compile_model() -> Callable[..., Any]:
+
+    def compile_fresh() -> Callable[..., Any]:
         kwargs: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph}
         if backend == "piecewise":  # registered by `import torchpcg`
             kwargs["options"] = {**resolved.to_dict(), **_guard_filter(resolved)}  # torch.compile pops the filter
         return torch.compile(model, **kwargs)
 
-    compiled = compile_model()
+    compiled = compile_fresh()
     return StableModel(model, compiled, resolved, stable_kwargs=dict(stable_kwargs or {}),
-                       recompile=compile_model,
+                       recompile=compile_fresh,
                        token_inputs=token_inputs, inference_mode=inference_mode, dynamic_dim=dynamic_dim,
                        # Piecewise: room for the largest bucket up front; otherwise grow with traffic.
                        initial_tokens=resolved.largest_bucket if backend == "piecewise" else 1)

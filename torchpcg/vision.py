@@ -28,8 +28,10 @@ Knobs (field = ``options`` key = ``TORCHPCG_`` + upper-case name; a bad value ra
 ``vit_max_graphs``         whole-encoder graphs kept (LRU), positive int        32
 =========================  ==================================================  ==============
 
-No Dynamo graph surgery here: piecewise mode is ``torchpcg.compile`` with ViT buckets; full mode
-captures through ``graphs.py``'s pools (real CUDA graphs, or emulated ones on CPU).
+No Dynamo graph surgery here: piecewise mode is ``stable.compile_model`` (``torchpcg.compile``'s
+plain-model path: an encoder is never a VLM) with ViT buckets; full mode captures through
+``graphs.py``'s pools (real CUDA graphs, or emulated ones on CPU). A front end: imports stable,
+runtime and graphs; nothing in torchpcg imports it but the package's ``__init__``.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from .config import PiecewiseConfig, format_sizes
 from .errors import CaptureError, ConfigError, TorchPCGError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, new_pool
 from .runtime import StreamOrder, graphless_counter, resolve_graph_mode
-from .stable import StableModel, compile as stable_compile
+from .stable import StableModel, compile_model
 from .stats import COUNTERS
 
 __all__ = ["VisionConfig", "EncoderGraphs", "PiecewiseEncoder", "compile_vision", "default_vit_capture_sizes",
@@ -586,7 +588,7 @@ def _inductor_compile(encoder: Callable[..., Any]) -> Callable[..., Any]:
 # ---- piecewise -----------------------------------------------------------------------------------
 
 class PiecewiseEncoder:
-    """``torchpcg.compile`` of a vision encoder: patch-count buckets, ``cu_seqlens`` dynamic.
+    """``stable.compile_model`` of a vision encoder: patch-count buckets, ``cu_seqlens`` dynamic.
 
     The first call finds the token inputs (tensors with ``cu_seqlens[-1]`` rows at dim 0; one host
     read of ``cu_seqlens``) unless ``token_inputs`` names them, and compiles; later calls only mark
@@ -598,7 +600,7 @@ class PiecewiseEncoder:
         encoder = torchpcg.vision.compile_vision(vit, vit_cuda_graph="piecewise", vit_capture_sizes="256,1024")
         features = encoder(patches, cu_seqlens, positions)
 
-    Attributes: ``encoder`` (the original), ``compiled`` (the ``torchpcg.compile`` wrapper, after
+    Attributes: ``encoder`` (the original), ``compiled`` (the ``StableModel`` wrapper, after
     the first call), ``config``.
 
     Note: under ``enforce`` the backend rejects the second dynamic size (the image count); the
@@ -621,8 +623,8 @@ class PiecewiseEncoder:
                     call = self._signature.bind(args, kwargs)
                     log.info("vision encoder: token inputs %s, segment inputs %s, buckets %s", list(call.token_names),
                              list(self.segment_inputs), format_sizes(self.config.buckets))
-                    self.compiled = stable_compile(self.encoder, self.config,
-                                                   token_inputs=dict.fromkeys(call.token_names, 0))
+                    self.compiled = compile_model(self.encoder, self.config,
+                                                  token_inputs=dict.fromkeys(call.token_names, 0))
         bound = self._signature.signature.bind(*args, **kwargs)
         for name in self.segment_inputs:
             value = bound.arguments.get(name)
@@ -647,8 +649,7 @@ def compile_vision(encoder: Callable[..., Any], config: VisionConfig | None = No
 
     Example::
 
-        import torchpcg.vision as vision
-        encoder = vision.compile_vision(vit, vit_cuda_graph="full", vit_max_graphs=16, compiler="eager")
+        encoder = torchpcg.compile_vision(vit, vit_cuda_graph="full", vit_max_graphs=16, compiler="eager")
         features = encoder(patches, cu_seqlens, positions)
 
     ``knobs`` are ``VisionConfig`` fields (``vit_cuda_graph``, ``vit_capture_sizes``,

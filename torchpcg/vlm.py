@@ -3,7 +3,8 @@
 In: a Hugging Face style VLM (``Qwen3VLForConditionalGeneration``, ``LlavaForConditionalGeneration``,
 ...) and the usual ``torchpcg.compile`` knobs. Out: a ``CompiledVLM``, called exactly like the
 model (``forward``, ``generate``), whose language model (the owner of the decoder layers that
-``find_transformer_layers`` finds) runs through ``torchpcg.compile`` with the piecewise backend.
+``find_transformer_layers`` finds) runs through ``stable.compile_model`` (``torchpcg.compile``'s
+plain-model path) with the piecewise backend.
 
 What a VLM hands its language model changes from request to request; each change that would
 flip a Dynamo guard is made stable before the compiled call (``_Router``):
@@ -21,7 +22,8 @@ mrope ``position_ids``: None,       always ``[3, B, S]`` (the text row of a 4-ro
 
 The compiled language model is installed as the language model's ``forward`` for the duration
 of each ``CompiledVLM`` call and removed afterwards: the original model object stays eager when
-called directly. No CUDA here.
+called directly. A front end: imports stable, backend, layers and split; ``front.compile``
+(``torchpcg.compile``) dispatches here. No CUDA here.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from .config import PiecewiseConfig
 from .errors import CaptureError, ConfigError, SplitError
 from .layers import find_transformer_layers, is_vision_path
 from .split import split_reason, user_split_ops
+from .stable import StableBuffer, compile_model
 from .stats import COUNTERS
 
 __all__ = ["CompiledVLM", "LanguageModelSpec", "compile_vlm", "is_vlm", "language_model_spec"]
@@ -468,8 +471,6 @@ def compile_vlm(model: nn.Module, config: PiecewiseConfig | None = None, *, back
     ``inputs_embeds`` and ``position_ids``, and the deepstack buffer); passing them is an error.
     Vision encoders are not compiled.
     """
-    from .stable import StableBuffer, compile as stable_compile
-
     if stable_kwargs or token_inputs:
         raise ConfigError(f"torchpcg.compile({type(model).__name__}): stable_kwargs={dict(stable_kwargs or {})} / "
                           f"token_inputs={dict(token_inputs or {})}: for a vision-language model torchpcg compiles "
@@ -481,9 +482,9 @@ def compile_vlm(model: nn.Module, config: PiecewiseConfig | None = None, *, back
     if spec.deepstack_layers:
         dtype = _input_embeddings(text).weight.dtype
         stable[DEEPSTACK_KWARG] = StableBuffer(shape=(-1, spec.deepstack_layers, spec.hidden_size), dtype=dtype)
-    language_model = stable_compile(call, config, backend=backend, stable_kwargs=stable, token_inputs=spec.token_inputs,
-                                    inference_mode=inference_mode, fullgraph=fullgraph,
-                                    dynamic_dim="backed" if dynamic_dim == "auto" else dynamic_dim, **knobs)
+    language_model = compile_model(call, config, backend=backend, stable_kwargs=stable, token_inputs=spec.token_inputs,
+                                   inference_mode=inference_mode, fullgraph=fullgraph,
+                                   dynamic_dim="backed" if dynamic_dim == "auto" else dynamic_dim, **knobs)
     resolved = language_model.config
     check = _EnforceCheck(spec, resolved) if resolved.enforce and backend == "piecewise" else None
     router = _Router(text, spec, language_model, check)
