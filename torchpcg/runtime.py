@@ -41,9 +41,10 @@ import torch
 
 from .address_sets import AddressSets
 from .config import PiecewiseConfig
-from .errors import CaptureError
+from .errors import CaptureError, PaddingError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool
 from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
+from .padding import first_difference
 from .split import SplitGraph, SplitPiece
 from .sdpa import SdpaOrder
 from .stats import COUNTERS, HOST_TIMES
@@ -763,9 +764,6 @@ class Runtime:
         """Verify mode: padded real rows must equal the exact-size run (first use of a bucket)."""
         if not self.config.verify or self.symbol is None or (self.full is not None and runner is self.full.runner):
             return  # a full graph runs at the exact T: nothing is padded
-        from .padding import first_difference
-        from .errors import PaddingError
-
         diff = first_difference(runner.piece.gm, list(args), static_args, self.symbol, self.state.num_tokens)
         if diff is not None:
             node, amount = diff
