@@ -20,6 +20,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+import torchpcg
+from torchpcg.config import PiecewiseConfig
+from torchpcg.debug import depyf_session
+from torchpcg.explain import explain
+
 __all__ = ["main", "DemoSetup", "setup_for"]
 
 
@@ -65,7 +70,7 @@ def setup_for(device: str, quick: bool) -> DemoSetup:
 # ---- steps ----------------------------------------------------------------------------------------
 
 def build_model(setup: DemoSetup) -> torch.nn.Module:
-    from torchpcg.models import DecoderConfig, FlatDecoder
+    from torchpcg.models import DecoderConfig, FlatDecoder  # here: importing it registers the reference ops
 
     config = DecoderConfig(**setup.model_sizes)
     model = FlatDecoder(config, seed=None).to(device=setup.device, dtype=setup.dtype)
@@ -83,8 +88,6 @@ def make_inputs(model: torch.nn.Module, num_tokens: int) -> tuple[torch.Tensor, 
 
 
 def show_plan(model: torch.nn.Module, setup: DemoSetup) -> None:
-    from torchpcg.explain import explain
-
     report = explain(model, *make_inputs(model, 4), options=setup.options)
     print(report)
 
@@ -109,8 +112,6 @@ def check(model: torch.nn.Module, compiled: Callable, setup: DemoSetup, largest:
 
 
 def _bucket(num_tokens: int, setup: DemoSetup) -> int:
-    from torchpcg.config import PiecewiseConfig
-
     buckets = PiecewiseConfig.resolve(setup.options).buckets
     return next(b for b in buckets if b >= num_tokens)
 
@@ -174,8 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
 
-    import torchpcg
-
     setup = setup_for(args.device, args.quick)
     print(f"torchpcg {torchpcg.__version__} demo on {_device_name(setup.device)}, torch {torch.__version__}", flush=True)
     print(f"\n[1/4] reference decoder {setup.model_sizes} {str(setup.dtype).replace('torch.', '')}", flush=True)
@@ -188,8 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"  ({time.perf_counter() - start:.1f}s)", flush=True)
     print(f"\n[3/4] piecewise vs eager (knobs {setup.options})", flush=True)
-    from torchpcg.debug import depyf_session
-
     knobs = {**setup.options, **({"debug_dir": args.debug_dir} if args.debug_dir else {})}
     compiled = torchpcg.compile(model, **knobs)  # TORCHPCG_DEBUG_DIR works too
     debug_dir = compiled.config.debug_dir
