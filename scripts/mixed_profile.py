@@ -76,7 +76,14 @@ def profile_piecewise(config, dtype: torch.dtype) -> None:
     dev = torch.device("cuda")
     model = BufferDecoder(config).to(dev, dtype).eval()
     torchpcg.register_splitting_op(BUFFER_ATTENTION_OP)
-    compiled = torch.compile(model, backend="piecewise")
+    for direct in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="piecewise", options={"direct_ops": direct})
+        print(f"\n# piecewise, direct_ops={direct}")
+        _profile(compiled, config, dev)
+
+
+def _profile(compiled, config, dev) -> None:
 
     def make(t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randint(0, config.vocab_size, (t,), device=dev), torch.arange(1000, 1000 + t, device=dev)
@@ -94,7 +101,7 @@ def profile_piecewise(config, dtype: torch.dtype) -> None:
                 compiled(*args)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / 50 * 1e3
-            print(f"\n## piecewise, T={t}: {wall:.3f} ms per call; host_us {torchpcg.stats()['host_us']}\n")
+            print(f"\n## T={t}: {wall:.3f} ms per call; host_us {torchpcg.stats()['host_us']}\n")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):

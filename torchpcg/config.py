@@ -167,6 +167,12 @@ class PiecewiseConfig:
     traffic that made every call as slow as eager (``torchpcg.sdpa``). ``torch``: leave SDPA's order
     as torch and the caller set it."""
 
+    direct_ops: bool = True
+    """Split ops defined with ``torch.library.custom_op`` that have one implementation for every
+    device and no other registration are called as their Python body between graphs, without the
+    dispatcher and the custom-op wrapper (tens of µs per layer and call; ``torchpcg.op_calls``).
+    Off: every split op is called through ``torch.ops``."""
+
     def __post_init__(self) -> None:
         _check_positive("max_capture_size", self.max_capture_size)
         if self.compiler not in COMPILERS:
@@ -332,6 +338,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_address_sets": _parse_int,
     "cache_in_graphs": _parse_bool,
     "sdpa_order": _parse_choice(SDPA_ORDERS),
+    "direct_ops": _parse_bool,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
 

@@ -44,6 +44,7 @@ from .config import PiecewiseConfig
 from .errors import CaptureError, PaddingError
 from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool
 from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
+from .op_calls import direct_custom_ops
 from .padding import first_difference
 from .split import SplitGraph, SplitPiece
 from .sdpa import SdpaOrder
@@ -567,7 +568,8 @@ class Runtime:
         self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
         self.full_blockers: list[str] = []  # why full graphs are off for this graph (explain, logs)
         for piece in split.split_pieces:  # eager split ops: skip nn.Module.__call__ overhead per call
-            split.split_gm.__dict__[piece.name] = direct_forward(piece.gm)
+            gm = direct_custom_ops(piece.gm) if config.direct_ops else piece.gm
+            split.split_gm.__dict__[piece.name] = direct_forward(gm)
         self.forward = direct_forward(split.split_gm)  # the split module's generated code, called directly
 
     def unbucket(self) -> None:
