@@ -1,7 +1,8 @@
 """The Dynamo backend ``"piecewise"``: split, compile pieces, build the runtime.
 
 In: the FX GraphModule and example inputs Dynamo hands a backend, plus ``options=``.
-Out: a ``Runtime`` that Dynamo calls instead of the graph.
+Out: a ``Runtime`` that Dynamo calls instead of the graph. Imports the runtime, the compile step
+(split, padding, compilers, full) and debug; explain, vlm and capture import it, nothing below does.
 """
 from __future__ import annotations
 
