@@ -66,7 +66,7 @@ def time_calls(calls: Mapping[K, Callable[[], object]], device: torch.device, wa
     """`time_call` for each call, its `repeats` taken in `rounds` passes over all the calls.
 
     On a shared host a burst of noise lasts longer than one call: timed back to back, 20 calls of
-    2 ms can all fall inside it and move that one cell by 25% (seen on the lent H200, see
+    2 ms can all fall inside it and move that one cell by 25% (seen on an H200, see
     docs/benchmarks.md). Spread over rounds, a burst costs every call a few samples instead, and
     the median drops them.
     """
@@ -236,7 +236,7 @@ def peak_allocated_mb(device: torch.device) -> float | None:
 def host_op_us(device: torch.device) -> float:
     """Host µs to issue one small in-place op: median of 5 x 1000 calls (about 50 ms on a GPU host).
 
-    The bench takes it once per run and again just before each mode is timed: on lent machines it
+    The bench takes it once per run and again just before each mode is timed: on shared cloud machines it
     drifted by 20 % between two back-to-back runs on one machine (7.6 and 9.2 µs), which moves a
     mode's latency by its host share and so the ratios between modes timed minutes apart.
     """
@@ -253,11 +253,11 @@ def host_op_us(device: torch.device) -> float:
 
 
 def machine_speed(device: torch.device) -> dict[str, float | None]:
-    """Two numbers that say how fast this machine is, so runs on lent machines can be compared.
+    """Two numbers that say how fast this machine is, so runs on different machines can be compared.
 
     ``host_op_us``: ``host_op_us(device)``.
     ``gpu_matmul_ms``: device time of 20 bf16 matmuls of 2048 x 2048 (CUDA events; None on CPU).
-    Two H200s lent for this bench differed by 2x in host op time (8.5 vs 16.7 µs) and 1.6x in GPU
+    Two H200s this bench ran on differed by 2x in host op time (8.5 vs 16.7 µs) and 1.6x in GPU
     busy time per whole-model graph call (1675 vs 2738 µs): compare ratios across runs only when
     these match.
     """

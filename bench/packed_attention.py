@@ -2,8 +2,8 @@
 
 Under piecewise graphs the reference decoder's ``torchpcg_models::kv_attention`` runs eagerly once
 per layer, and launches three kernels between two graph replays: ``torch.stack`` of k and v, the
-cache's ``index_copy_`` and the attention. The profile at ``3ee4289`` (docs/benchmarks.md, third
-session of 2026-11-30) put about two thirds of piecewise's host time per call in that op (as
+cache's ``index_copy_`` and the attention. The profile at ``3ee4289`` (docs/benchmarks.md, 2026-11-30)
+put about two thirds of piecewise's host time per call in that op (as
 cProfile ranks it), and the GPU's extra idle time in the switches around its kernels. This variant moves the stack into the graph
 before the op (Inductor fuses it with the rotary), so the op launches two kernels and does one
 tensor op less on the host:

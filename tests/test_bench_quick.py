@@ -72,7 +72,7 @@ def test_quick_bench_json_schema(quick_run) -> None:
         assert mode not in ran and "CUDA" in results["unavailable"][mode]
     assert results["mixed_traffic"]["calls"] >= 200 and results["mixed_traffic"]["above_largest_bucket"] > 0
     assert results["failed"] == {} and results["wrong"] == {} and results["complete"]
-    # the machine's speed, to compare runs on lent machines: a host op timing; no GPU number on CPU
+    # the machine's speed, to compare runs on different machines: a host op timing; no GPU number on CPU
     assert results["machine_speed"]["host_op_us"] > 0 and results["machine_speed"]["gpu_matmul_ms"] is None
 
 
