@@ -8,7 +8,7 @@ Prints, as Markdown:
 2. a ``torch.profiler`` table of 5 piecewise calls at T=1 and at T=8: host time by op (self CPU),
    so the glue between replays and the split op's parts are seen apart.
 
-    python scripts/mixed_profile.py [--layers 16]
+    python scripts/mixed_profile.py [--layers 16] [--parts op,full,profile]
 """
 from __future__ import annotations
 
@@ -149,11 +149,16 @@ def full_decode(config, dtype: torch.dtype) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--parts", default="op,full,profile", help="comma list of op, full, profile")
     args = p.parse_args()
     config = reference_config(num_layers=args.layers)
-    op_table(config, torch.bfloat16)
-    full_decode(config, torch.bfloat16)
-    profile_piecewise(config, torch.bfloat16)
+    parts = args.parts.split(",")
+    if "op" in parts:
+        op_table(config, torch.bfloat16)
+    if "full" in parts:
+        full_decode(config, torch.bfloat16)
+    if "profile" in parts:
+        profile_piecewise(config, torch.bfloat16)
 
 
 if __name__ == "__main__":
