@@ -12,13 +12,13 @@ from .backend import piecewise_backend, register as _register_backend
 from .capture import capture
 from .explain import ExplainReport, explain
 from .layers import find_transformer_layers
-from .config import PiecewiseConfig
+from .config import PiecewiseConfig, VisionConfig
 from .errors import CaptureError, ConfigError, PaddingError, RecompileError, SplitError, TorchPCGError
 from .split import register_splitting_op
 from .front import compile
 from .stable import StableBuffer, StableInputError, watch_recompiles
 from .stats import expect, reset_stats, stats
-from .vision import EncoderGraphs, VisionConfig, compile_vision
+from .vision import EncoderGraphs, compile_vision
 
 __version__ = "0.1.0"
 

@@ -343,8 +343,149 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
 
 
-# Variables read elsewhere (vision encoders' own config); every other TORCHPCG_* name is a typo.
-OTHER_VARIABLES = ("TORCHPCG_VIT_CUDA_GRAPH", "TORCHPCG_VIT_CAPTURE_SIZES", "TORCHPCG_VIT_MAX_GRAPHS")
+# ---- vision encoders' knobs (torchpcg.vision) ---------------------------------------------------
+
+VIT_GRAPH_MODES = ("off", "piecewise", "full")
+_VIT_MODE_ALIASES = {"0": "off", "false": "off", "no": "off", "": "off", "1": "piecewise", "true": "piecewise",
+                 "yes": "piecewise", "on": "piecewise"}
+
+
+def default_vit_capture_sizes() -> tuple[int, ...]:
+    """Patch-count buckets: every 64 to 256, then steps of ~1.5x up to 16384 (at most 33% padding).
+
+    Example::
+
+        >>> default_vit_capture_sizes()[:6]
+        (64, 128, 192, 256, 384, 512)
+
+    Multiples of 64: every packed length of a 2x2-merging encoder is a multiple of 4, and a bucket
+    must be one too. A 448x448 image with 14-pixel patches is 1024 patches; 16 of them 16384.
+    """
+    return (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision-encoder knobs.
+
+    Example::
+
+        >>> VisionConfig.resolve({"vit_cuda_graph": "full", "vit_capture_sizes": "64,128"}).buckets
+        (64, 128)
+
+    Note: the piecewise backend's own knobs (``cudagraph``, ``compiler``, ``enforce``, ...) stay in
+    ``PiecewiseConfig``; ``compile_vision`` takes both.
+    """
+
+    vit_cuda_graph: str = "off"
+    """``off``: the encoder runs as given. ``piecewise``: piecewise graphs split at the varlen
+    attention. ``full``: whole-encoder graphs keyed by (bucket, cu_seqlens)."""
+
+    vit_capture_sizes: tuple[int, ...] | None = None
+    """Patch-count buckets; ``None`` = ``default_vit_capture_sizes()``. Calls with more patches
+    than the largest run without graphs."""
+
+    vit_max_graphs: int = 32
+    """Whole-encoder graphs kept at once (``full`` mode); the least recently used is released."""
+
+    def __post_init__(self) -> None:
+        if self.vit_cuda_graph not in VIT_GRAPH_MODES:
+            raise ConfigError(f"vit_cuda_graph={self.vit_cuda_graph!r}: expected one of {', '.join(VIT_GRAPH_MODES)} "
+                              "(or 0/1)")
+        if self.vit_capture_sizes is not None:
+            if not self.vit_capture_sizes or any(not _is_positive_int(s) for s in self.vit_capture_sizes):
+                raise ConfigError(f"vit_capture_sizes={self.vit_capture_sizes!r}: expected positive ints, e.g. (64, 128)")
+            object.__setattr__(self, "vit_capture_sizes", tuple(sorted(set(self.vit_capture_sizes))))
+        if not _is_positive_int(self.vit_max_graphs):
+            raise ConfigError(f"vit_max_graphs={self.vit_max_graphs!r}: expected a positive integer, e.g. 32")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The patch-count buckets in force, ascending."""
+        return self.vit_capture_sizes if self.vit_capture_sizes is not None else default_vit_capture_sizes()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> VisionConfig:
+        """Defaults overridden by every ``TORCHPCG_VIT_*`` variable that is set."""
+        return cls.resolve(None, environ)
+
+    @classmethod
+    def resolve(cls, options: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> VisionConfig:
+        """Merge ``options`` (highest), the environment, then defaults; validate everything."""
+        environ = os.environ if environ is None else environ
+        merged: dict[str, Any] = {}
+        for name, parse in _VIT_PARSERS.items():
+            variable = ENV_PREFIX + name.upper()
+            if variable in environ:
+                merged[name] = parse(variable, environ[variable])
+        for name, raw in (options or {}).items():
+            if name not in _VIT_PARSERS:
+                raise ConfigError(f"unknown vision option {name!r}; known: {', '.join(sorted(_VIT_PARSERS))}")
+            merged[name] = _VIT_PARSERS[name](name, raw)
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @staticmethod
+    def knob_names() -> tuple[str, ...]:
+        """The ``vit_*`` knob names (``options`` keys; ``TORCHPCG_`` + upper case in the environment)."""
+        return tuple(_VIT_PARSERS)
+
+    def replace(self, **options: Any) -> VisionConfig:
+        """A copy with ``options`` parsed and validated as ``resolve`` does."""
+        unknown = sorted(set(options) - set(_VIT_PARSERS))
+        if unknown:
+            raise ConfigError(f"unknown vision option(s) {unknown}; known: {', '.join(sorted(_VIT_PARSERS))}")
+        return dataclasses.replace(self, **{k: _VIT_PARSERS[k](k, v) for k, v in options.items()})
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _parse_vit_mode(source: str, raw: Any) -> str:
+    value = str(raw).strip().lower() if isinstance(raw, (str, bool, int)) else raw
+    value = _VIT_MODE_ALIASES.get(value, value) if isinstance(value, str) else value
+    if value not in VIT_GRAPH_MODES:
+        raise ConfigError(f"{source}={raw!r}: expected one of off, piecewise, full (or 0 = off, 1 = piecewise)")
+    return value
+
+
+def _parse_vit_int(source: str, raw: Any) -> int:
+    try:
+        value = int(raw.strip()) if isinstance(raw, str) else raw
+    except ValueError:
+        value = None
+    if not _is_positive_int(value):
+        raise ConfigError(f"{source}={raw!r}: expected a positive integer, e.g. 32")
+    return value
+
+
+def _parse_vit_sizes(source: str, raw: Any) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    items = raw.split(",") if isinstance(raw, str) else raw
+    try:
+        sizes = tuple(_parse_vit_int(source, item) for item in items)
+    except (ConfigError, TypeError):
+        sizes = ()
+    if not sizes:
+        raise ConfigError(f"{source}={raw!r}: expected comma-separated positive ints, e.g. '64,128,256'")
+    return sizes
+
+
+_VIT_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "vit_cuda_graph": _parse_vit_mode,
+    "vit_capture_sizes": _parse_vit_sizes,
+    "vit_max_graphs": _parse_vit_int,
+}
+assert set(_VIT_PARSERS) == {f.name for f in dataclasses.fields(VisionConfig)}
+
+
+# The vision encoders' variables; every other TORCHPCG_* name that no knob reads is a typo.
+OTHER_VARIABLES = tuple(ENV_PREFIX + name.upper() for name in _VIT_PARSERS)
 _warned_unknown: set[str] = set()
 
 
