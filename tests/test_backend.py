@@ -320,3 +320,21 @@ def test_a_resume_graph_after_a_graph_break_is_named_as_the_cause():
     plain = torch.fx.Graph()
     plain.output(plain.placeholder("L_x_"))
     assert graph_break_hint(torch.fx.GraphModule(torch.nn.Module(), plain)) == ""
+
+
+def test_out_of_memory_retires_the_pool_for_every_graph_owner(monkeypatch):
+    """One policy after a failed capture (runtime, full graphs, vision encoder graphs): out of CUDA
+    memory retires the pool and empties the allocator's cache; any other failure leaves both."""
+    from torchpcg.graphs import EmulatedPool, GraphPool, release_after_failed_capture
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    pool = GraphPool.__new__(GraphPool)  # no CUDA here: only the fields retire() touches
+    pool.retired, pool._keeper = False, object()
+    release_after_failed_capture(pool, RuntimeError("operation not permitted when stream is capturing"))
+    assert not pool.retired and not emptied
+    release_after_failed_capture(pool, torch.cuda.OutOfMemoryError("pool full"))
+    assert pool.retired and pool._keeper is None and emptied == [True]
+    emulated = EmulatedPool()
+    release_after_failed_capture(emulated, torch.cuda.OutOfMemoryError("pool full"))
+    assert not emulated.retired and emptied == [True]

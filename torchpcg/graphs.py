@@ -65,6 +65,21 @@ def new_pool(graph_mode: str, device: torch.device | None) -> GraphPool | Emulat
     return GraphPool(device) if graph_mode == "cuda" else EmulatedPool()
 
 
+def release_after_failed_capture(pool: GraphPool | EmulatedPool | None, exc: BaseException) -> None:
+    """After a capture into ``pool`` failed with ``exc``: if it ran out of CUDA memory, retire the
+    pool (later captures go to a fresh one) and give back what the allocator caches.
+
+    A private pool's free blocks stay reserved while the pool lives and count against the process's
+    limit, so without this the next, smaller bucket would fail too. Graphs already captured in the
+    pool keep their memory. One policy for every graph owner (piecewise runtime, full decode graphs,
+    vision encoder graphs).
+    """
+    if not isinstance(exc, torch.OutOfMemoryError) or not isinstance(pool, GraphPool):
+        return
+    pool.retire()
+    torch.cuda.empty_cache()
+
+
 # ---- real CUDA graphs ----------------------------------------------------------------------------
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}

@@ -42,7 +42,8 @@ import torch
 from .address_sets import AddressSets
 from .config import PiecewiseConfig
 from .errors import CaptureError, PaddingError
-from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool
+from .graphs import (CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool,
+                     release_after_failed_capture)
 from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
 from .op_calls import direct_custom_ops
 from .padding import first_difference
@@ -783,8 +784,7 @@ class Runtime:
         if self.config.enforce:
             raise CaptureError(message + " (TORCHPCG_ENFORCE=1)") from exc
         COUNTERS.add("capture_failures")
-        if self.graph_mode == "cuda" and isinstance(exc, torch.OutOfMemoryError):
-            self._release_cached_memory()
+        release_after_failed_capture(self._pool, exc)
         if self.full is not None and runner is self.full.runner:
             self.full.turn_off(message)
             self.state.bucket = None
@@ -795,14 +795,6 @@ class Runtime:
             self.buckets.remove(bucket)
         self.state.bucket = None  # the rest of this call runs without graphs
         self.drop_after_call(None, bucket)
-
-    def _release_cached_memory(self) -> None:
-        """After a capture ran out of memory: later captures go to a fresh pool, and what the failed
-        one cached is given back. A private pool's free blocks stay reserved while the pool lives
-        and count against the process's limit, so the next, smaller bucket would fail too."""
-        if self._pool is not None:
-            self._pool.retire()  # graphs already captured keep their memory; the unused rest can go
-        torch.cuda.empty_cache()
 
     def drop_after_call(self, runner: PieceRunner | None, bucket: int | None) -> None:
         """Drop graphs at ``bucket`` (of ``runner``, or of all runners) when the next call starts.

@@ -47,7 +47,7 @@ import torch
 
 from .config import VIT_GRAPH_MODES, PiecewiseConfig, VisionConfig, default_vit_capture_sizes, format_sizes
 from .errors import CaptureError, ConfigError, TorchPCGError
-from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, new_pool
+from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, new_pool, release_after_failed_capture
 from .runtime import StreamOrder, graphless_counter, resolve_graph_mode
 from .stable import StableModel, compile_model
 from .stats import COUNTERS
@@ -406,6 +406,7 @@ class EncoderGraphs:
                     ".tolist(), cannot be captured; keep cu_seqlens on the CPU)", message, bucket)
         COUNTERS.add("capture_failures")
         COUNTERS.add("fallbacks")
+        release_after_failed_capture(self._pool, exc)
         self.buckets = tuple(b for b in self.buckets if b != bucket)
         for key in [k for k, entry in self._graphs.items() if entry.bucket == bucket]:
             self._graphs.pop(key).graph.release()
