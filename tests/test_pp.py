@@ -18,7 +18,7 @@ from tests.distributed_utils import run_distributed
 from tests.utils import unique_graphs
 from torchpcg.models import DecoderConfig, FlatDecoder
 from torchpcg.models.pipeline import PROXY_KEYS, split_stages
-from torchpcg.stable import resolve_token_layout
+from torchpcg.token_inputs import resolve_token_layout
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

@@ -13,9 +13,9 @@ import torch
 
 import torchpcg
 from torchpcg.errors import RecompileError
-from torchpcg.stable import explain_guard_failure, watch_recompiles
+from torchpcg.recompiles import explain_guard_failure, watch_recompiles
 
-LOGGER = "torchpcg.stable"
+LOGGER = "torchpcg.recompiles"
 
 
 def scale_add(x: torch.Tensor, y: torch.Tensor | None = None, scale: int = 2) -> torch.Tensor:

@@ -17,7 +17,9 @@ from tests.utils import unique_graphs
 from torchpcg.config import PiecewiseConfig
 from torchpcg.errors import ConfigError
 from torchpcg.models import DecoderConfig, FlatDecoder
-from torchpcg.stable import StableBuffer, StableInputError, compile_model as stable_compile
+from torchpcg.errors import StableInputError
+from torchpcg.stable import compile_model as stable_compile
+from torchpcg.stable_buffers import StableBuffer
 
 BUCKETS = (1, 2, 4, 8, 16)
 DECODER = DecoderConfig(deepstack_layers=2)

@@ -16,7 +16,8 @@ import torch
 import torchpcg
 from tests.utils import unique_graphs
 from torchpcg.models import DecoderConfig, FlatDecoder
-from torchpcg.stable import resolve_token_layout, compile_model as stable_compile
+from torchpcg.stable import compile_model as stable_compile
+from torchpcg.token_inputs import resolve_token_layout
 
 BUCKETS = "1,2,4,8,16"
 PIECEWISE = dict(cudagraph="emulate", compiler="eager", capture_sizes=BUCKETS, enforce=True)

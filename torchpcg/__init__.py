@@ -13,10 +13,12 @@ from .capture import capture
 from .explain import ExplainReport, explain
 from .layers import find_transformer_layers
 from .config import PiecewiseConfig, VisionConfig
-from .errors import CaptureError, ConfigError, PaddingError, RecompileError, SplitError, TorchPCGError
+from .errors import (CaptureError, ConfigError, PaddingError, RecompileError, SplitError, StableInputError,
+                     TorchPCGError)
 from .split import register_splitting_op
 from .front import compile
-from .stable import StableBuffer, StableInputError, watch_recompiles
+from .recompiles import watch_recompiles
+from .stable_buffers import StableBuffer
 from .stats import expect, reset_stats, stats
 from .vision import EncoderGraphs, compile_vision
 

@@ -85,8 +85,8 @@ def call_key(arguments: Mapping[str, Any], token_dims: Mapping[str, int]) -> tup
     """What Dynamo's guards would compare between calls, cheaply; None if an argument is of a kind
     this key cannot describe (an object whose attributes Dynamo guards on, a cache class).
 
-    ``token_dims``: {key: dim} of the token inputs, keys spelled as ``_TokenLayout`` spells them
-    (``name``, or ``name['inner']`` for a tensor inside a dict argument).
+    ``token_dims``: {key: dim} of the token inputs, keys spelled as ``token_inputs.TokenLayout``
+    spells them (``name``, or ``name['inner']`` for a tensor inside a dict argument).
     """
     parts: list[Any] = [_global_state()]
     for name, value in arguments.items():

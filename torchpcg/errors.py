@@ -1,7 +1,8 @@
 """Typed errors. Every user-caused problem raises one of these with the fix in the message."""
 from __future__ import annotations
 
-__all__ = ["TorchPCGError", "ConfigError", "SplitError", "CaptureError", "RecompileError", "PaddingError"]
+__all__ = ["TorchPCGError", "ConfigError", "SplitError", "CaptureError", "RecompileError", "PaddingError",
+           "StableInputError"]
 
 
 class TorchPCGError(RuntimeError):
@@ -26,3 +27,7 @@ class RecompileError(TorchPCGError):
 
 class PaddingError(TorchPCGError):
     """A piece gave different real rows at its padded bucket than at the exact size (verify mode)."""
+
+
+class StableInputError(TorchPCGError, ValueError):
+    """A call passed a value that does not fit the StableBuffer declared for it, or no tensor for its token input."""

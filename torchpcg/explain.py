@@ -4,8 +4,8 @@ In: a model (an ``nn.Module``, a ``torch.compile``-d one or a ``torchpcg.compile
 of example arguments. Out: an ``ExplainReport``: the pieces in execution order, every split op and
 why it was cut, the buckets, the graph mode a real run would use and the static buffer memory.
 The same plan (``plan.GraphPlan``), as JSON and text, is what ``debug.dump_split`` writes into
-``TORCHPCG_DEBUG_DIR``. A tool above the runtime: imports backend, stable, plan and runtime; nothing
-in torchpcg imports it but the package's ``__init__`` (and the demo CLI).
+``TORCHPCG_DEBUG_DIR``. A tool above the runtime: imports backend, stable, token_inputs, recompiles,
+plan and runtime; nothing in torchpcg imports it but the package's ``__init__`` (and the demo CLI).
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from .backend import collect_runtimes, compile_options
 from .config import PiecewiseConfig
 from .plan import REASON_CATEGORIES, GraphPlan, PiecePlan, plan_of, reason_category
 from .runtime import InputKind, Runtime
-from .stable import StableModel, describe_callable, mark_token_dim, resolve_token_layout
+from .recompiles import describe_callable
+from .stable import StableModel
+from .token_inputs import mark_token_dim, resolve_token_layout
 
 # GraphPlan, PiecePlan, plan_of, reason_category and REASON_CATEGORIES live in plan.py; named here too
 # because a report's reader meets them through explain (tests import reason_category from here).

@@ -5,8 +5,8 @@ In: a model (``nn.Module`` or any callable) and ``torchpcg.compile``'s knobs. Ou
 vision tower eager), else a ``stable.StableModel`` (``stable.compile_model``: the whole callable,
 guard-stable). Nothing is compiled here; it only chooses.
 
-A front end, at the top of the imports: imports stable and vlm; nothing in torchpcg imports it
-but the package's ``__init__``.
+A front end, at the top of the imports: imports stable, stable_buffers, token_inputs and vlm;
+nothing in torchpcg imports it but the package's ``__init__``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .config import PiecewiseConfig
-from .stable import StableModel, StableSpec, check_dynamic_dim, compile_model
+from .stable import StableModel, compile_model
+from .stable_buffers import StableSpec
+from .token_inputs import check_dynamic_dim
 from .vlm import CompiledVLM, compile_vlm, is_vlm
 
 __all__ = ["compile"]

@@ -22,8 +22,8 @@ mrope ``position_ids``: None,       always ``[3, B, S]`` (the text row of a 4-ro
 
 The compiled language model is installed as the language model's ``forward`` for the duration
 of each ``CompiledVLM`` call and removed afterwards: the original model object stays eager when
-called directly. A front end: imports stable, backend, layers and split; ``front.compile``
-(``torchpcg.compile``) dispatches here. No CUDA here.
+called directly. A front end: imports stable, stable_buffers, backend, layers and split;
+``front.compile`` (``torchpcg.compile``) dispatches here. No CUDA here.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ from .config import PiecewiseConfig
 from .errors import CaptureError, ConfigError, SplitError
 from .layers import find_transformer_layers, is_vision_path
 from .split import split_reason, user_split_ops
-from .stable import StableBuffer, compile_model
+from .stable import compile_model
+from .stable_buffers import StableBuffer
 from .stats import COUNTERS
 
 __all__ = ["CompiledVLM", "LanguageModelSpec", "compile_vlm", "is_vlm", "language_model_spec"]
