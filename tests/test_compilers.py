@@ -7,7 +7,7 @@ import torch
 import torchpcg
 from torchpcg.compilers import ExactShapeCode, LazyCode, TokenDispatch, compile_backed
 from torchpcg.layout import symbols_of
-from torchpcg.padding import token_symbol
+from torchpcg.token_shapes import token_symbol
 from tests.utils import tiny_decoder
 
 

@@ -77,6 +77,13 @@ def test_module_imports_have_no_circle():
                         "vlm", "vision", "explain"}),
     ("recompiles", {"stable", "token_inputs", "stable_buffers", "direct", "debug", "backend", "runtime", "front",
                     "vlm", "vision", "explain"}),
+    # padding analysis, bottom up: token_shapes and padding_ops -> padding_rules -> padding; verify
+    # runs graphs and reads token shapes only. None of them knows the split, runtime or backend.
+    ("token_shapes", {"padding_ops", "padding_rules", "padding", "verify", "split", "runtime", "full", "backend"}),
+    ("padding_ops", {"token_shapes", "padding_rules", "padding", "verify", "split", "runtime", "full", "backend"}),
+    ("padding_rules", {"padding", "verify", "split", "runtime", "full", "backend"}),
+    ("padding", {"verify", "split", "runtime", "full", "backend"}),
+    ("verify", {"padding", "padding_rules", "padding_ops", "split", "runtime", "full", "backend"}),
     ("runtime", {"backend", "explain", "debug", "plan", "stable", "front", "vlm", "vision"}),
     ("config", {"backend", "runtime", "stable", "token_inputs", "stable_buffers", "recompiles", "front"}),
 ])

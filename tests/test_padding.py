@@ -1,4 +1,5 @@
-"""Token-dim analysis (torchpcg/padding.py) on real Dynamo graphs: one tiny model per pattern.
+"""Token-dim analysis (torchpcg/padding.py, token_shapes.py) and verify mode (verify.py) on real
+Dynamo graphs: one tiny model per pattern.
 
 Graphs are captured with a backend that only records them; the token dim is marked dynamic, so
 each graph has one token symbol. Unsafe patterns must be flagged with the right category; models
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from torchpcg import padding
+from torchpcg import padding, token_shapes, verify
 
 HIDDEN = 16
 NUM_TOKENS = 7
@@ -72,7 +73,7 @@ def capture(fn: Callable[..., object], *args: torch.Tensor, token_dims: Sequence
 
 def reasons_of(gm: fx.GraphModule) -> dict[str, str]:
     """{node name: reason} of the graph's flagged nodes."""
-    symbol = padding.token_symbol(gm)
+    symbol = token_shapes.token_symbol(gm)
     assert symbol is not None
     return {node.name: reason for node, reason in padding.classify(gm, symbol).items()}
 
@@ -231,7 +232,7 @@ def test_second_dynamic_symbol_is_flagged() -> None:
         return x * 2 + past.sum()
 
     gm = capture(fn, hidden(), torch.randn(1, 11, HIDDEN), token_dims=[1, 1])
-    symbol = padding.token_symbol(gm)
+    symbol = token_shapes.token_symbol(gm)
     reasons = [r for r in padding.classify(gm, symbol).values()]
     assert reasons and all(r.startswith("padding-unsafe: second dynamic symbol s") for r in reasons)
     assert any("L['past'].size()[1]" in r for r in reasons), reasons
@@ -373,24 +374,24 @@ def test_token_symbol_is_the_most_common_whole_dim() -> None:
 
     gm = capture(fn, hidden(), torch.arange(NUM_TOKENS), torch.randn(11, 2), token_dims=[1, 0, 0])
     placeholders = {n.name: n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")}
-    symbol = padding.token_symbol(gm)
-    assert padding.token_dims(placeholders["l_x_"], symbol) == (1,)
-    assert padding.token_dims(placeholders["l_positions_"], symbol) == (0,)
-    assert padding.token_dims(placeholders["l_past_"], symbol) == ()
+    symbol = token_shapes.token_symbol(gm)
+    assert token_shapes.token_dims(placeholders["l_x_"], symbol) == (1,)
+    assert token_shapes.token_dims(placeholders["l_positions_"], symbol) == (0,)
+    assert token_shapes.token_dims(placeholders["l_past_"], symbol) == ()
 
 
 def test_token_symbol_none_without_dynamic_dims() -> None:
     graphs: list[fx.GraphModule] = []
     torch.compile(lambda x: x + 1, backend=lambda gm, _: graphs.append(gm) or gm.forward,
                   dynamic=False, fullgraph=True)(hidden())
-    assert padding.token_symbol(graphs[0]) is None
+    assert token_shapes.token_symbol(graphs[0]) is None
 
 
 def test_token_symbol_with_dynamic_true() -> None:
     graphs: list[fx.GraphModule] = []
     torch.compile(lambda ids: ids * 2, backend=lambda gm, _: graphs.append(gm) or gm.forward,
                   dynamic=True, fullgraph=True)(torch.arange(NUM_TOKENS))
-    symbol = padding.token_symbol(graphs[0])
+    symbol = token_shapes.token_symbol(graphs[0])
     assert symbol is not None and padding.classify(graphs[0], symbol) == {}
 
 
@@ -409,7 +410,7 @@ def test_unbacked_token_dim() -> None:
     mark_unbacked(ids, 1)
     mark_unbacked(positions, 0)
     gm, args = capture_with_inputs(RowWiseBlock().eval(), ids, positions)
-    symbol = padding.token_symbol(gm)
+    symbol = token_shapes.token_symbol(gm)
     assert str(symbol).startswith("u") and padding.classify(gm, symbol) == {}
     assert first_difference_at_bucket(gm, args) is None
     x = hidden()
@@ -428,12 +429,12 @@ def test_token_dims_follow_views() -> None:
         return heads, transposed, transposed.transpose(1, 2).flatten(), x.sum()
 
     gm = capture(fn, hidden(), token_dims=[1])
-    symbol = padding.token_symbol(gm)
+    symbol = token_shapes.token_symbol(gm)
     output = next(iter(reversed(gm.graph.nodes)))
     outputs = [a.meta["example_value"] for a in output.args[0]]
-    assert [padding.token_dims(v, symbol) for v in outputs] == [(1,), (2,), (0,), ()]
+    assert [token_shapes.token_dims(v, symbol) for v in outputs] == [(1,), (2,), (0,), ()]
     assert str(outputs[2].shape[0].node.expr) == f"{HIDDEN}*{symbol}"
-    assert padding.token_dims(3, symbol) == ()
+    assert token_shapes.token_dims(3, symbol) == ()
 
 
 def test_reshape_moving_tokens_inside_a_factor_is_flagged() -> None:
@@ -449,14 +450,14 @@ def test_reshape_moving_tokens_inside_a_factor_is_flagged() -> None:
 
 
 def first_difference_at_bucket(gm: fx.GraphModule, args: list[object]) -> tuple[str, float] | None:
-    symbol = padding.token_symbol(gm)
-    padded = padding.pad_inputs(gm, args, symbol, BUCKET_SIZE)
-    return padding.first_difference(gm, args, padded, symbol, NUM_TOKENS)
+    symbol = token_shapes.token_symbol(gm)
+    padded = verify.pad_inputs(gm, args, symbol, BUCKET_SIZE)
+    return verify.first_difference(gm, args, padded, symbol, NUM_TOKENS)
 
 
 def test_pad_inputs_pads_token_dims_and_token_count() -> None:
     gm, args = capture_with_inputs(lambda x, w: x @ w, hidden(), torch.randn(HIDDEN, 3), token_dims=[1, None])
-    padded = padding.pad_inputs(gm, args, padding.token_symbol(gm), BUCKET_SIZE)
+    padded = verify.pad_inputs(gm, args, token_shapes.token_symbol(gm), BUCKET_SIZE)
     assert args[0] == NUM_TOKENS and padded[0] == BUCKET_SIZE
     assert padded[1].shape == (1, BUCKET_SIZE, HIDDEN)
     assert torch.equal(padded[1][:, :NUM_TOKENS], args[1]) and not padded[1][:, NUM_TOKENS:].any()
@@ -473,7 +474,7 @@ def test_first_difference_names_the_token_mixing_node() -> None:
     mean = gm.graph.find_nodes(op="call_method", target="mean")[0]
     assert name == mean.name and difference > 1e-3
     expected = {mean: "padding-unsafe: reduction over the token dim (mean)"}
-    assert padding.classify(gm, padding.token_symbol(gm)) == expected
+    assert padding.classify(gm, token_shapes.token_symbol(gm)) == expected
 
 
 def test_first_difference_none_for_row_wise_graph() -> None:
@@ -542,7 +543,7 @@ MASK_CATEGORIES = ("slice along the token dim", "index along the token dim", "sc
 def test_hf_causal_lm_flags_only_attention_mask_and_last_token(kind: str, logits_to_keep: int) -> None:
     """Only sdpa, the mask prologue (a function of the token count alone) and last-token selection."""
     model, gm, _ = hf_graph(kind, logits_to_keep)
-    reasons = padding.classify(gm, padding.token_symbol(gm))
+    reasons = padding.classify(gm, token_shapes.token_symbol(gm))
     ids = next(n for n in gm.graph.find_nodes(op="placeholder") if "input_ids" in n.name)
     memo: dict[fx.Node, bool] = {}
     on_hidden_path = {n: r for n, r in reasons.items() if _depends_on(n, {ids}, memo)}
@@ -559,8 +560,8 @@ def test_hf_causal_lm_flags_only_attention_mask_and_last_token(kind: str, logits
 
 def test_hf_first_difference_finds_last_token_selection() -> None:
     _, gm, args = hf_graph("llama", 1)
-    symbol = padding.token_symbol(gm)
-    result = padding.first_difference(gm, args, padding.pad_inputs(gm, args, symbol, BUCKET_SIZE), symbol, NUM_TOKENS)
+    symbol = token_shapes.token_symbol(gm)
+    result = verify.first_difference(gm, args, verify.pad_inputs(gm, args, symbol, BUCKET_SIZE), symbol, NUM_TOKENS)
     assert result is not None
     flagged = {n.name: r for n, r in padding.classify(gm, symbol).items()}
     assert flagged[result[0]] == "padding-unsafe: slice along the token dim (getitem)"

@@ -2,7 +2,8 @@
 
 In: the FX GraphModule and example inputs Dynamo hands a backend, plus ``options=``.
 Out: a ``Runtime`` that Dynamo calls instead of the graph. Imports the runtime, the compile step
-(split, padding, compilers, full) and debug; explain, vlm and capture import it, nothing below does.
+(split, padding, token_shapes, compilers, full) and debug; explain, vlm and capture import it,
+nothing below does.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ from .config import PiecewiseConfig, format_sizes
 from .debug import dump_split, install_bytecode_dump
 from .errors import ConfigError, SplitError
 from .layout import expr_of, symbols_of, token_source
-from .padding import classify, token_symbol, written_bases
+from .padding import classify, written_bases
 from .runtime import PieceRunner, Runtime, resolve_graph_mode
 from .full import FullGraphs, full_graph_blockers, written_inputs
 from .split import (SplitGraph, SplitPiece, cache_state_reasons, capturable_ops, host_tensor_reason,
                     split_graph, split_reason, user_split_ops)
+from .token_shapes import token_symbol
 from .stats import COUNTERS
 
 __all__ = ["piecewise_backend", "register", "collect_runtimes", "compile_options", "mode_options"]

@@ -46,10 +46,10 @@ from .graphs import (CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_
                      release_after_failed_capture)
 from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
 from .op_calls import direct_custom_ops
-from .padding import first_difference
 from .split import SplitGraph, SplitPiece
 from .sdpa import SdpaOrder
 from .stats import COUNTERS, HOST_TIMES
+from .verify import first_difference
 
 __all__ = ["Runtime", "PieceRunner", "CallState", "resolve_graph_mode", "InputKind", "direct_forward",
            "graphless_counter"]
