@@ -120,10 +120,10 @@ def test_exact_shape_compiles_go_through_the_fx_graph_cache():
                 positions = torch.arange(position, position + num_tokens)
                 torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
     pieces = [r for runtime in runtimes for r in runtime.runners]
-    assert [len(r.compiled.one.compiled) for r in pieces] == [1] * len(pieces)
+    assert [len(r.compiled.exact.compiled) for r in pieces] == [1] * len(pieces)
     inductor = counters["inductor"]
     assert inductor["fxgraph_cache_bypass"] == 0
-    codes = [next(iter(r.compiled.one.compiled.values())) for r in pieces]
+    codes = [next(iter(r.compiled.exact.compiled.values())) for r in pieces]
     distinct = len({id(code) for code in codes})
     assert len(pieces) == 5 and distinct == 3  # first, middle x3 (one code), last
     assert inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_miss"] == distinct
@@ -170,10 +170,10 @@ def test_pieces_run_backed_code_from_T_2_up_and_compile_dynamos_code_on_first_us
         # Dynamo's code, so it was never compiled.
         assert dispatches and all(d.backed is not None and d.max_tokens >= 17 for d in dispatches)
         assert not unbacked_calls and all(code.code is None for code in lazy)
-        assert [len(d.one.compiled) for d in dispatches] == [1] * len(dispatches)
+        assert [len(d.exact.compiled) for d in dispatches] == [1] * len(dispatches)
         assert torchpcg.stats()["late_compiles"] - late_before == len(dispatches)  # the exact T=1 code
         for d in dispatches:
-            d.one = None  # the exact code off: T=1 falls back to Dynamo's code, compiled now
+            d.exact = None  # the exact code off: T=1 falls back to Dynamo's code, compiled now
         ids, positions = torch.randint(0, model.config.vocab_size, (1,)), torch.tensor([position])
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
@@ -227,3 +227,31 @@ def test_structure_key_is_equal_only_for_the_same_function_of_alike_inputs():
     assert structure_key(torch.fx.symbolic_trace(scaled), [torch.randn(5, 8), w]) != key
     assert structure_key(torch.fx.symbolic_trace(scaled), [x.double(), w.double()]) != key
     assert structure_key(torch.fx.symbolic_trace(torch.nn.Linear(8, 8)), [x]) is None  # weights are get_attr
+
+
+def test_compile_sizes_get_exact_shape_code_and_the_rest_keep_the_backed_code():
+    """compile_sizes=1,4: every piece compiles code for the exact shapes of T=1 and of bucket 4
+    (where T=3 and T=4 are captured), and T=2, 8 and 17 run the code compiled with T backed.
+    compile_sizes empty: no exact code, T=1 runs Dynamo's code. Every call equals eager."""
+    model = tiny_decoder(num_layers=2)
+    for sizes, exact_keys in (("1,4", 2), ("", 0)):
+        torch._dynamo.reset()
+        cache, ref_cache = model.new_kv_cache(), model.new_kv_cache()
+        with torchpcg.backend.collect_runtimes() as runtimes:
+            compiled = torchpcg.compile(model, cudagraph="emulate", compiler="inductor", capture_sizes="1,2,4,8",
+                                        compile_sizes=sizes, token_inputs={"input_ids": 0, "positions": 0})
+            position = 0
+            with torch.no_grad():
+                for num_tokens in (3, 1, 2, 8, 17, 4, 1):
+                    ids = torch.randint(0, model.config.vocab_size, (num_tokens,))
+                    positions = torch.arange(position, position + num_tokens)
+                    torch.testing.assert_close(compiled(ids, positions, cache), model(ids, positions, ref_cache))
+                    position += num_tokens
+        dispatches = [r.compiled for runtime in runtimes for r in runtime.runners]
+        assert dispatches and all(isinstance(d, TokenDispatch) for d in dispatches)
+        assert all(d.exact_sizes == (frozenset({1, 4}) if sizes else frozenset()) for d in dispatches)
+        assert [len(d.exact.compiled) for d in dispatches] == [exact_keys] * len(dispatches)
+        if not sizes:  # T=1 had nothing else: Dynamo's code was compiled for it
+            assert all(isinstance(d.other, LazyCode) and d.other.code is not None for d in dispatches)
+        torch.testing.assert_close(cache, ref_cache)
+    assert torchpcg.stats()["recompiles"] == 0

@@ -126,9 +126,10 @@ def _unsplit(gm: torch.fx.GraphModule, exc: Exception, config: PiecewiseConfig) 
 
 def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | None,
              config: PiecewiseConfig) -> Callable[..., Any]:
-    """A piece's code. With Inductor: compiled with T backed for T = 2 .. the largest bucket and
-    past it as far as its guards are proven, statically for T=1 on its first call, and for
-    Dynamo's (unbacked) T on the first call nothing else serves (``TokenDispatch``,
+    """A piece's code. With Inductor: compiled statically for each T in ``compile_sizes`` (T=1 by
+    default) on its first call there, with T backed for the other T = 2 .. the largest bucket and
+    past it as far as its guards are proven, and for Dynamo's (unbacked) T on the first call
+    nothing else serves (``TokenDispatch``,
     ``ExactShapeCode``, ``LazyCode``: Inductor fuses more around a known size), unless
     ``backed_compile`` is off or Dynamo's T is backed already (``dynamic_dim="backed"``,
     ``mark_dynamic``: its T=1 calls get a graph of their own)."""
@@ -145,9 +146,13 @@ def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | Non
     # frozen by then and would drop a guard on a backed size; an unbacked one cannot be guarded.
     later = all(free_unbacked_symbols(s) for f in fake_args for s in symbols_of(f))
     unbacked = LazyCode(compile_unbacked, piece.name) if later else compile_unbacked()
-    one = ExactShapeCode(piece.gm, config.compiler, piece.name, unbacked, max_autotune=config.max_autotune)
+    # Exact-shape code per compile size (compiled on its first call: the warm-up before capture)
+    exact = ExactShapeCode(piece.gm, config.compiler, piece.name, unbacked,
+                           max_autotune=config.max_autotune or config.compile_sizes_autotune,
+                           limit=len(config.compile_sizes) + 3)
     dispatch = TokenDispatch(piece.gm, fake_args, symbol, config.largest_bucket, config.compiler, unbacked,
-                             piece.name, max_autotune=config.max_autotune, one=one)
+                             piece.name, max_autotune=config.max_autotune, exact=exact,
+                             exact_sizes=config.compile_sizes)
     if dispatch.backed is None and isinstance(unbacked, LazyCode):
         unbacked.ensure()  # no backed code: Dynamo's serves every T >= 2, compiled now as before
     return dispatch

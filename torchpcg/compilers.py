@@ -16,7 +16,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple
 
 import sympy
@@ -357,6 +357,7 @@ class ExactShapeCode:
     def _compile(self, key: tuple[Any, ...], args: Sequence[Any]) -> Callable[..., Any]:
         if self.failed or len(self.compiled) >= self.limit:
             return self.fallback
+        start = time.perf_counter()
         try:  # on a copy: Inductor rewrites graphs in place
             code = compile_exact(copy_graph_module(self.gm), args, self.compiler, f"{self.name} (exact shapes)",
                                  max_autotune=self.max_autotune)
@@ -368,23 +369,29 @@ class ExactShapeCode:
                 log.warning("%s: compiling for exact shapes failed (%s: %s); its other code serves these calls",
                             self.name or "piece", type(exc).__name__, str(exc).splitlines()[0][:200])
             return self.fallback
-        log.debug("%s: compiled for exact shapes (%d so far)", self.name or "piece", len(self.compiled) + 1)
+        elapsed = time.perf_counter() - start
+        log.debug("%s: compiled for exact shapes in %.2fs (%d so far)", self.name or "piece", elapsed,
+                  len(self.compiled) + 1)
         COUNTERS.add("late_compiles")
+        COUNTERS.add("late_compile_ms", round(elapsed * 1000))
         self.compiled[key] = code
         return code
 
 
 class TokenDispatch:
-    """Code for one graph by token count: Inductor code compiled with T backed (``compile_backed``,
-    at construction) for T in 2..``max_tokens`` and as far past it as its guards are proven;
-    ``one`` for T=1 (default ``other``); ``other`` for the rest, or for every T when there is no
-    backed code (``backed=False``, refused, failed, or ``compiler="eager"``)."""
+    """Code for one graph by token count: ``exact`` (code compiled for a call's exact shapes) for T
+    in ``exact_sizes`` (the ``compile_sizes`` knob; T=1 by default); Inductor code compiled with T
+    backed (``compile_backed``, at construction) for other T in 2..``max_tokens`` and as far past it
+    as its guards are proven; ``other`` for the rest, or for every T when there is no backed code
+    (``backed=False``, refused, failed, or ``compiler="eager"``)."""
 
     def __init__(self, gm: torch.fx.GraphModule, fake_args: Sequence[Any], symbol: Any, max_tokens: int,
                  compiler: str, other: Callable[..., Any], name: str = "", *, max_autotune: bool = False,
-                 backed: bool = True, one: Callable[..., Any] | None = None) -> None:
+                 backed: bool = True, exact: Callable[..., Any] | None = None,
+                 exact_sizes: Collection[int] = (1,)) -> None:
         self.other = other
-        self.one = one
+        self.exact = exact
+        self.exact_sizes = frozenset(exact_sizes)
         self._locate = token_source(fake_args, symbol)
         self.backed: Callable[..., Any] | None = None
         self.max_tokens = 0  # the largest T the backed code serves
@@ -398,10 +405,10 @@ class TokenDispatch:
     def __call__(self, *args: Any) -> Any:
         if self._locate is not None:  # only where an input carries T
             num_tokens = tokens_at(args, self._locate)
+            if num_tokens in self.exact_sizes and self.exact is not None:
+                return self.exact(*args)
             if 2 <= num_tokens <= self.max_tokens:
                 return self.backed(*args)  # type: ignore[misc]  # max_tokens > 0: compiled
-            if num_tokens == 1 and self.one is not None:
-                return self.one(*args)
         return self.other(*args)
 
 
@@ -427,8 +434,10 @@ class LazyCode:
         with self._lock:
             if self.code is None:
                 log.info("%s: compiling the code for Dynamo's token count", self.name or "piece")
+                start = time.perf_counter()
                 self.code = self.build()
                 COUNTERS.add("late_compiles")
+                COUNTERS.add("late_compile_ms", round((time.perf_counter() - start) * 1000))
             return self.code
 
 

@@ -167,6 +167,18 @@ class PiecewiseConfig:
     traffic that made every call as slow as eager (``torchpcg.sdpa``). ``torch``: leave SDPA's order
     as torch and the caller set it."""
 
+    compile_sizes: tuple[int, ...] = (1,)
+    """Token counts whose pieces get code compiled for exactly that size (static shapes: Inductor
+    fuses and picks kernels for the known size), on the first call at that size, which is the
+    warm-up before capture; other sizes run the code compiled with T dynamic. Only sizes that are
+    also capture sizes reach graphs; another size serves calls without graphs at exactly that T.
+    Needs Inductor pieces with T unbacked (the default); ``torchpcg.stats()["late_compiles"]``
+    counts the compiles, the FX graph cache keeps them for the next process."""
+
+    compile_sizes_autotune: bool = False
+    """Compile the ``compile_sizes`` code with Inductor's max-autotune and coordinate-descent
+    tuning (slower compile, tuned kernels); the other sizes' code as ``max_autotune`` says."""
+
     direct_ops: bool = True
     """Split ops defined with ``torch.library.custom_op`` that have one implementation for every
     device and no other registration are called as their Python body between graphs, without the
@@ -179,6 +191,9 @@ class PiecewiseConfig:
             raise ConfigError(f"compiler={self.compiler!r}: expected one of {', '.join(COMPILERS)}")
         _check_positive("full_max_size", self.full_max_size)
         _check_positive("max_address_sets", self.max_address_sets)
+        for size in self.compile_sizes:
+            _check_positive("compile_sizes", size)
+        object.__setattr__(self, "compile_sizes", tuple(sorted(set(self.compile_sizes))))
         if self.cudagraph_mode not in GRAPH_MODES:
             raise ConfigError(f"cudagraph_mode={self.cudagraph_mode!r}: expected one of {', '.join(GRAPH_MODES)}")
         if self.sdpa_order not in SDPA_ORDERS:
@@ -266,6 +281,13 @@ def _parse_sizes(source: str, raw: Any) -> tuple[int, ...] | None:
     return sizes
 
 
+def _parse_compile_sizes(source: str, raw: Any) -> tuple[int, ...]:
+    """Like capture sizes, but empty means none (``TORCHPCG_COMPILE_SIZES=""``: no exact-size code)."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()) or (isinstance(raw, (tuple, list)) and not raw):
+        return ()
+    return _parse_sizes(source, raw) or ()
+
+
 def _parse_bool(source: str, raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -339,6 +361,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cache_in_graphs": _parse_bool,
     "sdpa_order": _parse_choice(SDPA_ORDERS),
     "direct_ops": _parse_bool,
+    "compile_sizes": _parse_compile_sizes,
+    "compile_sizes_autotune": _parse_bool,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(PiecewiseConfig)}
 

@@ -35,6 +35,7 @@ COUNTER_KEYS = (
     "late_compiles",  # Inductor code made on a call, after the backend returned: exact-shape code (T=1 of
     # pieces, full graphs' static code), Dynamo's code on its first use (compilers.ExactShapeCode, LazyCode);
     # an identical piece's code reused in-process counts too; flat once warm-up is done
+    "late_compile_ms",  # wall time of those compiles, ms (exact-size code for compile_sizes included)
     "real_tokens",  # sum of T over graph calls
     "padded_tokens",  # sum of (bucket - T) over graph calls
 )
