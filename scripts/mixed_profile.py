@@ -40,6 +40,19 @@ def host_and_gpu_us(fn, calls: int = 200) -> tuple[float, float]:
     return host, start_event.elapsed_time(end_event) * 1e3 / calls
 
 
+def _ms_per_call(compiled, args, calls: int = 50) -> float:
+    """10 warm-up calls, then wall ms per call over ``calls`` calls; stats() count the timed calls."""
+    for _ in range(10):
+        compiled(*args)
+    torch.cuda.synchronize()
+    torchpcg.reset_stats()
+    start = time.perf_counter()
+    for _ in range(calls):
+        compiled(*args)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def op_table(config, dtype: torch.dtype) -> None:
     dev = torch.device("cuda")
     heads, kv_heads, dim, slots = config.num_heads, config.num_kv_heads, config.head_dim, config.max_seq_len
@@ -92,15 +105,7 @@ def _profile(compiled, config, dev) -> None:
         torchpcg.capture(compiled, make, progress=False)
         for t in (1, 8):
             args = make(t)
-            for _ in range(10):
-                compiled(*args)
-            torch.cuda.synchronize()
-            torchpcg.reset_stats()
-            start = time.perf_counter()
-            for _ in range(50):
-                compiled(*args)
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - start) / 50 * 1e3
+            wall = _ms_per_call(compiled, args)
             print(f"\n## T={t}: {wall:.3f} ms per call; host_us {torchpcg.stats()['host_us']}\n")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -133,15 +138,7 @@ def full_decode(config, dtype: torch.dtype) -> None:
             torchpcg.capture(compiled, make, progress=False)
             for t in (1, 8):
                 args = make(t)
-                for _ in range(10):
-                    compiled(*args)
-                torch.cuda.synchronize()
-                torchpcg.reset_stats()
-                start = time.perf_counter()
-                for _ in range(50):
-                    compiled(*args)
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - start) / 50 * 1e3
+                wall = _ms_per_call(compiled, args)
                 st = torchpcg.stats()
                 print(f"| {order} | {t} | {wall:.3f} | {st['full_graph_calls']} | {st['replays'] / 50:.1f} |")
 

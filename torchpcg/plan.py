@@ -39,25 +39,15 @@ def short_note(note: str) -> str:
     return note if len(note) <= NOTE_WIDTH else note[:NOTE_WIDTH - 1].rstrip() + "…"
 
 
+# (prefix a split reason starts with, its category); split.py and padding.py write the prefixes
+_REASON_PREFIXES = (("padding-unsafe", "padding-unsafe"), ("attention", "attention"), ("collective", "collective"),
+                    ("user split op", "user"), ("merged", "merged"), ("side effect", "side effect"),
+                    ("host tensor", "host tensor"), ("cache state", "cache state"))
+
+
 def reason_category(reason: str) -> str:
-    """'attention (aten::sdpa)' -> 'attention'; split.py and padding.py write the prefixes."""
-    if reason.startswith("padding-unsafe"):
-        return "padding-unsafe"
-    if reason.startswith("attention"):
-        return "attention"
-    if reason.startswith("collective"):
-        return "collective"
-    if reason.startswith("user split op"):
-        return "user"
-    if reason.startswith("merged"):
-        return "merged"
-    if reason.startswith("side effect"):
-        return "side effect"
-    if reason.startswith("host tensor"):
-        return "host tensor"
-    if reason.startswith("cache state"):
-        return "cache state"
-    return "other"
+    """'attention (aten::sdpa)' -> 'attention'; 'other' for a reason of no known prefix."""
+    return next((category for prefix, category in _REASON_PREFIXES if reason.startswith(prefix)), "other")
 
 
 @dataclasses.dataclass(frozen=True)
