@@ -124,3 +124,25 @@ def test_graphs_off_on_cpu_is_said_and_long_reasons_are_cut_in_the_table():
     long_reason = "merged: " + "x" * 300
     assert len(plan.short_note(long_reason)) == plan.NOTE_WIDTH
     assert plan.short_note("attention (aten::sdpa)") == "attention (aten::sdpa)"
+
+
+def test_a_graph_breaking_model_is_explained_frame_by_frame():
+    """A mixture-of-experts MLP that dispatches with torch.where breaks Dynamo's graph: explain of
+    the plain torch.compile model (fullgraph=False, torch.compile's default) lists one plan per
+    Dynamo graph, each naming the frame it came from, as the backend sees them; fullgraph=True
+    (explain's default for a plain module) traces it whole."""
+    from torchpcg.models import DecoderConfig
+    from torchpcg.models.buffer_decoder import BUFFER_ATTENTION_OP
+    from torchpcg.models.moe import moe_decoder
+
+    torchpcg.register_splitting_op(BUFFER_ATTENTION_OP)
+    model = moe_decoder(DecoderConfig(num_layers=2, max_seq_len=64), num_experts=4, top_k=2).eval()
+    args = (torch.randint(0, model.config.vocab_size, (5,)), torch.arange(5))
+    compiled = torch.compile(model, backend="piecewise", options={"capture_sizes": "1,2,4,8"})
+    report = explain(compiled, *args)
+    assert len(report.graphs) > 1 and all(graph.frame for graph in report.graphs)
+    assert any(graph.frame.startswith("MLP.forward (decoder.py:") for graph in report.graphs)  # the experts
+    assert "frame: MLP.forward" in str(report) and report.to_dict()["graphs"][0]["frame"] == report.graphs[0].frame
+    whole = explain(model, *args, options={"capture_sizes": "1,2,4,8"})
+    assert len(whole.graphs) == 1 and whole.graphs[0].frame.startswith("BufferDecoder.forward")
+    assert len(explain(compiled, *args, fullgraph=True).graphs) == 1

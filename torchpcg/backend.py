@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -79,6 +80,7 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
                   key=static_names.get)
     runtime = Runtime(split, config, symbol, locator, resolve_graph_mode(config, device), device,
                       static_args=[static_names[n] for n in read], static_names=read)
+    runtime.frame = compiled_frame()
     for piece in split.compute_pieces:
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
         # Runner first: it reads the piece's output structure, which Inductor may rewrite.
@@ -96,8 +98,9 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
         runtime.unbucket()
     COUNTERS.add("pieces", len(split.compute_pieces))
     COUNTERS.add("split_ops", len(split.split_pieces))
-    log.info("piecewise: %d pieces, %d split ops, graphs=%s, buckets=%s, compiled with %s in %.2fs",
-             len(split.compute_pieces), len(split.split_pieces), runtime.graph_mode,
+    log.info("piecewise%s: %d pieces, %d split ops, graphs=%s, buckets=%s, compiled with %s in %.2fs",
+             f" {runtime.frame}" if runtime.frame else "", len(split.compute_pieces), len(split.split_pieces),
+             runtime.graph_mode,
              format_sizes(runtime.buckets), config.compiler, time.perf_counter() - start)
     if config.debug_dir:
         dump_split(runtime, gm, config.debug_dir)
@@ -122,6 +125,18 @@ def _unsplit(gm: torch.fx.GraphModule, exc: Exception, config: PiecewiseConfig) 
     log.warning("%s", message)
     COUNTERS.add("fallbacks")
     return gm.forward
+
+
+def compiled_frame() -> str:
+    """The Python frame Dynamo is compiling now, as ``qualname (file:line)``; '' where torch does
+    not say. After a graph break each frame (a resume function, a submodule's ``forward`` called
+    from one) is a Dynamo graph of its own: explain and the logs name them."""
+    context = torch._guards.TracingContext.try_get()
+    traced = getattr(context, "traced_code", None) if context is not None else None
+    if not traced:
+        return ""
+    code = traced[0]
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
 
 
 def _compile(piece: SplitPiece, fake_args: list[Any], symbol: sympy.Symbol | None,

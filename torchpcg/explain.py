@@ -107,7 +107,7 @@ def would_use_graph_mode(config: PiecewiseConfig, device: torch.device | None) -
 
 def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Mapping[str, int] | None = None,
             options: Mapping[str, Any] | None = None, dynamic_dim: str | None = None,
-            **kwargs: Any) -> ExplainReport:
+            fullgraph: bool | None = None, **kwargs: Any) -> ExplainReport:
     """Split ``model`` as the piecewise backend would and report the plan; captures no graph.
 
     Example::
@@ -120,8 +120,11 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
 
     ``model_or_compiled`` may be the module, ``torch.compile(module, backend="piecewise",
     options=...)`` or ``torchpcg.compile(module, ...)``; the compiled model's options (and
-    ``options=``, which win) give the buckets and split ops. The model is compiled afresh with
-    ``fullgraph=True``, ``cudagraph="off"`` and eager pieces, and run once on ``*args, **kwargs`` under
+    ``options=``, which win) give the buckets and split ops, and its ``fullgraph`` setting whether
+    a graph break splits the model into frames, each a Dynamo graph of its own, listed with the
+    frame it came from (``fullgraph=`` overrides; a plain module: ``True``). The model is compiled
+    afresh with
+    ``cudagraph="off"`` and eager pieces, and run once on ``*args, **kwargs`` under
     ``no_grad``. Token dims are marked dynamic as ``torchpcg.compile`` finds them, by shape: the
     first tensor argument (dim 1 for 2-D integer ids, else dim 0) plus every other tensor
     argument with T rows at that dim (pass T > 1; see docs/zero-recompiles.md for the
@@ -136,7 +139,8 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     model: it compiles a copy of ``forward``'s code object, so your model neither recompiles nor
     loses compiled code (``torch._dynamo.reset()`` would). Forward hooks of the module are not run.
     """
-    module, found_options, found_tokens, found_dim = _unwrap(model_or_compiled)
+    module, found_options, found_tokens, found_dim, found_fullgraph = _unwrap(model_or_compiled)
+    whole = fullgraph if fullgraph is not None else found_fullgraph if found_fullgraph is not None else True
     user_config = PiecewiseConfig.resolve({**found_options, **dict(options or {})})
     # The plan does not depend on the piece compiler; eager pieces make explain seconds, not minutes.
     trace_config = user_config.replace(cudagraph="off", compiler="eager", debug_dir=None, verify=False, enforce=False)
@@ -144,7 +148,7 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
     attempts = [chosen] if chosen in ("unbacked", "backed") else ["unbacked", "backed"]
     for attempt, mode in enumerate(attempts):
         try:
-            runtimes = _trace_once(module, trace_config, args, kwargs, token_inputs or found_tokens, mode)
+            runtimes = _trace_once(module, trace_config, args, kwargs, token_inputs or found_tokens, mode, whole)
             break
         except Exception as exc:  # noqa: BLE001 - Dynamo raises many types; we retry once, then re-raise
             if attempt + 1 == len(attempts):
@@ -157,10 +161,14 @@ def explain(model_or_compiled: Callable[..., Any], *args: Any, token_inputs: Map
 
 
 def _trace_once(module: Any, config: PiecewiseConfig, args: tuple, kwargs: dict,
-                token_inputs: Mapping[str, int] | None, dynamic_dim: str) -> list[Runtime]:
-    """Compile a fresh copy of ``module``'s forward, call it once, return the runtimes built."""
+                token_inputs: Mapping[str, int] | None, dynamic_dim: str, fullgraph: bool) -> list[Runtime]:
+    """Compile a fresh copy of ``module``'s forward, call it once, return the runtimes built.
+
+    With ``fullgraph=False`` the frames Dynamo starts after a graph break inside a submodule run
+    that submodule's own code object, not a copy, so they get Dynamo cache entries next to the
+    user's compiled model's (keyed by backend: neither uses the other's code)."""
     fresh, signature_owner = _fresh_callable(module)
-    compiled = torch.compile(fresh, backend="piecewise", fullgraph=True, options=config.to_dict())
+    compiled = torch.compile(fresh, backend="piecewise", fullgraph=fullgraph, options=config.to_dict())
     bound = inspect.signature(signature_owner).bind(*args, **kwargs)
     layout = resolve_token_layout(dict(bound.arguments), token_inputs, set())
     for name, dim in layout.dims.items():
@@ -183,20 +191,35 @@ def _device_of(runtime: Runtime) -> torch.device | None:
     return None
 
 
-def _unwrap(model: Any) -> tuple[Any, dict[str, Any], dict[str, int] | None, str]:
-    """(the plain module or function, piecewise options found, token_inputs, dynamic_dim or '')."""
+def _unwrap(model: Any) -> tuple[Any, dict[str, Any], dict[str, int] | None, str, bool | None]:
+    """(the plain module or function, piecewise options found, token_inputs, dynamic_dim or '',
+    the compiled model's ``fullgraph`` or None where it cannot be read)."""
     options: dict[str, Any] = {}
     token_inputs = None
     dynamic_dim = ""
+    fullgraph = None
     if isinstance(model, StableModel):
         options = model.config.to_dict()
         token_inputs = model.token_inputs
         dynamic_dim = model.dynamic_dim if model.dynamic_dim in ("unbacked", "backed") else ""  # auto/off: ours
+        fullgraph = _fullgraph_of(model.compiled)
         model = model.model
     if hasattr(model, "_torchdynamo_orig_callable"):  # OptimizedModule or a torch.compile-d function
         options = options or compile_options(model)
+        fullgraph = _fullgraph_of(model)
         model = getattr(model, "_orig_mod", None) or model._torchdynamo_orig_callable
-    return model, options, token_inputs, dynamic_dim
+    return model, options, token_inputs, dynamic_dim, fullgraph
+
+
+def _fullgraph_of(compiled: Any) -> bool | None:
+    """``torch.compile(..., fullgraph=)`` of an OptimizedModule (its Dynamo context keeps it); None
+    for a compiled function, whose context torch does not expose."""
+    context = getattr(compiled, "dynamo_ctx", None)
+    value = getattr(context, "fullgraph", None)
+    if isinstance(value, bool):
+        return value
+    callback = getattr(context, "callback", None)  # older torch: the fullgraph converter marks itself
+    return None if callback is None else hasattr(callback, "_one_graph")
 
 
 def _fresh_callable(model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:

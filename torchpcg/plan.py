@@ -83,6 +83,7 @@ class GraphPlan:
     graph_mode: str  # "cuda", "emulate" or "off": what a real run of this config would use
     num_dynamo_nodes: int
     full_graphs: str = ""  # cudagraph_mode="full_and_piecewise": "T <= 8", or "off: <why>"; "" in piecewise mode
+    frame: str = ""  # the Python frame Dynamo compiled, "qualname (file:line)"; '' where torch does not say
 
     @property
     def compute_pieces(self) -> tuple[PiecePlan, ...]:
@@ -117,6 +118,7 @@ class GraphPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "frame": self.frame,
             "token_symbol": self.token_symbol,
             "buckets": list(self.buckets),
             "largest_bucket": self.largest_bucket,
@@ -156,7 +158,7 @@ class GraphPlan:
     def summary(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in self.split_counts.items() if v) or "none"
         buckets = format_sizes(self.buckets)
-        return "\n".join([
+        return "\n".join(([f"frame: {self.frame}"] if self.frame else []) + [
             f"token count symbol: {self.token_symbol or 'none (static shapes: one graph, no buckets)'}",
             f"buckets: {buckets}; largest {self.largest_bucket}",
             f"graph mode: {self.graph_mode}" + (_OFF_NOTE if self.graph_mode == "off" else "")
@@ -206,7 +208,8 @@ def plan_of(runtime: Runtime, graph_mode: str | None = None) -> GraphPlan:
         full = "off: " + "; ".join(runtime.full_blockers[:3]) + (" ..." if len(runtime.full_blockers) > 3 else "")
     elif runtime.config.cudagraph_mode == "full_and_piecewise":
         full = f"T <= {runtime.config.full_max_size}, one whole-forward graph per exact T"
-    return GraphPlan(tuple(pieces), symbol, buckets, graph_mode or runtime.graph_mode, nodes, full)
+    return GraphPlan(tuple(pieces), symbol, buckets, graph_mode or runtime.graph_mode, nodes, full,
+                     getattr(runtime, "frame", ""))
 
 
 def _inputs_from_compute_pieces(split_gm: torch.fx.GraphModule, compute: set[str]) -> dict[str, set[int]]:
