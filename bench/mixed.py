@@ -14,7 +14,9 @@ calls around their graph replays.
 Modes: eager; inductor-cudagraph (the Inductor-compiled model captured whole, one CUDA graph per
 bucket, padded rows writing a scratch cache slot: the upper bound); piecewise (plain
 ``torch.compile(model, backend="piecewise")``); piecewise-sdpa-torch (the same with
-``sdpa_order="torch"``: SDPA's own kernel order, what every earlier release did); torchpcg
+``sdpa_order="torch"``: SDPA's own kernel order, what every earlier release did);
+piecewise-op-dispatch (the same with ``direct_ops=False``: the attention op called through
+``torch.ops``, the dispatcher and the custom-op wrapper, as before ``direct_ops``); torchpcg
 (``torchpcg.compile(model)``, token inputs inferred); torchpcg-hinted (``token_inputs`` named);
 torchpcg-full-decode (``cudagraph_mode="full_and_piecewise"``, the op registered capturable).
 The attention op is registered as a split op, as the model's author would.
@@ -42,8 +44,8 @@ from torchpcg.models.decoder import DecoderConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-MODE_NAMES = ("eager", "inductor-cudagraph", "piecewise", "piecewise-sdpa-torch", "torchpcg", "torchpcg-hinted",
-              "torchpcg-full-decode")
+MODE_NAMES = ("eager", "inductor-cudagraph", "piecewise", "piecewise-sdpa-torch", "piecewise-op-dispatch", "torchpcg",
+              "torchpcg-hinted", "torchpcg-full-decode")
 TOL = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
 # torchpcg.stats() counters recorded after warm-up (summed over the timed calls)
 COUNTED = ("recompiles", "recaptures", "captured", "replays", "eager_runs", "graphless_runs", "copied_bytes",
@@ -109,6 +111,8 @@ def build(name: str, model: BufferDecoder, s: Settings, buckets: tuple[int, ...]
     options = dict(s.options)
     if name.endswith("sdpa-torch"):
         options["sdpa_order"] = "torch"
+    if name.endswith("op-dispatch"):
+        options["direct_ops"] = False
     if name == "torchpcg-full-decode":
         if s.device.type != "cuda":
             raise ModeUnavailable("full-decode CUDA graphs need a CUDA device")
