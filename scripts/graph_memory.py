@@ -50,10 +50,10 @@ def trace_captures(records: list[dict[str, Any]]) -> None:
     original = runtime.PieceRunner._capture
 
     def traced(self: Any, bucket: int, num_tokens: int, args: Any) -> Any:
-        pool = self.runtime._pool
+        pool = self.runtime.engine.pool
         before = pool_bytes(pool.handle) if pool is not None and not pool.retired else (0, 0)
         result = original(self, bucket, num_tokens, args)
-        reserved, active = pool_bytes(self.runtime._pool.handle)
+        reserved, active = pool_bytes(self.runtime.engine.pool.handle)
         records.append({"piece": self.piece.name, "bucket": bucket, "reserved": reserved, "active": active,
                         "growth": reserved - before[0]})
         return result

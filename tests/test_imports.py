@@ -85,6 +85,9 @@ def test_module_imports_have_no_circle():
     ("padding", {"verify", "split", "runtime", "full", "backend"}),
     ("verify", {"padding", "padding_rules", "padding_ops", "split", "runtime", "full", "backend"}),
     ("runtime", {"backend", "explain", "debug", "plan", "stable", "front", "vlm", "vision"}),
+    # the graph engine: below its owners (runtime, full, vision), above graphs, errors and stats
+    ("engine", {"runtime", "full", "vision", "backend", "explain", "debug", "plan", "stable", "front", "vlm",
+                "capture", "split", "compilers", "padding", "address_sets"}),
     ("config", {"backend", "runtime", "stable", "token_inputs", "stable_buffers", "recompiles", "front"}),
 ])
 def test_lower_modules_never_import_upper_ones(module, never):

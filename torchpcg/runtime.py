@@ -5,7 +5,9 @@ graph inputs have stable addresses. Out: ``Runtime``, called with Dynamo's flat 
 Per call it picks the bucket B >= T, and each compute piece (a ``PieceRunner``) copies its inputs
 into static buffers (token inputs: B rows, padding rows zeroed), replays its graph and hands the
 next op views of the real rows ``[:T]``. Split ops run eagerly on those real rows. Calls above
-the largest bucket, or with graphs off, run the same compiled pieces without graphs.
+the largest bucket, or with graphs off, run the same compiled pieces without graphs. Captures go
+through the runtime's ``engine.GraphEngine`` (pool, failure policy, stream rule); the graphs
+themselves stay in the runners, by bucket and address set.
 
 Inputs are classified once, at compile time (``_input_specs``):
 
@@ -41,9 +43,9 @@ import torch
 
 from .address_sets import AddressSets
 from .config import PiecewiseConfig
+from .engine import GraphEngine
 from .errors import CaptureError, PaddingError
-from .graphs import (CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, flatten_outputs, new_pool,
-                     release_after_failed_capture)
+from .graphs import CudaGraph, EmulatedGraph, flatten_outputs
 from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
 from .op_calls import direct_custom_ops
 from .split import SplitGraph, SplitPiece
@@ -164,6 +166,9 @@ class PieceRunner:
         self.buffers: dict[int, torch.Tensor] = {}  # copied input index -> its buffer (fixed shape)
         self.unchained: set[int] = set()  # inputs once chained whose producer changed: always copied
         self.warm_before_capture = True  # run once outside the graph first (lazy inits, autotuning)
+        # What a failed capture of this runner drops, given the message: None, its bucket everywhere
+        # (Runtime.capture_failed); full graphs turn themselves off.
+        self.on_capture_failure: Callable[[str], None] | None = None
 
     def sees_symbol(self) -> bool:
         """Whether any input or output of this piece depends on the token symbol."""
@@ -562,8 +567,8 @@ class Runtime:
         self._owned: set[int] = set()  # storage addresses of graph outputs and static buffers
         self._shared_buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}  # see shared_buffer
         self._lock = threading.RLock()
-        self._pool: GraphPool | EmulatedPool | None = None
-        self._order_streams = StreamOrder(device)  # a call on another stream than the last waits for it
+        # Captures, the pool, the failure policy and the stream rule (the graphs stay in the runners).
+        self.engine = GraphEngine(graph_mode, device, enforce_note="TORCHPCG_ENFORCE=1")
         self._sdpa_order = SdpaOrder(config.sdpa_order == "auto", device)
         self._drop_after_call: list[tuple[PieceRunner | None, int]] = []  # (runner or all, bucket)
         self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
@@ -606,7 +611,7 @@ class Runtime:
             if bucket is not None:
                 self._check_static_inputs(args)
                 if self.graph_mode == "cuda":
-                    self._order_streams()
+                    self.engine.order_streams()  # a call on another stream than the last waits for it
             full = self.full if bucket is not None else None
             key = full.key(num_tokens) if full is not None else None
             route = full.route(key, args) if key is not None else None
@@ -756,12 +761,9 @@ class Runtime:
     # ---- services for piece runners ------------------------------------------------------------
 
     def make_graph(self, fn: Callable[..., Any], static_args: list[Any], warm: bool = True) -> CudaGraph | EmulatedGraph:
-        """Capture ``fn`` on ``static_args`` into this runtime's pool (a fresh one if it was retired)."""
-        if self._pool is None or self._pool.retired:
-            self._pool = new_pool(self.graph_mode, self.device)
-        if self.graph_mode == "cuda" and warm:
-            fn(*static_args)  # warm-up outside the graph: lazy inits, autotuning, cuBLAS workspaces
-        return self._pool.capture(fn, static_args)
+        """Capture ``fn`` on ``static_args`` into this runtime's pool (a fresh one if it was retired),
+        after a warm-up run outside the graph on CUDA when ``warm`` (``engine.GraphEngine.capture``)."""
+        return self.engine.capture(fn, static_args, warm=warm)
 
     def verify(self, runner: PieceRunner, static_args: list[Any], args: Sequence[Any]) -> None:
         """Verify mode: padded real rows must equal the exact-size run (first use of a bucket)."""
@@ -778,19 +780,18 @@ class Runtime:
     def capture_failed(self, bucket: int, runner: PieceRunner, exc: Exception) -> None:
         """Drop bucket ``bucket`` everywhere; this and later calls there run without its graphs.
 
-        A failed full graph turns full graphs off instead: the piecewise buckets are unaffected.
+        A runner with its own ``on_capture_failure`` (full graphs: they turn themselves off) gets the
+        message instead, and the piecewise buckets are unaffected. The engine raises under enforce,
+        counts, and retires the pool after out of memory.
         """
-        message = f"capturing {runner.piece.name} at bucket {bucket} failed: {type(exc).__name__}: {exc}"
-        if self.config.enforce:
-            raise CaptureError(message + " (TORCHPCG_ENFORCE=1)") from exc
-        COUNTERS.add("capture_failures")
-        release_after_failed_capture(self._pool, exc)
-        if self.full is not None and runner is self.full.runner:
-            self.full.turn_off(message)
+        own = runner.on_capture_failure
+        message = self.engine.failed(f"{runner.piece.name} at bucket {bucket}", exc, enforce=self.config.enforce,
+                                     fallback=own is None)
+        if own is not None:
+            own(message)
             self.state.bucket = None
             return
         log.warning("%s; bucket %d is dropped, calls there use the next larger bucket or no graphs", message, bucket)
-        COUNTERS.add("fallbacks")
         if bucket in self.buckets:
             self.buckets.remove(bucket)
         self.state.bucket = None  # the rest of this call runs without graphs
@@ -840,43 +841,8 @@ def _bytes_of(copies: Sequence[tuple[int, torch.Tensor, tuple[int, ...], torch.T
 _data_ptr = torch.Tensor.data_ptr
 _now = time.perf_counter_ns
 
-# C++ loops that Inductor's CUDA graph trees use on their hot path; CUDA builds only (None on CPU).
+# A C++ loop that Inductor's CUDA graph trees use on their hot path; CUDA builds only (None on CPU).
 _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # (tensors, ptrs, indices) -> bool
-_CURRENT_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)  # device index -> (id, device, type)
-
-
-def current_stream_key(device_index: int) -> Any:
-    """What identifies the current CUDA stream of ``device_index``, as cheaply as torch allows."""
-    if _CURRENT_STREAM is not None:
-        return _CURRENT_STREAM(device_index)
-    return torch.cuda.current_stream(device_index)
-
-
-class StreamOrder:
-    """Back-to-back calls on different CUDA streams share static buffers: called at the start of
-    each call, it makes a call on another stream than the last one wait for that stream.
-
-    The stream is compared by ``current_stream_key`` (a tuple from C++, ~1 us); a ``Stream``
-    object is made only when it changed (``torch.cuda.current_stream`` costs ~10 us a call).
-    Calls on one stream cost nothing else.
-    """
-
-    def __init__(self, device: torch.device | None) -> None:
-        self.device = device
-        self._index: int | None = None  # device's index, found on the first call
-        self._key: Any = None  # the last call's stream, as current_stream_key gives it
-        self._last: torch.cuda.Stream | None = None
-
-    def __call__(self) -> None:
-        if self._index is None:
-            self._index = torch.cuda._get_device_index(self.device, optional=True)
-        key = current_stream_key(self._index)
-        if key == self._key:
-            return
-        stream = torch.cuda.current_stream(self._index)
-        if self._last is not None:  # another stream than the last call's (the keys differ)
-            stream.wait_stream(self._last)
-        self._last, self._key = stream, key
 
 
 def direct_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:

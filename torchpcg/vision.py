@@ -29,13 +29,13 @@ Knobs (field = ``options`` key = ``TORCHPCG_`` + upper-case name; a bad value ra
 =========================  ==================================================  ==============
 
 No Dynamo graph surgery here: piecewise mode is ``stable.compile_model`` (``torchpcg.compile``'s
-plain-model path: an encoder is never a VLM) with ViT buckets; full mode captures through
-``graphs.py``'s pools (real CUDA graphs, or emulated ones on CPU). A front end: imports stable,
-runtime and graphs; nothing in torchpcg imports it but the package's ``__init__``.
+plain-model path: an encoder is never a VLM) with ViT buckets; full mode captures through an
+``engine.GraphEngine`` (its pool, failure policy, stream rule and LRU of graphs; real CUDA graphs, or
+emulated ones on CPU). A front end: imports stable, runtime, engine and graphs; nothing in
+torchpcg imports it but the package's ``__init__``.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import inspect
 import logging
@@ -46,9 +46,10 @@ from typing import Any
 import torch
 
 from .config import VIT_GRAPH_MODES, PiecewiseConfig, VisionConfig, default_vit_capture_sizes, format_sizes
+from .engine import GraphEngine
 from .errors import CaptureError, ConfigError, TorchPCGError
-from .graphs import CudaGraph, EmulatedGraph, EmulatedPool, GraphPool, new_pool, release_after_failed_capture
-from .runtime import StreamOrder, graphless_counter, resolve_graph_mode
+from .graphs import CudaGraph, EmulatedGraph
+from .runtime import graphless_counter, resolve_graph_mode
 from .stable import StableModel, compile_model
 from .stats import COUNTERS
 
@@ -202,14 +203,13 @@ class EncoderGraphs:
         self._signature = _Signature(encoder, cu_seqlens_arg, token_inputs)
         self._run: Callable[..., Any] = encoder if compiler == "eager" else _inductor_compile(encoder)
         self._graph_mode: str | None = None  # resolved on the first call, from the inputs' device
-        self._device: torch.device | None = None
         self._first_layout: tuple[Hashable, ...] | None = None
         self._disabled = ""  # why graphs are off after a failed capture
-        self._pool: GraphPool | EmulatedPool | None = None
         self._buckets: dict[tuple[int, Hashable], _Bucket] = {}  # (bucket, input layout) -> buffers
-        self._order_streams = StreamOrder(None)  # a call on another stream than the last waits for it (device: _mode)
-        self._graphs: collections.OrderedDict[Hashable, _KeyedGraph] = collections.OrderedDict()
-        self._counts = dict.fromkeys(("captures", "replays", "evictions", "eager_runs"), 0)
+        # Captures, the pool, the failure policy, the stream rule and the graphs by key, at most
+        # max_graphs (least recently used released). Placed on the inputs' device by the first call.
+        self._engine = GraphEngine(enforce_note="enforce=True", max_graphs=self.max_graphs, name="encoder graph")
+        self._counts = dict.fromkeys(("captures", "replays", "eager_runs"), 0)
         self._lock = threading.RLock()
         log.info("whole-encoder graphs: buckets %s, at most %d graphs, compiler %s", format_sizes(self.buckets),
                  self.max_graphs, compiler)
@@ -243,8 +243,10 @@ class EncoderGraphs:
     def info(self) -> dict[str, Any]:
         """Graphs held now, captures, replays, evictions, eager runs, and why graphs are off (if so)."""
         with self._lock:
-            return {"graphs": len(self._graphs), **self._counts, "max_graphs": self.max_graphs,
-                    "buckets": list(self.buckets), "disabled": self._disabled}
+            counts = self._counts
+            return {"graphs": len(self._graphs), "captures": counts["captures"], "replays": counts["replays"],
+                    "evictions": self._engine.evictions, "eager_runs": counts["eager_runs"],
+                    "max_graphs": self.max_graphs, "buckets": list(self.buckets), "disabled": self._disabled}
 
     def keys(self) -> list[Hashable]:
         """Keys of the graphs held, least recently used first: ``graph_key(...)``, paired with the
@@ -255,9 +257,13 @@ class EncoderGraphs:
     def clear(self) -> None:
         """Release every graph and static buffer (they are captured again on demand)."""
         with self._lock:
-            while self._graphs:
-                self._evict(count=False)
+            self._engine.clear()
             self._buckets.clear()
+
+    @property
+    def _graphs(self) -> dict[Hashable, _KeyedGraph]:
+        """The graphs held, by key, least recently used first (the engine keeps them)."""
+        return self._engine.graphs
 
     # ---- one call ---------------------------------------------------------------------------------
 
@@ -265,8 +271,7 @@ class EncoderGraphs:
         if self._graph_mode is None:
             device = next((call.arguments[n].device for n in call.token_names), None)
             self._graph_mode = resolve_graph_mode(self.config, device)
-            self._device = device
-            self._order_streams = StreamOrder(device)
+            self._engine.place(self._graph_mode, device)
         return self._graph_mode
 
     def _replay(self, call: _Call, bucket: int) -> Any:
@@ -278,10 +283,10 @@ class EncoderGraphs:
         if extras or layout:  # other boundaries, tensor shapes, Python values shape the graph too
             key = (key, extras + layout)
         if self._graph_mode == "cuda":
-            self._order_streams()
+            self._engine.order_streams()  # a call on another stream than the last waits for it
         static = self._bucket(bucket, layout, call)
         self._copy_inputs(static, call)
-        entry = self._graphs.get(key)
+        entry = self._engine.get(key)  # now the most recently used
         if entry is None:
             entry = self._capture(key, static, call, padded)
             if entry is None:  # capture failed: graphs are off from now on
@@ -289,7 +294,6 @@ class EncoderGraphs:
                 COUNTERS.add(graphless_counter(self.config.compiler))
                 return self._run(**call.arguments)
         else:
-            self._graphs.move_to_end(key)
             entry.graph.replay()
             self._counts["replays"] += 1
             COUNTERS.add("replays")
@@ -373,19 +377,16 @@ class EncoderGraphs:
             return tuple(result) if not structure["single"] else (result,)
 
         try:
-            if self._graph_mode == "cuda" and not static.warmed:
-                forward(*arguments.values())  # lazy inits, cuBLAS workspaces, Inductor compile: outside capture
-                static.warmed = True
-            if self._pool is None or self._pool.retired:
-                self._pool = new_pool(self._graph_mode, self._device)
-            graph = self._pool.capture(forward, list(arguments.values()))
+            # cuda: one run outside capture per bucket's buffers first (lazy inits, cuBLAS workspaces,
+            # Inductor compile)
+            graph = self._engine.capture(forward, list(arguments.values()), warm=not static.warmed)
         except CaptureError:
             raise  # the process could not be healed: never continue
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured, OOM: fall back
             return self._capture_failed(static.size, exc)
+        static.warmed = static.warmed or self._graph_mode == "cuda"
         outputs = graph.release_capture_outputs()
         entry = _KeyedGraph(key, static.size, graph, segments, static, list(outputs), structure["single"])
-        self._graphs[key] = entry
         self._counts["captures"] += 1
         COUNTERS.add("captured")
         COUNTERS.note_capture_size(static.size)
@@ -393,36 +394,21 @@ class EncoderGraphs:
                   len(call.bounds) - 1, static.size)
         if isinstance(graph, CudaGraph):
             graph.replay()  # capture records work; this replay computes the outputs
-        while len(self._graphs) > self.max_graphs:
-            self._evict()
+        self._engine.put(key, entry)  # over max_graphs: the least recently used is released
         return entry
 
     def _capture_failed(self, bucket: int, exc: Exception) -> None:
         """Drop ``bucket`` (its calls go to the next larger bucket or run eagerly); no buckets left: off."""
-        message = f"capturing the vision encoder at bucket {bucket} failed: {type(exc).__name__}: {exc}"
-        if self.config.enforce:
-            raise CaptureError(message + " (enforce=True)") from exc
+        message = self._engine.failed(f"the vision encoder at bucket {bucket}", exc, enforce=self.config.enforce)
         log.warning("%s; bucket %d is dropped (an op that syncs with the host, e.g. cu_seqlens on the GPU read by "
                     ".tolist(), cannot be captured; keep cu_seqlens on the CPU)", message, bucket)
-        COUNTERS.add("capture_failures")
-        COUNTERS.add("fallbacks")
-        release_after_failed_capture(self._pool, exc)
         self.buckets = tuple(b for b in self.buckets if b != bucket)
-        for key in [k for k, entry in self._graphs.items() if entry.bucket == bucket]:
-            self._graphs.pop(key).graph.release()
+        self._engine.drop(lambda entry: entry.bucket == bucket)
         for key in [k for k in self._buckets if k[0] == bucket]:
             del self._buckets[key]
         if not self.buckets:
             self._disabled = message
         return None
-
-    def _evict(self, count: bool = True) -> None:
-        """Drop the least recently used graph; its pool memory serves later captures."""
-        key, entry = self._graphs.popitem(last=False)
-        entry.graph.release()
-        if count:
-            self._counts["evictions"] += 1
-            log.debug("evicted encoder graph %s", key)
 
     def _outputs(self, entry: _KeyedGraph, num_patches: int, bucket: int) -> Any:
         values = []
