@@ -72,7 +72,7 @@ def release_after_failed_capture(pool: GraphPool | EmulatedPool | None, exc: Bas
     A private pool's free blocks stay reserved while the pool lives and count against the process's
     limit, so without this the next, smaller bucket would fail too. Graphs already captured in the
     pool keep their memory. One policy for every graph owner (piecewise runtime, full decode graphs,
-    vision encoder graphs).
+    vision encoder graphs), applied by ``engine.GraphEngine.failed``.
     """
     if not isinstance(exc, torch.OutOfMemoryError) or not isinstance(pool, GraphPool):
         return
