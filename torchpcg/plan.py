@@ -209,7 +209,7 @@ def plan_of(runtime: Runtime, graph_mode: str | None = None) -> GraphPlan:
     elif runtime.config.cudagraph_mode == "full_and_piecewise":
         full = f"T <= {runtime.config.full_max_size}, one whole-forward graph per exact T"
     return GraphPlan(tuple(pieces), symbol, buckets, graph_mode or runtime.graph_mode, nodes, full,
-                     getattr(runtime, "frame", ""))
+                     runtime.frame)
 
 
 def _inputs_from_compute_pieces(split_gm: torch.fx.GraphModule, compute: set[str]) -> dict[str, set[int]]:

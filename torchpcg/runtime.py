@@ -573,6 +573,7 @@ class Runtime:
         self._drop_after_call: list[tuple[PieceRunner | None, int]] = []  # (runner or all, bucket)
         self.full: Any = None  # full.FullGraphs in cudagraph_mode="full_and_piecewise", when the model allows
         self.full_blockers: list[str] = []  # why full graphs are off for this graph (explain, logs)
+        self.frame = ""  # the Python frame Dynamo compiled, "qualname (file:line)" (backend.compiled_frame)
         for piece in split.split_pieces:  # eager split ops: skip nn.Module.__call__ overhead per call
             gm = direct_custom_ops(piece.gm) if config.direct_ops else piece.gm
             split.split_gm.__dict__[piece.name] = direct_forward(gm)
