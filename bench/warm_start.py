@@ -2,8 +2,11 @@
 
 Each run is a fresh Python process that builds the reference decoder, compiles it with the
 piecewise backend (Inductor pieces) and makes one call; runs share ``TORCHINDUCTOR_CACHE_DIR``.
-``cold`` starts from an empty cache, ``warm`` reuses it, ``concurrent`` starts two processes on
-one empty cache at once (both must finish and agree with eager).
+``cold`` starts from an empty cache (and saves its compile artifacts with
+``torchpcg.save_warm_start``), ``warm`` reuses the cache directory, ``artifacts`` starts from
+another empty cache directory and loads the cold run's artifacts first
+(``torchpcg.load_warm_start``: a fresh machine given one file), ``concurrent`` starts two
+processes on one empty cache at once (both must finish and agree with eager).
 
     python -m bench.warm_start --out bench/results            # CPU or GPU, whatever is there
     python -m bench.warm_start --layers 2 --hidden 64         # tiny (CI uses this)
@@ -26,9 +29,11 @@ from typing import Any
 CHILD_FLAG = "--child"
 
 
-def child(layers: int, hidden: int, device: str, reference: bool = False) -> dict[str, Any]:
+def child(layers: int, hidden: int, device: str, reference: bool = False, save: str | None = None,
+          load: str | None = None) -> dict[str, Any]:
     """One process: compile + first call (``reference``: the bench's decoder, every default bucket
-    captured first, as a server starts); report setup seconds, cache counters and correctness."""
+    captured first, as a server starts); report setup seconds, cache counters and correctness.
+    ``load``: a warm-start file loaded first (its time counts in setup); ``save``: written after."""
     import torch
 
     import torchpcg
@@ -45,6 +50,8 @@ def child(layers: int, hidden: int, device: str, reference: bool = False) -> dic
     positions = torch.arange(7, device=device)
     scratch = model.new_kv_cache(device, dtype)
     start = time.perf_counter()
+    if load:
+        torchpcg.load_warm_start(load)
     buckets = {} if reference else {"capture_sizes": (8,)}  # reference: the default buckets
     compiled = torchpcg.compile(model, compiler="inductor", cudagraph="cuda" if device == "cuda" else "emulate",
                                 **buckets)
@@ -56,16 +63,19 @@ def child(layers: int, hidden: int, device: str, reference: bool = False) -> dic
     with torch.no_grad():
         expected = model(ids, positions, model.new_kv_cache(device, dtype))
     counters = torch._dynamo.utils.counters["inductor"]
+    if save:
+        torchpcg.save_warm_start(save)
     return {"setup_s": setup_s, "fxgraph_cache_hit": counters["fxgraph_cache_hit"],
             "fxgraph_cache_miss": counters["fxgraph_cache_miss"],
             "max_abs_diff": (got.float() - expected.float()).abs().max().item(),
             "pieces": torchpcg.stats()["pieces"], "capture_sizes": torchpcg.stats()["capture_sizes"]}
 
 
-def _spawn(cache_dir: str, args: argparse.Namespace) -> subprocess.Popen:
+def _spawn(cache_dir: str, args: argparse.Namespace, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "bench.warm_start", CHILD_FLAG, "--layers", str(args.layers),
-               "--hidden", str(args.hidden), "--device", args.device, *(["--reference"] if args.reference else [])]
+               "--hidden", str(args.hidden), "--device", args.device, *(["--reference"] if args.reference else []),
+               *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -78,9 +88,12 @@ def _result(process: subprocess.Popen) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     runs: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as shared, tempfile.TemporaryDirectory() as fresh:
-        runs["cold"] = _result(_spawn(shared, args))
+    with tempfile.TemporaryDirectory() as shared, tempfile.TemporaryDirectory() as fresh, \
+            tempfile.TemporaryDirectory() as loaded:
+        artifacts = os.path.join(loaded, "model.warm")
+        runs["cold"] = _result(_spawn(shared, args, "--save", artifacts))
         runs["warm"] = _result(_spawn(shared, args))
+        runs["artifacts"] = _result(_spawn(os.path.join(loaded, "cache"), args, "--load", artifacts))
         if args.no_concurrent:
             return runs
         pair = [_spawn(fresh, args), _spawn(fresh, args)]  # two writers, one empty cache, same time
@@ -91,12 +104,14 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save", default=None, help=argparse.SUPPRESS)  # child: write a warm-start file
+    parser.add_argument("--load", default=None, help=argparse.SUPPRESS)  # child: load one first
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--reference", action="store_true",
                         help="the bench's reference decoder (16 layers, hidden 2048), every default bucket captured "
                              "(--layers/--hidden are ignored)")
-    parser.add_argument("--no-concurrent", action="store_true", help="cold and warm only")
+    parser.add_argument("--no-concurrent", action="store_true", help="cold, warm and artifacts only")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--out", default=None, help="directory for warm_start-<device>.json")
     args = parser.parse_args(argv)
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
-        print(json.dumps(child(args.layers, args.hidden, args.device, args.reference)))
+        print(json.dumps(child(args.layers, args.hidden, args.device, args.reference, args.save, args.load)))
         return 0
     runs = measure(args)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

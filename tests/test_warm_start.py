@@ -1,4 +1,5 @@
-"""A second process reuses the compiled pieces; two processes can fill one cache at once."""
+"""A second process reuses the compiled pieces, from the cache directory or from a warm-start file
+(``torchpcg.save_warm_start`` / ``load_warm_start``); two processes can fill one cache at once."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,8 @@ def test_second_process_hits_the_cache_and_concurrent_writers_agree():
     # One compile per piece at T=7: T backed (torchpcg.compilers.TokenDispatch; Dynamo's T waits
     # for a call that needs it, compilers.LazyCode), cached.
     assert runs["warm"]["fxgraph_cache_hit"] == pieces and runs["warm"]["fxgraph_cache_miss"] == 0
+    # A fresh cache directory given the cold run's torchpcg.save_warm_start file: the same hits
+    assert runs["artifacts"]["fxgraph_cache_hit"] == pieces and runs["artifacts"]["fxgraph_cache_miss"] == 0
     for name, run in runs.items():
         assert run["max_abs_diff"] < 1e-5, f"{name}: {run}"  # fp32 vs the uncompiled model
 

@@ -21,10 +21,13 @@ from .recompiles import watch_recompiles
 from .stable_buffers import StableBuffer
 from .stats import expect, reset_stats, stats
 from .vision import EncoderGraphs, compile_vision
+from .warm_start import load_warm_start, save_warm_start
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "save_warm_start",
+    "load_warm_start",
     "PiecewiseConfig",
     "piecewise_backend",
     "compile",
