@@ -18,10 +18,11 @@
 #   bash scripts/gpu_session.sh gpuside             # ~2 min: each call's GPU-alone span vs its latency (scripts/gpu_side.py)
 #   bash scripts/gpu_session.sh precompile          # ~4 min: warm start of the bench's decoder, plain vs Dynamo's AOT artifact
 #   bash scripts/gpu_session.sh mixed moe           # ~7 min: bench.mixed (every call a new T, cache in buffers), bench.moe
+#   bash scripts/gpu_session.sh mixedprofile        # ~3 min: BufferDecoder's op host/GPU µs per SDPA order, direct_ops on/off
 #
 # Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
 # .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
-# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, moe. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, mixedprofile, moe. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -110,6 +111,9 @@ run_stage() {
         mixed)
             timeout 420 python -m bench.mixed --out "$dir" > "$dir/mixed.log" 2>&1; code=$?
             grep -A9 "^Each mode's time" "$dir"/*-mixed-*.md | grep -E "^\| (piecewise|torchpcg)" | tr '\n' ' ' > "$dir/line" ;;
+        mixedprofile)
+            timeout 300 python scripts/mixed_profile.py > "$dir/mixed-profile.md" 2> "$dir/mixed-profile.err"; code=$?
+            grep -E "^\| (torch|cudnn-last) \| 1 " "$dir/mixed-profile.md" | tr '\n' ' ' > "$dir/line" ;;
         moe)
             timeout 400 python -m bench.moe --out "$dir" > "$dir/moe.log" 2>&1; code=$?
             grep -E "^piecewise ÷" "$dir"/*-moe-*.md | tr '\n' ' ' > "$dir/line" ;;
@@ -117,7 +121,7 @@ run_stage() {
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, moe" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, mixedprofile, moe" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
