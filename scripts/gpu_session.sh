@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A GPU session's checks and measurements, in named stages, each within the device tool's limits:
-# one call runs for at most 10 minutes and brings back at most 8 files, so every stage writes into
-# one folder that is packed into $OUT/<stage>.tar.gz, and a line per stage goes to $OUT/summary.txt.
+# The GPU checks and measurements, in named stages of at most ~10 minutes each: every stage writes
+# into one folder that is packed into $OUT/<stage>.tar.gz (OUT: where results go, default
+# /tmp/gpu_session), and a line per stage goes to $OUT/summary.txt.
 #
 #   bash scripts/gpu_session.sh tests probe         # ~4 min: pytest -m cuda, the newcomer probe
 #   bash scripts/gpu_session.sh kernels bench       # ~7 min: kernel counts, the decoder bench
@@ -20,8 +20,8 @@
 #   bash scripts/gpu_session.sh mixed moe           # ~7 min: bench.mixed (every call a new T, cache in buffers), bench.moe
 #   bash scripts/gpu_session.sh mixedprofile        # ~3 min: BufferDecoder's op host/GPU µs per SDPA order, direct_ops on/off
 #
-# Run from the repository root, with pytest-xdist importable (on the device machine: the wheels in
-# .whl/ installed to a folder on PYTHONPATH, see the device README, and the repo on PYTHONPATH).
+# Run from the repository root, with pytest-xdist importable (on a machine without a package index:
+# its wheels installed to a folder on PYTHONPATH) and the repository on PYTHONPATH.
 # Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, mixedprofile, moe. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
