@@ -144,6 +144,47 @@ def test_split_ops_see_cudnn_last_and_the_caller_keeps_its_order(monkeypatch: py
     assert seen and all(order == callers_order for order in seen)
 
 
+@pytest.mark.cuda
+def test_full_graphs_keep_the_callers_order_and_piecewise_calls_put_cudnn_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cudagraph_mode="full_and_piecewise": a call of T <= full_max_size warms up and captures one
+    whole-forward graph per exact T, as a whole-model graph is captured, so its SDPA calls see the
+    caller's order (cuDNN's plan built once, at capture); a call above it runs split ops eagerly
+    at its real T, with cuDNN last. Both equal eager."""
+    torchpcg.register_splitting_op(BUFFER_ATTENTION_OP, capturable=True)
+    model, reference = _pair("cuda", torch.bfloat16)
+    with torch.no_grad():
+        reference(torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda"))  # torch's own choice made
+        reference.reset_cache()
+    callers_order = torch._C._get_sdp_priority_order()
+    seen: list[tuple[int, list[int]]] = []  # (T, SDPA order) of every SDPA call inside a compiled call
+    recording_on = [False]
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        if recording_on[0]:
+            seen.append((q.shape[2], torch._C._get_sdp_priority_order()))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    compiled = _compiled("torchpcg", model, cudagraph_mode="full_and_piecewise")  # T unbacked from the first call
+    torchpcg.reset_stats()
+    position = 0
+    with torch.no_grad():
+        for num_tokens in (12, 1, 1, 1, 12):  # 12 > full_max_size: piecewise; T=1: warm-up, capture, replay
+            ids = torch.randint(1, CONFIG.vocab_size, (num_tokens,), device="cuda")
+            positions = torch.arange(position, position + num_tokens, device="cuda")
+            recording_on[0] = True
+            got = compiled(ids, positions)
+            recording_on[0] = False
+            torch.testing.assert_close(got.float(), reference(ids, positions).float(), atol=3e-2, rtol=3e-2)
+            position += num_tokens
+    assert {t for t, _ in seen} == {1, 12}
+    assert all(order == callers_order for t, order in seen if t == 1)  # full graph: warm-up and capture
+    assert all(order == sdpa.cudnn_last(callers_order) for t, order in seen if t == 12)  # eager split ops
+    assert torch._C._get_sdp_priority_order() == callers_order
+    assert torchpcg.stats()["full_graph_calls"] >= 1
+
+
 def test_a_new_cache_per_request_read_only_by_the_split_op_costs_no_recapture() -> None:
     """The KV cache buffers reach only the attention op (run eagerly), so graphs never read them:
     a new cache per request (each buffer reassigned) is neither a move nor a copy."""

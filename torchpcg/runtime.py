@@ -622,7 +622,10 @@ class Runtime:
             else:
                 self.state = CallState(bucket=bucket, num_tokens=num_tokens)
                 forward = self.forward
-            order = self._sdpa_order.enter()  # split ops run at every real T: no per-shape SDPA plans
+            # Split ops run eagerly at every real T: no per-shape SDPA plans (cuDNN last). A full graph
+            # is captured once per exact T, as a whole-model graph is: it keeps the caller's order, so
+            # its kernels are the ones torch would pick (cuDNN's, on Hopper) and the plan is built once.
+            order = self._sdpa_order.enter() if route is None else None
             try:
                 outputs = forward(*args)
             finally:
