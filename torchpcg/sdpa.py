@@ -15,8 +15,8 @@ So while a compiled call runs, ``SdpaOrder`` moves cuDNN to the end of SDPA's pr
 (flash and memory-efficient attention need no per-shape plan), and puts the caller's order back
 when the call returns: eager code outside compiled calls keeps torch's choice, and so do full
 decode graphs (captured once per exact T, their plans built once; the runtime skips the order
-for them). Knob
-``sdpa_order`` (``TORCHPCG_SDPA_ORDER``): ``auto`` (this) or ``torch`` (leave SDPA's order alone).
+for them). Knob ``sdpa_order`` (``TORCHPCG_SDPA_ORDER``): ``auto`` (this) or ``torch`` (leave
+SDPA's order alone).
 
 Note: the order is process state in torch, not per thread: another thread's eager SDPA call made
 while a compiled call runs sees the compiled call's order.
