@@ -98,6 +98,7 @@ class FullGraphs:
         self.runner = PieceRunner(piece, self._pieces_forward, fake_args, runtime.symbol, runtime,
                                   static_inputs=in_place, share_buffers=False)
         self.runner.warm_before_capture = False  # T's first call, run without a graph, was the warm-up
+        self.runner.at_bucket = False  # one graph per exact T: no padding to verify, no bucket to note
         self.runner.on_capture_failure = self.turn_off  # a failed capture: no full graphs, buckets stay
         self.whole_graph = compiler != "eager"  # the whole graph compiled by Inductor (False: the chained pieces)
         self._sizes: set[int] = set()

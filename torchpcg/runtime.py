@@ -166,6 +166,7 @@ class PieceRunner:
         self.buffers: dict[int, torch.Tensor] = {}  # copied input index -> its buffer (fixed shape)
         self.unchained: set[int] = set()  # inputs once chained whose producer changed: always copied
         self.warm_before_capture = True  # run once outside the graph first (lazy inits, autotuning)
+        self.at_bucket = True  # captured at a bucket's padded shape; False: at the call's exact T (full graphs)
         # What a failed capture of this runner drops, given the message: None, its bucket everywhere
         # (Runtime.capture_failed); full graphs turn themselves off.
         self.on_capture_failure: Callable[[str], None] | None = None
@@ -272,7 +273,7 @@ class PieceRunner:
         captured = _Captured(graph, token_views, copied, chained, _alias_outputs(outputs, copied))
         self.captured[bucket] = captured
         COUNTERS.add("captured")
-        if self.symbol is not None and self.warm_before_capture:  # static graphs and full graphs (exact T) have no bucket
+        if self.symbol is not None and self.at_bucket:  # static graphs and full graphs (exact T) have no bucket
             COUNTERS.note_capture_size(bucket)
         log.debug("captured %s at bucket %d", self.piece.name, bucket)
         if isinstance(graph, CudaGraph):
@@ -771,7 +772,7 @@ class Runtime:
 
     def verify(self, runner: PieceRunner, static_args: list[Any], args: Sequence[Any]) -> None:
         """Verify mode: padded real rows must equal the exact-size run (first use of a bucket)."""
-        if not self.config.verify or self.symbol is None or (self.full is not None and runner is self.full.runner):
+        if not self.config.verify or self.symbol is None or not runner.at_bucket:
             return  # a full graph runs at the exact T: nothing is padded
         diff = first_difference(runner.piece.gm, list(args), static_args, self.symbol, self.state.num_tokens)
         if diff is not None:
