@@ -252,7 +252,7 @@ class PiecewiseConfig:
 # ---- parsing -------------------------------------------------------------------------------------
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_positive_int(value):
         raise ConfigError(f"{name}={value!r}: expected a positive integer")
 
 
