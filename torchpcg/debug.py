@@ -50,7 +50,7 @@ compile order (a recompile makes a new folder).
 | `graph_<n>/piece_<i>_<name>.inductor.py` | Inductor's generated output code for compute piece `<i>` (only with `compiler="inductor"`), compiled for Dynamo's token count: what every T runs with `backed_compile=0` or when the backed compile was refused. With backed code this compile waits for its first use (a T past the backed code's proven range, T=1 past the exact-shape code's limit) and is not written; T=1's exact-shape code is compiled on its first call, after this dump |
 | `graph_<n>/piece_<i>_<name>.backed.inductor.py` | the same piece compiled with T backed, what T = 2 .. the largest bucket run, and larger T as far as its guards are proven (fuses more; see docs/design.md, "Compile") |
 | `depyf/__transformed_code_<n>_for_<fn>.py` | depyf's decompiled Python of each frame as Dynamo rewrote it (guards aside: the code that calls the compiled graph); written for every frame Dynamo transforms once the backend has run with `debug_dir` set, when depyf is installed |
-| `depyf/` (other files) | `full_code_for_*.py` (guards + transformed code + compiled graph), `__compiled_fn_*.py`: depyf's full dump, written by `torchpcg.debug.depyf_session` when the session wraps the first call (`torchpcg.compile` does) |
+| `depyf/` (other files) | `full_code_for_*.py` (guards + transformed code + compiled graph), `__compiled_fn_*.py`: depyf's full dump, written by `torchpcg.debug.depyf_session` when its block wraps the first call (`torchpcg.compile` does) |
 
 Pieces are numbered in execution order; `submod_<k>` names come from `torch.fx.passes.split_module`.
 """
@@ -192,14 +192,14 @@ def depyf_session(debug_dir: str | None) -> Iterator[None]:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*debug `torch.compile`.*")  # depyf's own reminder
-        session = depyf.prepare_debug(target)
-        session.__enter__()
+        dump = depyf.prepare_debug(target)  # depyf's context: it writes on exit
+        dump.__enter__()
     try:
         yield
     finally:
         try:
             with _depyf_accepts_callables():
-                session.__exit__(None, None, None)
+                dump.__exit__(None, None, None)
         except Exception as exc:  # a debug aid must not turn a good run into a failure
             log.warning("depyf could not write its dump to %s: %s", target, exc)
         _remove_lock_files(target)

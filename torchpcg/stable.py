@@ -296,7 +296,7 @@ class StableModel:
 
     def _call_dynamo(self, bound: _Bound | inspect.BoundArguments, first: bool, num_tokens: int) -> Any:
         arguments = bound.arguments
-        # depyf sees only frames compiled inside its session: wrap the first call (TORCHPCG_DEBUG_DIR).
+        # depyf sees only frames compiled inside its block: wrap the first call (TORCHPCG_DEBUG_DIR).
         with depyf_session(self.config.debug_dir if first else None):
             try:
                 return self.monitor(*bound.args, **bound.kwargs)
