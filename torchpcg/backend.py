@@ -368,7 +368,8 @@ def graph_break_hint(gm: torch.fx.GraphModule) -> str:
     if not resumed:
         return ""
     return (f"; this graph resumes after a graph break (inputs {', '.join(resumed[:3])}), which is the cause: "
-            f"find the break with TORCH_LOGS=graph_breaks or torch._dynamo.explain(model)(*args) and remove it, "
+            f"find the break with TORCH_LOGS=graph_breaks or torchpcg.explain(compiled, *args) (one plan per frame, "
+            f"without resetting Dynamo's caches as torch._dynamo.explain does) and remove it, "
             f"or register the op that breaks it as a split op")
 
 
