@@ -54,7 +54,7 @@ def trace_captures(records: list[dict[str, Any]]) -> None:
         before = pool_bytes(pool.handle) if pool is not None and not pool.retired else (0, 0)
         result = original(self, bucket, num_tokens, args)
         reserved, active = pool_bytes(self.runtime.engine.pool.handle)
-        records.append({"piece": self.piece.name, "bucket": bucket, "reserved": reserved, "active": active,
+        records.append({"piece": self.name, "bucket": bucket, "reserved": reserved, "active": active,
                         "growth": reserved - before[0]})
         return result
 

@@ -58,7 +58,7 @@ def test_padding_rows_never_leak_from_an_earlier_call():
     for runner in runtime.runners:
         for index, view in runner.captured[8].token_views.items():
             dim = runner.inputs[index].layout.token_dims[0]
-            assert torch.count_nonzero(view.narrow(dim, 3, 5)) == 0, f"{runner.piece.name} input {index}"
+            assert torch.count_nonzero(view.narrow(dim, 3, 5)) == 0, f"{runner.name} input {index}"
 
 
 def test_outputs_of_a_call_survive_the_next_call():

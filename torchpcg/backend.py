@@ -84,7 +84,7 @@ def piecewise_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     for piece in split.compute_pieces:
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in piece.gm.graph.nodes if n.op == "placeholder"]
         # Runner first: it reads the piece's output structure, which Inductor may rewrite.
-        runner = PieceRunner(piece, piece.gm, fake_args, symbol, runtime, static_inputs=piece_statics[piece.name])
+        runner = PieceRunner(piece.name, piece.gm, piece.gm, fake_args, symbol, runtime, static_inputs=piece_statics[piece.name])
         runner.compiled = _compile(piece, fake_args, symbol, config)
         _note_graphless(runner, config, gm)
         runtime.install(runner)
@@ -330,7 +330,7 @@ def _note_graphless(runner: PieceRunner, config: PiecewiseConfig, gm: torch.fx.G
     if not runner.graphless_reason:
         return
     sources = symbol_sources(gm)
-    detail = f"{runner.piece.name} {runner.graphless_reason} (sources: {sources}){graph_break_hint(gm)}"
+    detail = f"{runner.name} {runner.graphless_reason} (sources: {sources}){graph_break_hint(gm)}"
     if config.enforce:
         raise SplitError(detail + "; it cannot be replayed from a token-count bucket (TORCHPCG_ENFORCE=1)")
     log.warning("%s: it runs without graphs", detail)

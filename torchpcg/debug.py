@@ -86,7 +86,7 @@ def _write_graph_files(folder: str, runtime: Runtime, gm: torch.fx.GraphModule) 
     _write(os.path.join(folder, "split_plan.txt"), str(plan) + "\n")
     _write(os.path.join(folder, "dynamo_graph.py"), _readable(gm))
     _write(os.path.join(folder, "split_module.py"), runtime.split.split_gm.code)
-    runners = {r.piece.name: r for r in runtime.runners}
+    runners = {r.name: r for r in runtime.runners}
     for piece in runtime.split.pieces:
         stem = os.path.join(folder, f"piece_{piece.index}_{piece.name}")
         _write(stem + ".py", _piece_header(piece) + _readable(piece.gm))

@@ -41,8 +41,8 @@ import torch.fx
 
 from .compilers import ExactShapeCode, TokenDispatch, copy_graph_module
 from .padding import REASON_PREFIX, written_bases
-from .runtime import FULL_REPLAY, FULL_WARM, CallState, PieceRunner, Runtime
-from .split import CACHE_STATE_PREFIX, SplitPiece, is_capturable
+from .runtime import FULL_REPLAY, FULL_WARM, PieceRunner, Runtime
+from .split import CACHE_STATE_PREFIX, is_capturable
 
 __all__ = ["FullGraphs", "full_graph_blockers", "written_inputs"]
 
@@ -92,10 +92,9 @@ class FullGraphs:
         fake_args = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
         in_place = {index: name for name, index in static_names.items()}
         in_place.update({index: placeholders[index].name for index in written})
-        piece = SplitPiece(name="full graph", index=-1, is_split_op=False, reasons=(), node_names=(), gm=gm)
         self.runtime = runtime
         # Runner first: it reads the graph's output structure, which Inductor may rewrite.
-        self.runner = PieceRunner(piece, self._pieces_forward, fake_args, runtime.symbol, runtime,
+        self.runner = PieceRunner("full graph", gm, runtime.forward_without_graphs, fake_args, runtime.symbol, runtime,
                                   static_inputs=in_place, share_buffers=False)
         self.runner.warm_before_capture = False  # T's first call, run without a graph, was the warm-up
         self.runner.at_bucket = False  # one graph per exact T: no padding to verify, no bucket to note
@@ -104,10 +103,10 @@ class FullGraphs:
         self._sizes: set[int] = set()
         # Static code per exact call shapes (T=1; every T without backed code). A failed compile
         # switches to the compiled pieces for good.
-        self._static = ExactShapeCode(copy_graph_module(gm), compiler, "full graph", self._pieces_forward,
+        self._static = ExactShapeCode(copy_graph_module(gm), compiler, "full graph", runtime.forward_without_graphs,
                                       max_autotune=max_autotune, limit=max(max_size, 1), on_failure=self._use_pieces)
         self._code = TokenDispatch(gm, fake_args, runtime.symbol, max_size, compiler,
-                                   self._static if self.whole_graph else self._pieces_forward,
+                                   self._static if self.whole_graph else runtime.forward_without_graphs,
                                    "full graph", max_autotune=max_autotune, backed=backed_compile)
         if self.whole_graph:
             self.runner.compiled = self._whole_forward
@@ -175,14 +174,5 @@ class FullGraphs:
         log.warning("full-decode graphs: compiling the whole graph with %s failed (%s: %s); they run the compiled "
                     "pieces instead", self._static.compiler, type(exc).__name__, str(exc).splitlines()[0][:200])
         self.whole_graph = False
-        self.runner.compiled = self._pieces_forward
-        return self._pieces_forward
-
-    def _pieces_forward(self, *args: Any) -> Any:
-        """The whole split module with its pieces running their compiled code (no piece graphs)."""
-        runtime = self.runtime
-        saved, runtime.state = runtime.state, CallState()
-        try:
-            return runtime.forward(*args)
-        finally:
-            runtime.state = saved
+        self.runner.compiled = self.runtime.forward_without_graphs
+        return self.runtime.forward_without_graphs

@@ -175,7 +175,7 @@ class GraphPlan:
 
 def plan_of(runtime: Runtime, graph_mode: str | None = None) -> GraphPlan:
     """The ``GraphPlan`` of a ``Runtime`` the backend built (``graph_mode`` overrides its own)."""
-    runners = {r.piece.name: r for r in runtime.runners}
+    runners = {r.name: r for r in runtime.runners}
     largest = runtime.largest_bucket
     from_graphs = _inputs_from_compute_pieces(runtime.split.split_gm, set(runners))
     pieces = []

@@ -48,7 +48,7 @@ from .errors import CaptureError, PaddingError
 from .graphs import CudaGraph, EmulatedGraph, flatten_outputs
 from .layout import Layout, evaluate, expr_of, symbols_of, tokens_at
 from .op_calls import direct_custom_ops
-from .split import SplitGraph, SplitPiece
+from .split import SplitGraph
 from .sdpa import SdpaOrder
 from .stats import COUNTERS, HOST_TIMES
 from .verify import first_difference
@@ -146,23 +146,29 @@ class _Captured:
 
 
 class PieceRunner:
-    """Runs one compute piece: replay at the call's bucket, or the compiled code directly."""
+    """Runs one graph's code: replay at the call's bucket, or the compiled code directly.
 
-    def __init__(self, piece: SplitPiece, compiled: Callable[..., Any], fake_args: Sequence[Any],
+    ``name`` and ``gm`` say what it runs: a compute piece of the split module (``submod_N``, its
+    piece's graph) or, for full decode graphs, the whole forward (``full.FullGraphs``). ``gm`` gives
+    the output structure and, under verify mode, the nodes whose real rows are compared.
+    """
+
+    def __init__(self, name: str, gm: torch.fx.GraphModule, compiled: Callable[..., Any], fake_args: Sequence[Any],
                  symbol: sympy.Symbol | None, runtime: Runtime, static_inputs: Mapping[int, str] | None = None,
                  share_buffers: bool = True) -> None:
-        self.piece = piece
+        self.name = name
+        self.gm = gm
         self.compiled = compiled
         self.symbol = symbol
         self.runtime = runtime
         self.static_names = dict(static_inputs or {})  # piece input index -> graph input name, read in place
         self.inputs, self.graphless_reason = _input_specs(fake_args, symbol, self.static_names)
-        self.outputs = _output_specs(piece.gm, symbol)
-        self.single_output = not isinstance(_output_arg(piece.gm), (tuple, list))
+        self.outputs = _output_specs(gm, symbol)
+        self.single_output = not isinstance(_output_arg(gm), (tuple, list))
         self.captured: dict[int, _Captured] = {}
         self.storages: dict[int, torch.Tensor] = {}  # token input index -> flat buffer for the largest bucket
         # token input index -> slot of the runtime's buffers shared between pieces (see _shared_slots)
-        self.shared_slots = _shared_slots(self.inputs, fake_args, piece.gm) if share_buffers else {}
+        self.shared_slots = _shared_slots(self.inputs, fake_args, gm) if share_buffers else {}
         self.buffers: dict[int, torch.Tensor] = {}  # copied input index -> its buffer (fixed shape)
         self.unchained: set[int] = set()  # inputs once chained whose producer changed: always copied
         self.warm_before_capture = True  # run once outside the graph first (lazy inits, autotuning)
@@ -239,7 +245,7 @@ class PieceRunner:
             # that replayed outputs still need. So the rest of this call runs without graphs and
             # the next call captures the whole bucket again, in order.
             log.debug("%s: chained input(s) %s come from elsewhere at T=%d; bucket %d is captured again, "
-                      "this input without chaining", self.piece.name, stale, num_tokens, self.runtime.state.bucket)
+                      "this input without chaining", self.name, stale, num_tokens, self.runtime.state.bucket)
             self.unchained.update(stale)
             self.runtime.drop_after_call(None, self.runtime.state.bucket)
             self.runtime.state.bucket = None
@@ -275,7 +281,7 @@ class PieceRunner:
         COUNTERS.add("captured")
         if self.symbol is not None and self.at_bucket:  # static graphs and full graphs (exact T) have no bucket
             COUNTERS.note_capture_size(bucket)
-        log.debug("captured %s at bucket %d", self.piece.name, bucket)
+        log.debug("captured %s at bucket %d", self.name, bucket)
         if isinstance(graph, CudaGraph):
             graph.replay()  # capture records work; this replay computes the outputs
         self.runtime.state.used_graphs = True
@@ -591,8 +597,8 @@ class Runtime:
     def install(self, runner: PieceRunner) -> None:
         """Replace a compute submodule of the split module with its runner."""
         gm = self.split.split_gm
-        del gm._modules[runner.piece.name]
-        gm.__dict__[runner.piece.name] = runner  # the generated forward calls self.submod_N(...)
+        del gm._modules[runner.name]
+        gm.__dict__[runner.name] = runner  # the generated forward calls self.submod_N(...)
         self.runners.append(runner)
 
     # ---- the call ------------------------------------------------------------------------------
@@ -639,6 +645,18 @@ class Runtime:
                 outputs = _clone_owned(outputs, self._owned)  # the next call overwrites graph memory
             HOST_TIMES.note(started, state.first_replay, state.replay_ns, state.last_replay, _now())
             return outputs
+
+    def forward_without_graphs(self, *args: Any) -> Any:
+        """The split module with every piece running its compiled code, no graph, inside a call.
+
+        The full decode graphs' code when they chain the pieces (``full.FullGraphs``): captured as
+        one graph, so the pieces must not replay or capture their own; the call's state is set
+        aside for this and put back after."""
+        saved, self.state = self.state, CallState()
+        try:
+            return self.forward(*args)
+        finally:
+            self.state = saved
 
     def num_tokens(self, args: Sequence[Any]) -> int:
         return 0 if self.token_locator is None else tokens_at(args, self.token_locator)
@@ -774,11 +792,11 @@ class Runtime:
         """Verify mode: padded real rows must equal the exact-size run (first use of a bucket)."""
         if not self.config.verify or self.symbol is None or not runner.at_bucket:
             return  # a full graph runs at the exact T: nothing is padded
-        diff = first_difference(runner.piece.gm, list(args), static_args, self.symbol, self.state.num_tokens)
+        diff = first_difference(runner.gm, list(args), static_args, self.symbol, self.state.num_tokens)
         if diff is not None:
             node, amount = diff
             raise PaddingError(
-                f"{runner.piece.name}: at bucket {self.state.bucket} (T={self.state.num_tokens}) the real rows of node "
+                f"{runner.name}: at bucket {self.state.bucket} (T={self.state.num_tokens}) the real rows of node "
                 f"{node!r} differ from the exact-size run by {amount:.3g}; the op is not row-wise along the token dim. "
                 f"Register it with torchpcg.register_splitting_op(...) or report it as a padding-analysis bug")
 
@@ -790,7 +808,7 @@ class Runtime:
         counts, and retires the pool after out of memory.
         """
         own = runner.on_capture_failure
-        message = self.engine.failed(f"{runner.piece.name} at bucket {bucket}", exc, enforce=self.config.enforce,
+        message = self.engine.failed(f"{runner.name} at bucket {bucket}", exc, enforce=self.config.enforce,
                                      fallback=own is None)
         if own is not None:
             own(message)
