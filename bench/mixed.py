@@ -155,7 +155,7 @@ def run_mode(name: str, model: BufferDecoder, s: Settings, buckets: tuple[int, .
     if max(row["rel_err"].values()) > TOL[s.dtype]:
         row["status"] = "wrong"
     row["counters"] = counters
-    del runner
+    runner = None  # frees its graphs before the next mode
     torch._dynamo.reset()
     if s.device.type == "cuda":
         torch.cuda.synchronize()
