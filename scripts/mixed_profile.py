@@ -6,9 +6,12 @@ Prints, as Markdown:
    T = 1, 8, 128 and S = the model's cache slots; and the op's body called without the
    ``torch.library.custom_op`` wrapper;
 2. a ``torch.profiler`` table of 5 piecewise calls at T=1 and at T=8: host time by op (self CPU),
-   so the glue between replays and the split op's parts are seen apart.
+   so the glue between replays and the split op's parts are seen apart;
+3. (``firstpass``) bench.mixed's mixed traffic twice, per front end (plain ``torch.compile``,
+   ``torchpcg.compile``): each pass's wall time, its slowest calls with their T, and a profiler
+   table of the first pass (what runs only the first time a T is seen).
 
-    python scripts/mixed_profile.py [--layers 16] [--parts op,full,profile]
+    python scripts/mixed_profile.py [--layers 16] [--parts op,full,profile,firstpass]
 """
 from __future__ import annotations
 
@@ -143,10 +146,60 @@ def full_decode(config, dtype: torch.dtype) -> None:
                 print(f"| {order} | {t} | {wall:.3f} | {st['full_graph_calls']} | {st['replays'] / 50:.1f} |")
 
 
+def first_pass(config, dtype: torch.dtype) -> None:
+    """Mixed traffic (bench.mixed's sizes) twice per front end: where the first pass's extra time goes."""
+    from bench.decoder import mixed_traffic_sizes
+
+    dev = torch.device("cuda")
+    model = BufferDecoder(config).to(dev, dtype).eval()
+    torchpcg.register_splitting_op(BUFFER_ATTENTION_OP)
+
+    def make(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, config.vocab_size, (t,), device=dev), torch.arange(1000, 1000 + t, device=dev)
+
+    sizes = mixed_traffic_sizes(200, 0, 512, min(1024, config.max_seq_len - 1000))
+    calls = [make(t) for t in sizes]
+    for front in ("piecewise", "torchpcg"):
+        torch._dynamo.reset()
+        compiled = (torch.compile(model, backend="piecewise") if front == "piecewise"
+                    else torchpcg.compile(model))
+        with torch.no_grad():
+            torchpcg.capture(compiled, make, progress=False)
+            torchpcg.reset_stats()
+            for attempt in ("first", "second"):
+                times = []
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) \
+                    if attempt == "first" else None
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                if prof is not None:
+                    prof.__enter__()
+                for args in calls:
+                    began = time.perf_counter()
+                    compiled(*args)
+                    torch.cuda.synchronize()
+                    times.append(((time.perf_counter() - began) * 1e3, args[0].shape[0]))
+                total = time.perf_counter() - start
+                if prof is not None:
+                    prof.__exit__(None, None, None)
+                slow = sorted(times, reverse=True)[:8]
+                st = torchpcg.stats()
+                print(f"\n## {front}, {attempt} pass: {total:.3f} s for {len(calls)} calls (synchronized per call"
+                      f"{', profiled' if prof else ''}); slowest (ms, T): "
+                      + ", ".join(f"{ms:.1f}@{t}" for ms, t in slow)
+                      + f"; recompiles {st['recompiles']}, captured {st['captured']}, dynamo_graphs {st['dynamo_graphs']}")
+                if prof is not None:
+                    print("```")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                                    max_name_column_width=70))
+                    print("```")
+                torchpcg.reset_stats()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--parts", default="op,full,profile", help="comma list of op, full, profile")
+    p.add_argument("--parts", default="op,full,profile", help="comma list of op, full, profile, firstpass")
     args = p.parse_args()
     config = reference_config(num_layers=args.layers)
     parts = args.parts.split(",")
@@ -156,6 +209,8 @@ def main() -> None:
         full_decode(config, torch.bfloat16)
     if "profile" in parts:
         profile_piecewise(config, torch.bfloat16)
+    if "firstpass" in parts:
+        first_pass(config, torch.bfloat16)
 
 
 if __name__ == "__main__":
