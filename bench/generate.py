@@ -74,6 +74,7 @@ class Settings:
     repeats: int
     modes: tuple[str, ...]
     seed: int
+    varied_prompts: int = 0
 
 
 def parse_args(argv: list[str] | None) -> tuple[Path, Settings]:
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None) -> tuple[Path, Settings]:
     p.add_argument("--modes", default=None, help=f"comma list from {','.join(MODES)} (default: all; on CPU all "
                                                  "but hf-compile)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--varied-prompts", type=int, default=0,
+                   help="after the timed calls, this many generate() calls with other (shorter) prompt lengths; "
+                        "their recompiles and recaptures are recorded")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
@@ -101,13 +105,15 @@ def parse_args(argv: list[str] | None) -> tuple[Path, Settings]:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         p.error(f"--modes: unknown {unknown}; choose from {','.join(MODES)}")
+    if args.varied_prompts < 0:
+        p.error(f"--varied-prompts={args.varied_prompts}: expected 0 or more")
     for name in ("batch", "prompt_len", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     return args.out, Settings(model=args.model, size=args.size or ("1b" if on_cuda else "tiny"), device=device,
                               dtype=args.dtype or ("bfloat16" if on_cuda else "float32"), batch=args.batch,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
-                              repeats=args.repeats, modes=modes, seed=args.seed)
+                              repeats=args.repeats, modes=modes, seed=args.seed, varied_prompts=args.varied_prompts)
 
 
 def build_model(settings: Settings) -> Any:
@@ -139,8 +145,9 @@ def generation_kwargs(settings: Settings) -> dict[str, Any]:
 
 # ---- modes -----------------------------------------------------------------------------------------
 
-def make_mode(name: str, model: Any, settings: Settings) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``generate(ids) -> tokens`` for one mode; compiles lazily on its first call."""
+def make_mode(name: str, model: Any, settings: Settings) -> Callable[..., torch.Tensor]:
+    """A ``generate(ids, **extra) -> tokens`` for one mode (``extra``: more ``generate()`` keywords, a
+    streamer); compiles lazily on its first call."""
     import transformers
 
     import torchpcg
@@ -155,25 +162,27 @@ def make_mode(name: str, model: Any, settings: Settings) -> Callable[[torch.Tens
             config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
         return config
 
-    def with_forward(forward: Callable[..., Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-        def generate(ids: torch.Tensor) -> torch.Tensor:
+    def with_forward(forward: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+        def generate(ids: torch.Tensor, **extra: Any) -> torch.Tensor:
             model.forward = forward
             try:
-                return model.generate(ids, **greedy)
+                return model.generate(ids, **greedy, **extra)
             finally:
                 del model.forward
         return generate
 
     if name == "eager":
-        return lambda ids: model.generate(ids, **greedy)
+        return lambda ids, **extra: model.generate(ids, **greedy, **extra)
     if name == "hf-compile":
         config = compile_config()
-        return lambda ids: model.generate(ids, cache_implementation="static", compile_config=config, **greedy)
+        return lambda ids, **extra: model.generate(ids, cache_implementation="static", compile_config=config,
+                                                   **greedy, **extra)
     if name == "compile_config":
         if on_cpu:  # CompileConfig passes mode=, and transformers refuses options next to a mode
             os.environ.update({f"TORCHPCG_{k.upper()}": v for k, v in CPU_PIECEWISE.items()})
         config = compile_config(backend="piecewise")
-        return lambda ids: model.generate(ids, cache_implementation="static", compile_config=config, **greedy)
+        return lambda ids, **extra: model.generate(ids, cache_implementation="static", compile_config=config,
+                                                   **greedy, **extra)
     if name == "compile_config-own-cache":
         if on_cpu:
             os.environ.update({f"TORCHPCG_{k.upper()}": v for k, v in CPU_PIECEWISE.items()})
@@ -181,9 +190,9 @@ def make_mode(name: str, model: Any, settings: Settings) -> Callable[[torch.Tens
         cache = transformers.StaticCache(config=model.config, max_cache_len=settings.prompt_len + settings.new_tokens)
         cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-        def generate_with_cache(ids: torch.Tensor) -> torch.Tensor:
+        def generate_with_cache(ids: torch.Tensor, **extra: Any) -> torch.Tensor:
             cache.reset()  # in place: the graphs keep reading the same addresses
-            return model.generate(ids, compile_config=config, **{cache_name: cache}, **greedy)
+            return model.generate(ids, compile_config=config, **{cache_name: cache}, **greedy, **extra)
         return generate_with_cache
     if name == "forward":
         return with_forward(torch.compile(model.forward, backend="piecewise", options=options))
@@ -201,9 +210,37 @@ def unique_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+class TokenClock:
+    """A ``generate(streamer=...)`` streamer that stamps the host clock at each ``put``.
+
+    transformers calls ``put`` with the prompt, then with each new token after copying it to the
+    host (a sync), so the second stamp is the first token's arrival: time to first token is
+    ``stamps[1] - start``, and the decode steps run from there to the last stamp.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def varied_prompt_lengths(prompt_len: int, calls: int) -> list[int]:
+    """``calls`` prompt lengths near ``prompt_len``, all different (the recompile/recapture check)."""
+    step = max(1, min(7, (prompt_len - 1) // max(calls, 1)))
+    return [max(1, prompt_len - step * (i + 1)) for i in range(calls)]
+
+
 def run_mode(name: str, model: Any, ids: torch.Tensor, reference: torch.Tensor | None,
-             settings: Settings) -> tuple[dict[str, Any], torch.Tensor]:
-    """One mode: (its JSON row, the tokens of its last generate())."""
+             settings: Settings, varied: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+    """One mode: (its JSON row, the tokens of its last timed generate()).
+
+    Timed calls: wall time of the whole call, time to first token and decode tokens/s (from the
+    first token to the last, ``TokenClock``). ``varied``: that many more calls after the timed ones,
+    each with another prompt length; the recompiles and recaptures they cause are recorded."""
     import torchpcg
 
     torch._dynamo.reset()
@@ -218,16 +255,33 @@ def run_mode(name: str, model: Any, ids: torch.Tensor, reference: torch.Tensor |
         for _ in range(max(settings.warmup - 1, 0)):
             generate(ids)
         graphs_before = unique_graphs()
-        times = []
+        times, ttft, decode = [], [], []
         for _ in range(settings.repeats):
+            clock = TokenClock()
             synchronize(settings.device)
             start = time.perf_counter()
-            tokens = generate(ids)
+            tokens = generate(ids, streamer=clock)
             synchronize(settings.device)
-            times.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            times.append(end - start)
+            if len(clock.stamps) >= 3:
+                ttft.append(clock.stamps[1] - start)
+                decode.append(settings.batch * (len(clock.stamps) - 2) / (clock.stamps[-1] - clock.stamps[1]))
+        row.update(recompiles=unique_graphs() - graphs_before, torchpcg_stats=torchpcg.stats())
+        if varied:
+            torchpcg.reset_stats()
+            graphs_before = unique_graphs()
+            lengths = varied_prompt_lengths(settings.prompt_len, varied)
+            for length in lengths:
+                generate(ids[:, :length] if length <= ids.shape[1] else
+                         torch.cat([ids, ids[:, : length - ids.shape[1]]], dim=1))
+            stats = torchpcg.stats()
+            row["varied_prompts"] = {"prompt_lens": lengths, "recompiles": unique_graphs() - graphs_before,
+                                     "recaptures": stats["recaptures"], "captured": stats["captured"]}
     median = statistics.median(times)
-    row.update(median_s=median, times_s=times, tokens_per_s=settings.batch * settings.new_tokens / median,
-               recompiles=unique_graphs() - graphs_before, torchpcg_stats=torchpcg.stats())
+    row.update(median_s=median, times_s=times, tokens_per_s=settings.batch * settings.new_tokens / median)
+    if ttft:
+        row.update(ttft_s=statistics.median(ttft), decode_tokens_per_s=statistics.median(decode))
     row["same_tokens_as_eager"] = None if reference is None else bool(torch.equal(tokens.cpu(), reference))
     return row, tokens.cpu()
 
@@ -247,16 +301,24 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 
 def markdown(record: dict[str, Any]) -> str:
-    eager = next((r["tokens_per_s"] for r in record["results"] if r["mode"] == "eager" and "tokens_per_s" in r), None)
-    lines = ["| mode | tokens/s | vs eager | first call s | same tokens as eager | recompiles (timed) |",
-             "|---|---|---|---|---|---|"]
+    """One row per mode; ratios read mode ÷ eager for tokens/s (higher is better) and for time to
+    first token (lower is better)."""
+    rows = [r for r in record["results"] if "tokens_per_s" in r]
+    eager = next((r for r in rows if r["mode"] == "eager"), None)
+    lines = ["| mode | tokens/s | ÷ eager | decode tokens/s | time to first token ms | first call s "
+             "| same tokens as eager | recompiles (timed) | varied prompts: recompiles / recaptures |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for row in record["results"]:
         if "error" in row:
-            lines.append(f"| {row['mode']} | error: {row['error'][:80]} | | | | |")
+            lines.append(f"| {row['mode']} | error: {row['error'][:80]} | | | | | | | |")
             continue
-        ratio = f"{row['tokens_per_s'] / eager:.2f}x" if eager else "n/a"
-        lines.append(f"| {row['mode']} | {row['tokens_per_s']:.1f} | {ratio} | {row['first_call_s']:.1f} | "
-                     f"{row['same_tokens_as_eager']} | {row['recompiles']} |")
+        ratio = f"{row['tokens_per_s'] / eager['tokens_per_s']:.2f}" if eager else "n/a"
+        decode = f"{row['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in row else "n/a"
+        ttft = f"{row['ttft_s'] * 1e3:.1f}" if "ttft_s" in row else "n/a"
+        varied = row.get("varied_prompts")
+        varied_cell = f"{varied['recompiles']} / {varied['recaptures']}" if varied else "not run"
+        lines.append(f"| {row['mode']} | {row['tokens_per_s']:.1f} | {ratio} | {decode} | {ttft} | "
+                     f"{row['first_call_s']:.1f} | {row['same_tokens_as_eager']} | {row['recompiles']} | {varied_cell} |")
     return "\n".join(lines)
 
 
@@ -271,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in sorted(settings.modes, key=lambda m: m != "eager"):  # eager first: the reference tokens
         try:
-            row, tokens = run_mode(name, model, ids, reference, settings)
+            row, tokens = run_mode(name, model, ids, reference, settings, settings.varied_prompts)
         except Exception as exc:  # noqa: BLE001 - a benchmark records a failing mode and goes on
             row, tokens, failed = {"mode": name, "error": f"{type(exc).__name__}: {exc}"}, None, True
         if name == "eager" and tokens is not None:

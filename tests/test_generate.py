@@ -159,16 +159,21 @@ def test_bench_generate_runs_on_cpu(tmp_path, monkeypatch, one_cpu_thread):
     monkeypatch.setenv("TORCHPCG_CUDAGRAPH", "emulate")  # what the script sets for compile_config: restored after
     monkeypatch.setenv("TORCHPCG_COMPILER", "eager")
     out = tmp_path / "generate.json"
-    status = bench_generate.main(["--device", "cpu", "--size", "tiny", "--prompt-len", "6", "--new-tokens", "2",
+    status = bench_generate.main(["--device", "cpu", "--size", "tiny", "--prompt-len", "12", "--new-tokens", "3",
                                   "--warmup", "1", "--repeats", "1", "--modes", "eager,compile_config,torchpcg",
-                                  "--out", str(out)])
+                                  "--varied-prompts", "3", "--out", str(out)])
     assert status == 0
     result = json.loads(out.read_text())
     modes = {row["mode"]: row for row in result["results"]}
     assert set(modes) == {"eager", "compile_config", "torchpcg"}
     for row in modes.values():
         assert row["tokens_per_s"] > 0 and row["same_tokens_as_eager"] is True, row
-    assert result["env"]["torch"] == torch.__version__ and result["config"]["new_tokens"] == 2
+        # the streamer's stamps: the first token comes before the whole call ends, decode is 2 tokens
+        assert 0 < row["ttft_s"] < row["median_s"] and row["decode_tokens_per_s"] > 0, row
+        assert row["varied_prompts"]["prompt_lens"] == [9, 6, 3], row  # 3 other lengths, all different
+    for name in ("compile_config", "torchpcg"):  # the recipes: no recompile, no recapture for a new prompt length
+        assert modes[name]["varied_prompts"]["recompiles"] == 0 and modes[name]["varied_prompts"]["recaptures"] == 0
+    assert result["env"]["torch"] == torch.__version__ and result["config"]["new_tokens"] == 3
 
 
 def test_generate_on_the_wrapper_points_to_the_recipe_instead_of_running_eager():
