@@ -19,10 +19,11 @@
 #   bash scripts/gpu_session.sh precompile          # ~4 min: warm start of the bench's decoder, plain vs Dynamo's AOT artifact
 #   bash scripts/gpu_session.sh mixed moe           # ~7 min: bench.mixed (every call a new T, cache in buffers), bench.moe
 #   bash scripts/gpu_session.sh mixedprofile        # ~3 min: BufferDecoder's op host/GPU µs per SDPA order, direct_ops on/off
+#   bash scripts/gpu_session.sh generate            # ~8 min: bench.generate (1B Llama, prompt 128): decode tokens/s, first token, varied prompts
 #
 # Run from the repository root, with pytest-xdist importable (on a machine without a package index:
 # its wheels installed to a folder on PYTHONPATH) and the repository on PYTHONPATH.
-# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, mixedprofile, moe. BENCH_COMMIT names the commit in the
+# Stages: tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, mixedprofile, moe, generate. BENCH_COMMIT names the commit in the
 # records (the device copy's .git may be stale); default: git rev-parse --short HEAD.
 set -u
 out=${OUT:-/tmp/gpu_session}
@@ -117,11 +118,15 @@ run_stage() {
         moe)
             timeout 400 python -m bench.moe --out "$dir" > "$dir/moe.log" 2>&1; code=$?
             grep -E "^piecewise ÷" "$dir"/*-moe-*.md | tr '\n' ' ' > "$dir/line" ;;
+        generate)
+            timeout 500 python -m bench.generate --repeats 3 --varied-prompts 9 --out "$dir/generate-llama.json" \
+                > "$dir/generate-llama.md" 2> "$dir/generate-llama.err"; code=$?
+            grep -E "^\| (hf-compile|torchpcg|compile_config) " "$dir/generate-llama.md" | tr '\n' ' ' > "$dir/line" ;;
         warm)
             timeout 300 python -m bench.warm_start --out "$dir" > "$dir/warm-start.md" 2>&1; code=$?
             grep -E "^\| (cold|warm) " "$dir/warm-start.md" | tr '\n' ' ' > "$dir/line" ;;
         *)
-            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, mixedprofile, moe" >&2
+            echo "unknown stage '$stage': choose from tests, probe, kernels, bench, direct, abopt, layers, gpuside, attention, memory, warm, warmref, setup, warmsetup, profile, packed, precompile, mixed, mixedprofile, moe, generate" >&2
             return 2 ;;
     esac
     echo "$stage @ $BENCH_COMMIT: exit $code, $((SECONDS - started)) s: $(cat "$dir/line" 2>/dev/null)" | tee -a "$out/summary.txt"
