@@ -105,8 +105,9 @@ def parse_args(argv: list[str] | None) -> tuple[Path, Settings]:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         p.error(f"--modes: unknown {unknown}; choose from {','.join(MODES)}")
-    if args.varied_prompts < 0:
-        p.error(f"--varied-prompts={args.varied_prompts}: expected 0 or more")
+    if not 0 <= args.varied_prompts < args.prompt_len:
+        p.error(f"--varied-prompts={args.varied_prompts}: expected 0 .. --prompt-len - 1 = {args.prompt_len - 1} "
+                "(each call a different, shorter prompt)")
     for name in ("batch", "prompt_len", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
@@ -235,12 +236,12 @@ def varied_prompt_lengths(prompt_len: int, calls: int) -> list[int]:
 
 
 def run_mode(name: str, model: Any, ids: torch.Tensor, reference: torch.Tensor | None,
-             settings: Settings, varied: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+             settings: Settings) -> tuple[dict[str, Any], torch.Tensor]:
     """One mode: (its JSON row, the tokens of its last timed generate()).
 
     Timed calls: wall time of the whole call, time to first token and decode tokens/s (from the
-    first token to the last, ``TokenClock``). ``varied``: that many more calls after the timed ones,
-    each with another prompt length; the recompiles and recaptures they cause are recorded."""
+    first token to the last, ``TokenClock``). Then ``settings.varied_prompts`` more calls, each with
+    a shorter prompt; the recompiles and recaptures they cause are recorded."""
     import torchpcg
 
     torch._dynamo.reset()
@@ -268,13 +269,12 @@ def run_mode(name: str, model: Any, ids: torch.Tensor, reference: torch.Tensor |
                 ttft.append(clock.stamps[1] - start)
                 decode.append(settings.batch * (len(clock.stamps) - 2) / (clock.stamps[-1] - clock.stamps[1]))
         row.update(recompiles=unique_graphs() - graphs_before, torchpcg_stats=torchpcg.stats())
-        if varied:
+        if settings.varied_prompts:
             torchpcg.reset_stats()
             graphs_before = unique_graphs()
-            lengths = varied_prompt_lengths(settings.prompt_len, varied)
-            for length in lengths:
-                generate(ids[:, :length] if length <= ids.shape[1] else
-                         torch.cat([ids, ids[:, : length - ids.shape[1]]], dim=1))
+            lengths = varied_prompt_lengths(settings.prompt_len, settings.varied_prompts)
+            for length in lengths:  # each shorter than the prompt: its first tokens
+                generate(ids[:, :length])
             stats = torchpcg.stats()
             row["varied_prompts"] = {"prompt_lens": lengths, "recompiles": unique_graphs() - graphs_before,
                                      "recaptures": stats["recaptures"], "captured": stats["captured"]}
@@ -301,8 +301,7 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 
 def markdown(record: dict[str, Any]) -> str:
-    """One row per mode; ratios read mode ÷ eager for tokens/s (higher is better) and for time to
-    first token (lower is better)."""
+    """One row per mode; the ratio reads the mode's tokens/s ÷ eager's (higher is better)."""
     rows = [r for r in record["results"] if "tokens_per_s" in r]
     eager = next((r for r in rows if r["mode"] == "eager"), None)
     lines = ["| mode | tokens/s | ÷ eager | decode tokens/s | time to first token ms | first call s "
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in sorted(settings.modes, key=lambda m: m != "eager"):  # eager first: the reference tokens
         try:
-            row, tokens = run_mode(name, model, ids, reference, settings, settings.varied_prompts)
+            row, tokens = run_mode(name, model, ids, reference, settings)
         except Exception as exc:  # noqa: BLE001 - a benchmark records a failing mode and goes on
             row, tokens, failed = {"mode": name, "error": f"{type(exc).__name__}: {exc}"}, None, True
         if name == "eager" and tokens is not None:

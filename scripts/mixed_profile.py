@@ -16,6 +16,7 @@ Prints, as Markdown:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -168,20 +169,17 @@ def first_pass(config, dtype: torch.dtype) -> None:
             torchpcg.reset_stats()
             for attempt in ("first", "second"):
                 times = []
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) \
-                    if attempt == "first" else None
+                profiled = attempt == "first"
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else None
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                if prof is not None:
-                    prof.__enter__()
-                for args in calls:
-                    began = time.perf_counter()
-                    compiled(*args)
-                    torch.cuda.synchronize()
-                    times.append(((time.perf_counter() - began) * 1e3, args[0].shape[0]))
+                with prof or contextlib.nullcontext():
+                    for args in calls:
+                        began = time.perf_counter()
+                        compiled(*args)
+                        torch.cuda.synchronize()
+                        times.append(((time.perf_counter() - began) * 1e3, args[0].shape[0]))
                 total = time.perf_counter() - start
-                if prof is not None:
-                    prof.__exit__(None, None, None)
                 slow = sorted(times, reverse=True)[:8]
                 st = torchpcg.stats()
                 print(f"\n## {front}, {attempt} pass: {total:.3f} s for {len(calls)} calls (synchronized per call"
